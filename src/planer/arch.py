@@ -1,0 +1,135 @@
+"""Architectures as sequences of block specs.
+
+A Transformer-XL here is a sequence of blocks, not of layers: the baseline is ``attn:8 ffl`` repeated n_layer
+times, and PLANER replaces each position with one option of its search space. A spec string names one block:
+
+    skip           identity
+    attn:H         relative-position attention with H heads of d_head = d_model / n_head
+    ffl            position-wise feed-forward, d_model -> d_inner -> d_model
+    ffl:xM         the same with M * d_inner hidden units (the iso-parameter FFL)
+    moe:topK       mixture of experts of FFL shape, K in {1, 2}, the config's number of experts
+    moe:topK:eE    the same with E experts
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from planer.errors import PlanerError
+
+KINDS = ("skip", "attn", "ffl", "moe")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    kind: str
+    heads: int = 0  # attn
+    width: int = 1  # ffl: multiple of d_inner
+    top_k: int = 0  # moe
+    experts: int = 0  # moe; 0 means the model config's n_experts
+
+    @staticmethod
+    def parse(text: str) -> BlockSpec:
+        parts = text.strip().split(":")
+        kind, args = parts[0], parts[1:]
+        try:
+            if kind == "skip" and not args:
+                return BlockSpec("skip")
+            if kind == "attn" and len(args) == 1:
+                spec = BlockSpec("attn", heads=int(args[0]))
+                if spec.heads > 0:
+                    return spec
+            if kind == "ffl" and not args:
+                return BlockSpec("ffl")
+            if kind == "ffl" and len(args) == 1 and args[0].startswith("x"):
+                spec = BlockSpec("ffl", width=int(args[0][1:]))
+                if spec.width > 0:
+                    return spec
+            if kind == "moe" and 1 <= len(args) <= 2 and args[0] in ("top1", "top2"):
+                experts = 0
+                if len(args) == 2:
+                    if not args[1].startswith("e"):
+                        raise ValueError
+                    experts = int(args[1][1:])
+                    if experts < 2:
+                        raise ValueError
+                top_k = int(args[0][3:])
+                if experts and top_k > experts:
+                    raise ValueError
+                return BlockSpec("moe", top_k=top_k, experts=experts)
+        except ValueError:
+            pass
+        raise PlanerError(
+            f"unknown block '{text}': expected skip, attn:H, ffl, ffl:xM, moe:top1, moe:top2 or moe:topK:eE"
+        )
+
+    def __str__(self) -> str:
+        if self.kind == "attn":
+            return f"attn:{self.heads}"
+        if self.kind == "ffl":
+            return "ffl" if self.width == 1 else f"ffl:x{self.width}"
+        if self.kind == "moe":
+            return f"moe:top{self.top_k}" + (f":e{self.experts}" if self.experts else "")
+        return self.kind
+
+
+@dataclass(frozen=True)
+class Arch:
+    blocks: tuple[BlockSpec, ...]
+
+    @staticmethod
+    def parse(text: str) -> Arch:
+        """A whitespace- or comma-separated list of specs."""
+        items = text.replace(",", " ").split()
+        if not items:
+            raise PlanerError("an architecture needs at least one block")
+        return Arch(tuple(BlockSpec.parse(t) for t in items))
+
+    @staticmethod
+    def baseline(n_layer: int, n_head: int) -> Arch:
+        return Arch((BlockSpec("attn", heads=n_head), BlockSpec("ffl")) * n_layer)
+
+    @staticmethod
+    def load(path: str | Path) -> Arch:
+        """Read arch.json (``{"arch": [...]}``) or a plain text file of specs."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise PlanerError(f"cannot read architecture file {path}: {e.strerror}") from None
+        if path.suffix == ".json":
+            try:
+                data = json.loads(text)
+                specs = data["arch"]
+                if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise PlanerError(f"{path}: expected a JSON object with an 'arch' list of block specs") from None
+            if not specs:
+                raise PlanerError(f"{path}: the architecture is empty")
+            return Arch(tuple(BlockSpec.parse(s) for s in specs))
+        return Arch.parse(text)
+
+    def save(self, path: str | Path, **extra) -> None:
+        Path(path).write_text(json.dumps({"arch": self.specs(), **extra}, indent=2) + "\n")
+
+    def specs(self) -> list[str]:
+        return [str(b) for b in self.blocks]
+
+    def __str__(self) -> str:
+        return " ".join(self.specs())
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def short(self) -> str:
+        """A compact form for tables: s=skip, aH=attention, f=ffl, fxM=wide ffl, m1/m2=moe."""
+        codes = {"skip": lambda b: "s", "attn": lambda b: f"a{b.heads}",
+                 "ffl": lambda b: "f" if b.width == 1 else f"fx{b.width}",
+                 "moe": lambda b: f"m{b.top_k}" + (f"e{b.experts}" if b.experts else "")}
+        return "".join(codes[b.kind](b) for b in self.blocks)

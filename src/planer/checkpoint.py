@@ -1,0 +1,89 @@
+"""Checkpoints: ``model.safetensors`` for the weights and ``config.json`` for everything needed to rebuild them.
+
+safetensors holds nothing executable, so a checkpoint from anywhere can be opened without unpickling. Files are
+written under a temporary name and renamed, so an interrupted save never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from planer.arch import Arch
+from planer.config import Config, config_from_dict
+from planer.data import Vocab
+from planer.errors import PlanerError
+from planer.model import TransformerXL
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: str | Path, model: TransformerXL, cfg: Config, vocab: Vocab, **extra) -> None:
+    out_dir = Path(out_dir)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out_dir / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out_dir / WEIGHTS)
+    meta = {"config": cfg.to_dict(), "arch": model.arch.specs(),
+            "vocab": {"level": vocab.level, "symbols": vocab.symbols}, **extra}
+    atomic_write_text(out_dir / CONFIG, json.dumps(meta, indent=1) + "\n")
+
+
+def load_meta(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / CONFIG
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlanerError(f"no checkpoint in {run_dir}: {CONFIG} is missing") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise PlanerError(f"checkpoint config {path} is unreadable or not JSON") from None
+    if not isinstance(meta, dict) or not {"config", "arch", "vocab"} <= meta.keys():
+        raise PlanerError(f"checkpoint config {path} lacks config, arch or vocab")
+    return meta
+
+
+def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TransformerXL, Config, Vocab]:
+    """Rebuild the model from config.json and fill it from model.safetensors; any mismatch is a PlanerError."""
+    run_dir = Path(run_dir)
+    meta = load_meta(run_dir)
+    cfg = config_from_dict(meta["config"])
+    try:
+        arch = Arch.parse(" ".join(meta["arch"]))
+        vocab = Vocab(list(meta["vocab"]["symbols"]), meta["vocab"]["level"])
+    except (TypeError, KeyError):
+        raise PlanerError(f"checkpoint config {run_dir / CONFIG} has a malformed arch or vocab") from None
+    if len(vocab) != cfg.model.vocab_size:
+        raise PlanerError(f"checkpoint {run_dir}: vocabulary size {len(vocab)} != model.vocab_size {cfg.model.vocab_size}")
+    path = run_dir / WEIGHTS
+    if not path.exists():
+        raise PlanerError(f"no checkpoint in {run_dir}: {WEIGHTS} is missing")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PlanerError(f"checkpoint {path} is corrupt: {str(e).splitlines()[0]}") from None
+    model = TransformerXL(cfg.model, arch)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise PlanerError(f"checkpoint {path} does not match its config: {what}")
+    for name, value in tensors.items():
+        if value.shape != expected[name].shape:
+            raise PlanerError(
+                f"checkpoint {path} does not match its config: {name} has shape {tuple(value.shape)}, "
+                f"expected {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(tensors)
+    return model.to(device), cfg, vocab

@@ -1,0 +1,84 @@
+"""The ``planer`` command: argument parsing only; every sub-command calls one library function.
+
+A PlanerError (bad input) becomes one line on stderr and exit code 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from planer.errors import PlanerError
+
+
+def _arch(value: str | None, cfg):
+    from planer.arch import Arch
+
+    if value is None or value == "baseline":
+        return Arch.baseline(cfg.model.n_layer, cfg.model.n_head)
+    if Path(value).is_file():
+        return Arch.load(value)
+    if value.endswith(".json") or "/" in value:
+        raise PlanerError(f"architecture file not found: {value}")
+    return Arch.parse(value)
+
+
+def cmd_train(args) -> None:
+    from planer.config import load_config
+    from planer.train import train
+
+    cfg = load_config(args.config, args.set)
+    arch = _arch(args.arch, cfg)
+    summary = train(cfg, args.out, arch, force=args.force)
+    print(f"trained {arch.short()} ({summary['params']:,} parameters) in {summary['seconds']:.0f} s: "
+          f"best valid loss {summary['best_valid_loss']:.4f} -> {args.out}")
+
+
+def cmd_evaluate(args) -> None:
+    from planer.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, args.split, args.text, args.device)
+    if args.json:
+        print(json.dumps(result))
+        return
+    where = args.text or args.split
+    bpc = f", {result['bpc']:.4f} bpc" if result["bpc"] is not None else ""
+    print(f"{where}: loss {result['loss']:.4f} nats/token, ppl {result['ppl']:.3f}{bpc} "
+          f"over {result['tokens']:,} tokens ({result['unk']} unseen in training)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="planer", description="Latency-aware sparsely activated Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an architecture from scratch")
+    p.add_argument("--config", required=True, help="YAML config")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--arch", help="'baseline' (default), a list of block specs, or an arch.json file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split or a text file")
+    p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    p.add_argument("--text", help="evaluate on this text file instead of a split")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PlanerError as e:
+        print(f"planer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("planer: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,246 @@
+"""Configuration: one dataclass per concern, loaded from YAML, overridden with ``--set section.key=value``.
+
+Every value is checked when the config is built, so a typo or a bad size stops the run before any work is done
+with one clear line, instead of failing half an hour later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from planer.arch import BlockSpec
+from planer.errors import PlanerError
+
+DEFAULT_SPACE = ["skip", "attn:1", "attn:2", "attn:4", "attn:8", "ffl", "moe:top1", "moe:top2"]
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/tinyshakespeare.txt"  # one file split 90/5/5, unless train/valid/test are given
+    level: str = "char"  # char | word
+    train: str = ""
+    valid: str = ""
+    test: str = ""
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    n_head: int = 8  # heads of the baseline attention; d_head = d_model / n_head for every attention block
+    d_inner: int = 512
+    n_layer: int = 4
+    tgt_len: int = 64
+    mem_len: int = 64
+    dropout: float = 0.1
+    dropatt: float = 0.0
+    moe_dropout: float = 0.2  # expert dropout of MoE blocks
+    n_experts: int = 8
+    init_std: float = 0.02
+    vocab_size: int = 0  # set from the data
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_head
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 0.004
+    warmup: int = 100
+    eta_min: float = 0.0
+    weight_decay: float = 0.0
+    clip: float = 0.25
+    balance_coef: float = 0.01  # load-balancing loss of MoE blocks
+    eval_every: int = 200
+    eval_batches: int = 0  # validation segments per evaluation during training; 0 means the whole split
+    seed: int = 1111
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    tgt_len: int = 0  # 0: the model's tgt_len
+    mem_len: int = 0  # 0: the model's mem_len
+
+
+@dataclass
+class SearchConfig:
+    space: list[str] = field(default_factory=lambda: list(DEFAULT_SPACE))
+    epochs: int = 10
+    steps_per_epoch: int = 100
+    arch_fraction: float = 0.2  # share of an epoch's segments used for architecture steps
+    freeze_fraction: float = 0.1  # share of epochs with frozen architecture weights
+    tau0: float = 5.0
+    tau_decay: float = 0.6
+    alpha_lr: float = 0.01
+    target: float = 0.5
+
+
+@dataclass
+class LatencyConfig:
+    batch_size: int = 8
+    warmup: int = 5
+    repeats: int = 30
+    threads: int = 1
+    device: str = "cpu"
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(value, hint, where: str):
+    """Check one value against its field's type; ints are accepted for floats, nothing else is converted."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise PlanerError(f"config {where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise PlanerError(f"config {where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise PlanerError(f"config {where or 'file'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise PlanerError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise PlanerError(f"--set expects section.key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then each ``section.key=value`` override, then validation."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise PlanerError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise PlanerError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None:
+            if not isinstance(loaded, dict):
+                raise PlanerError(f"config {path}: expected a mapping of sections")
+            values = loaded
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise PlanerError(f"--set {item}: '{k}' is not a section")
+        node[keys[-1]] = value
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict) -> Config:
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m, t, s, lat = cfg.model, cfg.train, cfg.search, cfg.latency
+
+    def positive(section, names):
+        for name in names:
+            if getattr(section, name) <= 0:
+                owner = next(k for k, v in vars(cfg).items() if v is section)
+                raise PlanerError(f"config {owner}.{name} must be positive, got {getattr(section, name)}")
+
+    def non_negative(section, names):
+        for name in names:
+            if getattr(section, name) < 0:
+                owner = next(k for k, v in vars(cfg).items() if v is section)
+                raise PlanerError(f"config {owner}.{name} must not be negative, got {getattr(section, name)}")
+
+    positive(m, ["d_model", "n_head", "d_inner", "n_layer", "tgt_len", "n_experts", "init_std"])
+    non_negative(m, ["mem_len", "vocab_size"])
+    positive(t, ["steps", "batch_size", "lr", "eval_every"])
+    non_negative(t, ["warmup", "eta_min", "weight_decay", "clip", "balance_coef", "eval_batches"])
+    positive(cfg.eval, ["batch_size"])
+    non_negative(cfg.eval, ["tgt_len", "mem_len"])
+    positive(s, ["epochs", "steps_per_epoch", "arch_fraction", "tau0", "tau_decay", "alpha_lr"])
+    positive(lat, ["batch_size", "repeats", "threads"])
+    non_negative(lat, ["warmup"])
+    for name in ("dropout", "dropatt", "moe_dropout"):
+        if not 0.0 <= getattr(m, name) < 1.0:
+            raise PlanerError(f"config model.{name} must be in [0, 1), got {getattr(m, name)}")
+    if m.d_model % m.n_head:
+        raise PlanerError(f"config model.n_head ({m.n_head}) must divide model.d_model ({m.d_model})")
+    if m.n_experts < 2:
+        raise PlanerError(f"config model.n_experts must be at least 2, got {m.n_experts}")
+    if cfg.data.level not in ("char", "word"):
+        raise PlanerError(f"config data.level must be 'char' or 'word', got '{cfg.data.level}'")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise PlanerError(f"config train.device must be auto, cpu or cuda, got '{t.device}'")
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        raise PlanerError(f"config train.precision must be fp32, bf16 or fp16, got '{t.precision}'")
+    if lat.dtype not in ("fp32", "bf16", "fp16"):
+        raise PlanerError(f"config latency.dtype must be fp32, bf16 or fp16, got '{lat.dtype}'")
+    if lat.device not in ("auto", "cpu", "cuda"):
+        raise PlanerError(f"config latency.device must be auto, cpu or cuda, got '{lat.device}'")
+    if not 0.0 < s.arch_fraction <= 1.0:
+        raise PlanerError(f"config search.arch_fraction must be in (0, 1], got {s.arch_fraction}")
+    if not 0.0 <= s.freeze_fraction < 1.0:
+        raise PlanerError(f"config search.freeze_fraction must be in [0, 1), got {s.freeze_fraction}")
+    if s.tau_decay > 1.0:
+        raise PlanerError(f"config search.tau_decay must be in (0, 1], got {s.tau_decay}")
+    check_target(s.target)
+    if not s.space:
+        raise PlanerError("config search.space must list at least one block option")
+    for spec in s.space:
+        b = BlockSpec.parse(spec)
+        if b.kind == "moe" and b.top_k > (b.experts or m.n_experts):
+            raise PlanerError(f"search space option '{spec}': top_k exceeds the number of experts ({m.n_experts})")
+
+
+def check_target(target: float) -> None:
+    if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+        raise PlanerError(f"a latency target is a fraction of the baseline's latency in (0, 1], got {target}")

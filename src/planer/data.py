@@ -1,0 +1,147 @@
+"""Corpora: vocabularies, splits, and the Transformer-XL ordered segment iterator.
+
+The vocabulary comes from the training split alone, with ``<unk>`` standing for anything never seen there, so
+evaluation on new text counts unknown symbols instead of failing. Word-level text is split on whitespace with
+``<eos>`` at every line end, as Transformer-XL does for WikiText (whose own ``<unk>`` maps onto ours).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from planer.config import DataConfig
+from planer.errors import PlanerError
+
+UNK, EOS = "<unk>", "<eos>"
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PlanerError(f"data file not found: {path}") from None
+    except OSError as e:
+        raise PlanerError(f"cannot read data file {path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PlanerError(f"data file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+    if "\x00" in text:
+        raise PlanerError(f"data file {path} looks binary (it contains NUL bytes)")
+    if not text.strip():
+        raise PlanerError(f"data file {path} is empty")
+    return text
+
+
+def tokenize(text: str, level: str) -> list[str]:
+    if level == "char":
+        return list(text)
+    tokens = []
+    for line in text.splitlines():
+        tokens.extend(line.split())
+        tokens.append(EOS)
+    return tokens
+
+
+@dataclass
+class Vocab:
+    symbols: list[str]
+    level: str
+
+    def __post_init__(self):
+        self.index = {s: i for i, s in enumerate(self.symbols)}
+        self.unk = self.index[UNK]
+
+    @staticmethod
+    def build(tokens: list[str], level: str) -> Vocab:
+        """Specials first, then symbols by falling frequency (ties in order of first appearance)."""
+        specials = [UNK] + ([EOS] if level == "word" else [])
+        counts = Counter(tokens)
+        ordered = sorted(counts, key=lambda s: -counts[s])
+        return Vocab(specials + [s for s in ordered if s not in specials], level)
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def encode(self, tokens: list[str]) -> tuple[torch.Tensor, int]:
+        """Token ids and the number of tokens that fell back to <unk> (the corpus's own <unk>s excluded)."""
+        unk, index = self.unk, self.index
+        ids = [index.get(t, unk) for t in tokens]
+        unseen = sum(1 for t in tokens if t not in index)
+        return torch.tensor(ids, dtype=torch.long), unseen
+
+    def decode(self, ids) -> str:
+        sep = "" if self.level == "char" else " "
+        return sep.join(self.symbols[i] for i in ids)
+
+
+@dataclass
+class Corpus:
+    vocab: Vocab
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+    unseen: dict[str, int]  # tokens per split never seen in training, now <unk>
+
+    def split(self, name: str) -> torch.Tensor:
+        if name not in ("train", "valid", "test"):
+            raise PlanerError(f"unknown split '{name}': expected train, valid or test")
+        return getattr(self, name)
+
+
+def load_corpus(cfg: DataConfig, vocab: Vocab | None = None) -> Corpus:
+    """Read the corpus; with no vocab given, build one from the training split."""
+    if cfg.train:
+        if not (cfg.valid and cfg.test):
+            raise PlanerError("data.train needs data.valid and data.test too")
+        parts = [tokenize(read_text(p), cfg.level) for p in (cfg.train, cfg.valid, cfg.test)]
+    else:
+        tokens = tokenize(read_text(cfg.path), cfg.level)
+        a, b = int(len(tokens) * 0.9), int(len(tokens) * 0.95)
+        parts = [tokens[:a], tokens[a:b], tokens[b:]]
+    if vocab is None:
+        vocab = Vocab.build(parts[0], cfg.level)
+    (train, unk_train), (valid, unk_valid), (test, unk_test) = (vocab.encode(p) for p in parts)
+    source = cfg.train or cfg.path
+    for name, ids in (("training", train), ("validation", valid), ("test", test)):
+        if len(ids) < 2:
+            raise PlanerError(f"data file {source}: the {name} split has {len(ids)} tokens, too few to score")
+    return Corpus(vocab, train, valid, test, {"train": unk_train, "valid": unk_valid, "test": unk_test})
+
+
+class Segments:
+    """The token stream cut into ``batch_size`` parallel streams, served as consecutive (x, y) segments.
+
+    Row b of segment k continues row b of segment k-1, so a model's memory carries context across segments.
+    With ``drop_last`` the final, shorter segment is left out (training wants equal shapes); without it every
+    token but the first of each stream is a target exactly once (evaluation).
+    """
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, tgt_len: int, drop_last: bool = True):
+        n = len(ids) // batch_size
+        if n < 2 or (drop_last and n < tgt_len + 1):
+            need = batch_size * ((tgt_len if drop_last else 1) + 1)
+            raise PlanerError(
+                f"{len(ids)} tokens are fewer than one segment needs ({need} = batch {batch_size} x "
+                f"{'(tgt_len ' + str(tgt_len) + ' + 1)' if drop_last else '2'})"
+            )
+        self.data = ids[: n * batch_size].view(batch_size, n)
+        self.tgt_len = tgt_len
+        stop = n - 1
+        self.starts = list(range(0, stop - tgt_len + 1 if drop_last else stop, tgt_len))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self.starts[k]
+        j = min(i + self.tgt_len, self.data.size(1) - 1)
+        return self.data[:, i:j], self.data[:, i + 1 : j + 1]
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))

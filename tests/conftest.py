@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny configs and corpora that train in seconds."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from planer.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture
+def tiny_text(tmp_path) -> Path:
+    """A small char corpus with real structure (an excerpt of the shipped Shakespeare)."""
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:60000]
+    path = tmp_path / "tiny.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(tiny_text):
+    def make(*overrides):
+        return load_config(None, [
+            f"data.path={tiny_text}", "model.d_model=32", "model.n_head=4", "model.d_inner=64", "model.n_layer=2",
+            "model.tgt_len=16", "model.mem_len=16", "model.dropout=0.0", "train.steps=150", "train.batch_size=8",
+            "train.lr=0.01", "train.warmup=10", "train.eval_every=75", "train.eval_batches=4", "eval.batch_size=4",
+            "latency.repeats=3", "latency.warmup=1", *overrides,
+        ])
+    return make

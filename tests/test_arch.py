@@ -1,0 +1,35 @@
+import pytest
+
+from planer.arch import Arch, BlockSpec
+from planer.errors import PlanerError
+
+
+def test_parse_round_trip():
+    text = "skip attn:1 attn:8 ffl ffl:x8 moe:top1 moe:top2 moe:top2:e16"
+    arch = Arch.parse(text)
+    assert str(arch) == text
+    assert [b.kind for b in arch] == ["skip", "attn", "attn", "ffl", "ffl", "moe", "moe", "moe"]
+    assert arch.blocks[6].top_k == 2 and arch.blocks[7].experts == 16
+
+
+def test_baseline():
+    assert str(Arch.baseline(2, 8)) == "attn:8 ffl attn:8 ffl"
+
+
+@pytest.mark.parametrize("bad", ["attn", "attn:0", "attn:x", "conv", "ffl:2", "moe:top3", "moe:top2:e1", "skip:1", ""])
+def test_unknown_blocks_are_refused(bad):
+    with pytest.raises(PlanerError):
+        BlockSpec.parse(bad) if bad else Arch.parse(bad)
+
+
+def test_arch_json_round_trip(tmp_path):
+    arch = Arch.parse("attn:2 moe:top1 skip ffl")
+    arch.save(tmp_path / "arch.json", target=0.5)
+    assert Arch.load(tmp_path / "arch.json") == arch
+
+
+def test_bad_arch_json(tmp_path):
+    path = tmp_path / "arch.json"
+    path.write_text('{"arch": "attn:8"}')
+    with pytest.raises(PlanerError):
+        Arch.load(path)

@@ -1,0 +1,81 @@
+"""Transformer-XL's defining properties: exact memory, causality, and relative positions."""
+
+import torch
+
+from planer.arch import Arch
+from planer.blocks import rel_shift
+from planer.config import ModelConfig
+from planer.model import TransformerXL
+
+
+def make_model(arch="attn:4 ffl attn:2 ffl skip attn:1", mem_len=16, dropatt=0.0):
+    cfg = ModelConfig(d_model=32, n_head=4, d_inner=64, n_layer=3, tgt_len=8, mem_len=mem_len,
+                      dropout=0.0, dropatt=dropatt, vocab_size=50)
+    torch.manual_seed(0)
+    return TransformerXL(cfg, Arch.parse(arch)).eval()
+
+
+def test_memory_is_exact():
+    model = make_model()
+    x = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        full, _ = model(x)
+        first, mems = model(x[:, :8])
+        second, _ = model(x[:, 8:], mems)
+    torch.testing.assert_close(first, full[:, :8], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, full[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+def test_memory_keeps_only_mem_len_positions():
+    model = make_model(mem_len=5)
+    x = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        _, mems = model(x)
+        _, mems = model(x, mems)
+    for spec, mem in zip(model.arch, mems):
+        assert (mem is None) == (spec.kind != "attn")
+        if mem is not None:
+            assert mem.shape == (2, 5, 32)
+
+
+def test_memory_is_truncated_context():
+    """With mem_len shorter than a segment, the second segment sees only the last mem_len inputs of the first."""
+    model = make_model("attn:4", mem_len=3)
+    x = torch.randint(0, 50, (1, 16))
+    with torch.no_grad():
+        _, mems = model(x[:, :8])
+        second, _ = model(x[:, 8:], mems)
+        changed = x.clone()
+        changed[:, :5] = (changed[:, :5] + 1) % 50  # outside the memory window
+        _, mems2 = model(changed[:, :8])
+        second2, _ = model(changed[:, 8:], mems2)
+    torch.testing.assert_close(second, second2)
+
+
+def test_causality():
+    model = make_model()
+    x = torch.randint(0, 50, (2, 12))
+    y = x.clone()
+    y[:, 7] = (y[:, 7] + 1) % 50
+    with torch.no_grad():
+        _, mems = model(x)
+        a, _ = model(x, mems)
+        b, _ = model(y, mems)
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_rel_shift_matches_direct_relative_positions():
+    qlen, mlen = 5, 3
+    klen = qlen + mlen
+    scores = torch.randn(2, 4, qlen, klen)  # scores[..., i, j] against distance klen-1-j
+    shifted = rel_shift(scores)
+    for i in range(qlen):
+        for j in range(mlen + i + 1):  # every key the query may see
+            distance = mlen + i - j
+            torch.testing.assert_close(shifted[..., i, j], scores[..., i, klen - 1 - distance])
+
+
+def test_fewer_heads_means_fewer_parameters():
+    counts = [make_model(f"attn:{h}").num_params() for h in (1, 2, 4)]
+    assert counts[0] < counts[1] < counts[2]
