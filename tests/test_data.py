@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from planer.config import DataConfig
+from planer.data import EOS, UNK, Segments, Vocab, load_corpus, read_text, tokenize
+from planer.errors import PlanerError
+
+
+def test_char_split_is_contiguous_90_5_5(tiny_text):
+    corpus = load_corpus(DataConfig(path=str(tiny_text), level="char"))
+    n = len(tiny_text.read_text())
+    assert len(corpus.train) + len(corpus.valid) + len(corpus.test) == n
+    assert len(corpus.train) == int(n * 0.9)
+    text = tiny_text.read_text()
+    assert corpus.vocab.decode(corpus.train[:50].tolist()) == text[:50]
+    assert corpus.vocab.decode(corpus.valid[:20].tolist()) == text[int(n * 0.9):int(n * 0.9) + 20]
+
+
+def test_word_level_eos_and_unk(tmp_path):
+    path = tmp_path / "w.txt"
+    lines = ["the cat sat", "the dog <unk> ran"] * 50 + ["a zebra appears"] * 6
+    path.write_text("\n".join(lines) + "\n")
+    corpus = load_corpus(DataConfig(path=str(path), level="word"))
+    assert corpus.vocab.symbols[:2] == [UNK, EOS]
+    assert tokenize("a b\nc\n", "word") == ["a", "b", EOS, "c", EOS]
+    # "a zebra appears" lines fall in valid/test only: unseen words become <unk> and are counted
+    assert corpus.unseen["valid"] + corpus.unseen["test"] > 0
+    assert corpus.unseen["train"] == 0
+    # the corpus's own <unk> is a training symbol, not an unseen one
+    ids, unseen = corpus.vocab.encode(["<unk>", "cat"])
+    assert unseen == 0 and ids[0].item() == corpus.vocab.unk
+
+
+def test_vocab_encodes_unseen_as_unk():
+    vocab = Vocab.build(list("abcab"), "char")
+    ids, unseen = vocab.encode(list("abz!"))
+    assert unseen == 2
+    assert ids[2].item() == ids[3].item() == vocab.unk
+
+
+def test_segments_are_ordered_streams():
+    ids = torch.arange(100)
+    seg = Segments(ids, batch_size=2, tgt_len=8)
+    x0, y0 = seg[0]
+    x1, _ = seg[1]
+    assert x0.shape == (2, 8)
+    assert torch.equal(y0, x0 + 1)
+    assert torch.equal(x1[:, 0], x0[:, -1] + 1)  # the next segment continues each stream
+    assert x0[1, 0].item() == 50
+    assert all(x.shape == (2, 8) for x, _ in seg)
+
+
+def test_eval_segments_score_every_token_once():
+    ids = torch.arange(103)
+    seg = Segments(ids, batch_size=2, tgt_len=8, drop_last=False)
+    targets = torch.cat([y for _, y in seg], dim=1)
+    assert torch.equal(targets[0], torch.arange(1, 51))
+
+
+def test_too_short_for_one_segment():
+    with pytest.raises(PlanerError, match="fewer than one segment"):
+        Segments(torch.arange(20), batch_size=4, tgt_len=8)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(PlanerError, match="not found"):
+        read_text(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(PlanerError, match="empty"):
+        read_text(tmp_path / "empty.txt")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
+    with pytest.raises(PlanerError, match="UTF-8"):
+        read_text(tmp_path / "bin.txt")

@@ -1,0 +1,53 @@
+import json
+import math
+
+import torch
+
+from planer.arch import Arch
+from planer.checkpoint import load_checkpoint
+from planer.config import Config
+from planer.evaluate import evaluate_run
+from planer.optim import Lamb, lr_at
+from planer.train import train
+
+
+def test_training_beats_uniform_loss(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.eval_batches=0")  # score the whole valid split, as evaluate_run does
+    summary = train(cfg, tmp_path / "run", Arch.baseline(2, 4), quiet=True)
+    uniform = math.log(cfg.model.vocab_size)
+    assert summary["best_valid_loss"] < 0.7 * uniform
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("valid_loss" in l for l in lines) and any("tok_s" in l for l in lines)
+    model, loaded_cfg, vocab = load_checkpoint(tmp_path / "run")
+    assert isinstance(loaded_cfg, Config) and len(vocab) == cfg.model.vocab_size
+    result = evaluate_run(tmp_path / "run", "valid")
+    assert abs(result["loss"] - summary["best_valid_loss"]) < 1e-5
+    assert result["bpc"] == result["loss"] / math.log(2)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["valid"]["tokens"] == result["tokens"]
+
+
+def test_training_is_deterministic(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.steps=20", "train.eval_every=20")
+    a = train(cfg, tmp_path / "a", Arch.parse("attn:2 ffl"), quiet=True)
+    b = train(cfg, tmp_path / "b", Arch.parse("attn:2 ffl"), quiet=True)
+    assert a["best_valid_loss"] == b["best_valid_loss"]
+    wa, wb = load_checkpoint(tmp_path / "a")[0].state_dict(), load_checkpoint(tmp_path / "b")[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lamb_trust_ratio_clamps_weight_norm():
+    big = torch.nn.Parameter(torch.full((100,), 5.0))  # norm 50, clamped to 10
+    big.grad = torch.ones(100)
+    opt = Lamb([big], lr=0.1)
+    opt.step()
+    # first step: update = m / sqrt(v) = g(1-b1) / (|g| sqrt(1-b2)) -> norm sqrt(100) * 0.1 / sqrt(0.001)
+    update = torch.full((100,), 0.1 / math.sqrt(0.001))
+    step = 0.1 * (10.0 / update.norm()) * update
+    torch.testing.assert_close(big.detach(), torch.full((100,), 5.0) - step, rtol=1e-4, atol=1e-5)
+
+
+def test_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, 1.0, 10, 100, 0.1) for s in range(101)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert abs(lrs[100] - 0.1) < 1e-9
