@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from planer.arch import Arch
-from planer.checkpoint import save_checkpoint
+from planer.checkpoint import atomic_write_text, save_checkpoint
 from planer.config import Config, TrainConfig
 from planer.data import Corpus, Segments, load_corpus
 from planer.errors import PlanerError
@@ -106,9 +106,9 @@ def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, cor
     trainer = WeightTrainer(model.parameters(), tc, device)
     cfg.save(out_dir / "config.yaml")
 
-    best, mems, started = math.inf, None, time.perf_counter()
+    best, mems, started, step_seconds = math.inf, None, time.perf_counter(), 0.0
     tokens_per_step = tc.batch_size * cfg.model.tgt_len
-    log = open(out_dir / "metrics.jsonl", "w")
+    log = open(out_dir / "metrics.jsonl", "w", buffering=1)
     bar = tqdm(range(tc.steps), desc=f"train {arch.short()[:24]}", disable=quiet, dynamic_ncols=True)
     window_start, window_loss = time.perf_counter(), []
     try:
@@ -118,7 +118,9 @@ def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, cor
                 mems = None
             x, y = (t.to(device) for t in segments[k])
             model.train()
+            tic = time.perf_counter()
             loss, mems = trainer.step(model, x, y, mems)
+            step_seconds += time.perf_counter() - tic
             if not math.isfinite(loss):
                 raise PlanerError(f"training diverged at step {step + 1} (loss {loss}); the best checkpoint is kept")
             window_loss.append(loss)
@@ -138,12 +140,13 @@ def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, cor
                     best = val
                     save_checkpoint(out_dir, model, cfg, corpus.vocab, step=step + 1, valid_loss=val)
                 log.write(json.dumps({"step": step + 1, "valid_loss": val, "best": improved}) + "\n")
-                log.flush()
                 if not quiet:
                     bar.write(f"step {step + 1}: valid loss {val:.4f} ({val / math.log(2):.3f} bits)"
                               + (" *" if improved else ""))
                 window_start = time.perf_counter()
     finally:
         log.close()
-    seconds = time.perf_counter() - started
-    return {"best_valid_loss": best, "seconds": seconds, "steps": tc.steps, "params": model.num_params()}
+    summary = {"best_valid_loss": best, "seconds": time.perf_counter() - started, "steps": tc.steps,
+               "ms_per_step": 1000 * step_seconds / tc.steps, "params": model.num_params(), "arch": arch.specs()}
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")  # marks a finished run
+    return summary

@@ -1,0 +1,129 @@
+"""Phase 1: train the supernet's weights and architecture weights in turn (paper §2.2, Appendix B).
+
+Each epoch runs weight steps over the epoch's training segments with hard sampling (one path per step), then
+architecture steps on a random contiguous 20% of those segments with soft sampling. Alpha stays frozen for the
+first 10% of epochs so every option gets trained before it is judged; the temperature then anneals. The
+architecture loss adds the latency loss of Eq. 3 only while the estimate is above the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from planer.arch import Arch
+from planer.config import Config, check_target
+from planer.data import Corpus, Segments, load_corpus
+from planer.latency import LatencyTable, load_or_profile
+from planer.model import token_nll
+from planer.supernet import SuperNet
+from planer.train import WeightTrainer, autocast, prepare_out_dir, resolve_device, seed_everything
+
+
+def latency_loss(expected_ms: torch.Tensor, baseline_ms: float, target: float) -> tuple[torch.Tensor, float]:
+    """Eq. 3: Lat / (Lat_baseline * target), switched on (beta = 1) only while that ratio exceeds 1."""
+    ratio = expected_ms / (baseline_ms * target)
+    beta = 1.0 if ratio.item() > 1.0 else 0.0
+    return beta * ratio, beta
+
+
+def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path | None = None,
+           force: bool = False, corpus: Corpus | None = None, quiet: bool = False) -> Arch:
+    """Run phase 1 and write ``search.jsonl`` and ``arch.json`` into ``out_dir``; returns the found arch."""
+    check_target(target)
+    sc = cfg.search
+    corpus = corpus or load_corpus(cfg.data)
+    cfg.model.vocab_size = len(corpus.vocab)
+    segments = Segments(corpus.train, cfg.train.batch_size, cfg.model.tgt_len)
+    out_dir = prepare_out_dir(out_dir, force)
+    table = load_or_profile(cfg, lut_path or out_dir / "lut.json")
+    baseline_ms = table.baseline(cfg)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+
+    positions = 2 * cfg.model.n_layer
+    net = SuperNet(cfg.model, sc.space, positions).to(device)
+    weight_cfg = dataclasses.replace(cfg.train, steps=sc.epochs * sc.steps_per_epoch)
+    weights = WeightTrainer(net.weights(), weight_cfg, device)
+    alpha_opt = torch.optim.Adam(net.alphas(), lr=sc.alpha_lr)
+    frozen_epochs = math.ceil(sc.freeze_fraction * sc.epochs)
+    arch_steps = max(1, round(sc.arch_fraction * sc.steps_per_epoch))
+    rng = random.Random(cfg.train.seed)
+
+    tau, position, mems = sc.tau0, 0, None
+    log = open(out_dir / "search.jsonl", "w", buffering=1)
+    bar = tqdm(range(sc.epochs), desc=f"search t={target:g}", disable=quiet, dynamic_ncols=True)
+    try:
+        for epoch in bar:
+            net.set_mode("hard")
+            epoch_start, ce_sum, tic = position, 0.0, time.perf_counter()
+            for _ in range(sc.steps_per_epoch):
+                k = position % len(segments)
+                if k == 0:
+                    mems = None
+                net.sample(tau)
+                net.train()
+                x, y = (t.to(device) for t in segments[k])
+                ce, mems = weights.step(net, x, y, mems)
+                ce_sum += ce
+                position += 1
+            record = {"epoch": epoch + 1, "tau": tau, "weight_ce": ce_sum / sc.steps_per_epoch,
+                      "weight_step_ms": 1000 * (time.perf_counter() - tic) / sc.steps_per_epoch}
+            if epoch >= frozen_epochs:
+                start = epoch_start + rng.randrange(max(1, sc.steps_per_epoch - arch_steps + 1))
+                record.update(arch_epoch(net, alpha_opt, segments, start, arch_steps, tau, table, baseline_ms,
+                                         target, cfg, device))
+                tau *= sc.tau_decay
+            probs = torch.softmax(net.alpha_matrix(), dim=-1)
+            expected = float(table.expected(probs, net.space))
+            found = net.derive()
+            record.update({
+                "alpha": net.alpha_matrix().tolist(), "probs": probs.tolist(),
+                "estimated_ms": expected, "ratio_to_target": expected / (baseline_ms * target),
+                "arch": found.specs(), "arch_estimated_ms": table.estimate(found),
+            })
+            log.write(json.dumps(record) + "\n")
+            bar.set_postfix(ce=f"{record['weight_ce']:.3f}", lat=f"{record['ratio_to_target']:.2f}xT")
+    finally:
+        log.close()
+
+    found = net.derive()
+    estimated = table.estimate(found)
+    found.save(out_dir / "arch.json", target=target, estimated_ms=estimated, baseline_ms=baseline_ms,
+               estimated_ratio=estimated / baseline_ms, space=net.space)
+    return found
+
+
+def arch_epoch(net: SuperNet, opt: torch.optim.Optimizer, segments: Segments, start: int, steps: int, tau: float,
+               table: LatencyTable, baseline_ms: float, target: float, cfg: Config, device) -> dict:
+    """Soft-sampled steps on alpha alone over a contiguous run of segments (memory carried, weights frozen)."""
+    net.set_mode("soft", tau)
+    weights = net.weights()
+    for p in weights:
+        p.requires_grad_(False)
+    mems, ce_sum, betas = None, 0.0, []
+    try:
+        for i in range(steps):
+            k = (start + i) % len(segments)
+            x, y = (t.to(device) for t in segments[k])
+            with autocast(device, cfg.train.precision):
+                logits, mems = net(x, mems)
+                ce = token_nll(logits, y).mean()
+            lat_loss, beta = latency_loss(table.expected(net.sampled_probs(), net.space), baseline_ms, target)
+            opt.zero_grad(set_to_none=True)
+            (ce + lat_loss).backward()
+            opt.step()
+            ce_sum += ce.item()
+            betas.append(beta)
+    finally:
+        for p in weights:
+            p.requires_grad_(True)
+        net.set_mode("hard")
+    return {"arch_ce": ce_sum / steps, "beta": sum(betas) / len(betas)}

@@ -1,0 +1,79 @@
+"""The supernet of phase 1: every block position holds all options of the search space (paper §2.2, Eq. 1).
+
+A SuperBlock runs in one of three modes:
+- ``hard``: one option, sampled from GumbelSoftmax(alpha, tau) by the supernet once per step, runs alone; this
+  trains the weights at the cost of a single path.
+- ``soft``: output = sum_i P_i * option_i(x) with P = GumbelSoftmax(alpha, tau); this trains alpha.
+- ``argmax``: the option with the largest alpha runs alone, deterministically.
+Memory is kept at the super block's input, so every attention option sees the same memory whatever ran before.
+The options' weights are shared: with a choice fixed, the supernet computes exactly what the standalone model of
+that architecture computes with the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planer.arch import Arch, BlockSpec
+from planer.config import ModelConfig
+from planer.model import TransformerXL, build_block
+
+
+class SuperBlock(nn.Module):
+    def __init__(self, options: list[BlockSpec], cfg: ModelConfig):
+        super().__init__()
+        self.options = list(options)
+        self.candidates = nn.ModuleList(build_block(o, cfg) for o in self.options)
+        self.alpha = nn.Parameter(torch.zeros(len(self.options)))
+        self.uses_memory = any(c.uses_memory for c in self.candidates)
+        self.mode, self.tau, self.choice = "argmax", 1.0, 0
+        self.probs: torch.Tensor | None = None  # the P of the last soft forward, for the latency estimate
+
+    def sample(self, tau: float) -> int:
+        """Draw the option a hard step runs: the argmax of a Gumbel-softmax sample of alpha."""
+        self.choice = int(F.gumbel_softmax(self.alpha.detach(), tau=tau).argmax())
+        return self.choice
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
+        if self.mode == "hard":
+            return self.candidates[self.choice](x, mem)
+        if self.mode == "argmax":
+            return self.candidates[int(self.alpha.argmax())](x, mem)
+        self.probs = F.gumbel_softmax(self.alpha, tau=self.tau)
+        return sum(p * c(x, mem) for p, c in zip(self.probs, self.candidates))
+
+
+class SuperNet(TransformerXL):
+    """A Transformer-XL whose blocks are super blocks over the same options at every position."""
+
+    def __init__(self, cfg: ModelConfig, space: list[str], positions: int):
+        options = [BlockSpec.parse(s) for s in space]
+        super().__init__(cfg, blocks=[SuperBlock(options, cfg) for _ in range(positions)])
+        self.space = [str(o) for o in options]
+
+    def set_mode(self, mode: str, tau: float = 1.0) -> None:
+        for block in self.blocks:
+            block.mode, block.tau = mode, tau
+
+    def sample(self, tau: float) -> list[int]:
+        return [block.sample(tau) for block in self.blocks]
+
+    def alphas(self) -> list[nn.Parameter]:
+        return [block.alpha for block in self.blocks]
+
+    def weights(self) -> list[nn.Parameter]:
+        alpha_ids = {id(a) for a in self.alphas()}
+        return [p for p in self.parameters() if id(p) not in alpha_ids]
+
+    def alpha_matrix(self) -> torch.Tensor:
+        return torch.stack([a.detach() for a in self.alphas()])
+
+    def sampled_probs(self) -> torch.Tensor:
+        """P of the last soft forward, (positions, options), differentiable with respect to alpha."""
+        return torch.stack([block.probs for block in self.blocks])
+
+    def derive(self) -> Arch:
+        """The strongest option at every position (paper §2.3)."""
+        return Arch(tuple(block.options[int(block.alpha.argmax())] for block in self.blocks))

@@ -1,0 +1,110 @@
+"""Phase 1: weight sharing in the supernet, the dynamic latency loss, and a whole tiny search."""
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from planer.arch import Arch
+from planer.config import ModelConfig
+from planer.model import TransformerXL
+from planer.search import latency_loss, search
+from planer.supernet import SuperNet
+
+SPACE = ["skip", "attn:1", "attn:2", "attn:4", "ffl", "moe:top1", "moe:top2"]
+
+
+def test_one_hot_supernet_equals_standalone_model():
+    cfg = ModelConfig(d_model=32, n_head=4, d_inner=64, n_layer=3, tgt_len=8, mem_len=8, dropout=0.0,
+                      n_experts=4, vocab_size=40)
+    arch = Arch.parse("attn:2 moe:top1 skip ffl attn:4 moe:top2")
+    torch.manual_seed(0)
+    net = SuperNet(cfg, SPACE, len(arch)).eval()
+    choices = [SPACE.index(str(b)) for b in arch]
+    for block, i in zip(net.blocks, choices):
+        block.alpha.data[i] = 10.0  # one-hot architecture weights
+    model = TransformerXL(cfg, arch).eval()
+    model.embed.load_state_dict(net.embed.state_dict())
+    model.out_bias.data.copy_(net.out_bias.data)
+    for source, block, i in zip(net.blocks, model.blocks, choices):
+        block.load_state_dict(source.candidates[i].state_dict())
+
+    assert net.derive() == arch
+    x = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        expected, mems = model(x[:, :8])
+        expected2, _ = model(x[:, 8:], mems)
+        for mode in ("argmax", "hard"):
+            net.set_mode(mode)
+            for block, i in zip(net.blocks, choices):
+                block.choice = i
+            got, smems = net(x[:, :8])
+            got2, _ = net(x[:, 8:], smems)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got2, expected2, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_is_kept_at_the_super_block_input():
+    cfg = ModelConfig(d_model=32, n_head=4, d_inner=64, n_layer=1, tgt_len=8, mem_len=8, dropout=0.0, vocab_size=40)
+    net = SuperNet(cfg, ["skip", "attn:2", "ffl"], 2).eval()
+    assert all(block.uses_memory for block in net.blocks)
+    x = torch.randint(0, 40, (2, 8))
+    net.set_mode("hard")
+    for choice in range(3):  # whatever runs, the memory holds what entered each position
+        for block in net.blocks:
+            block.choice = choice
+        with torch.no_grad():
+            _, mems = net(x)
+        h = net.embed(x) * 32 ** 0.5
+        torch.testing.assert_close(mems[0], h)
+
+
+def test_soft_path_mixes_and_trains_alpha():
+    cfg = ModelConfig(d_model=32, n_head=4, d_inner=64, n_layer=1, tgt_len=8, mem_len=8, dropout=0.0, vocab_size=40)
+    net = SuperNet(cfg, ["attn:1", "ffl"], 2)
+    net.set_mode("soft", tau=1.0)
+    logits, _ = net(torch.randint(0, 40, (2, 8)))
+    logits.sum().backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in net.alphas())
+    assert net.sampled_probs().shape == (2, 2)
+
+
+def test_latency_loss_drives_estimate_to_target_and_stops():
+    """Latency loss alone (no cross-entropy): the estimate falls to the target, then beta switches off."""
+    torch.manual_seed(0)
+    lat = torch.tensor([0.0, 1.0, 2.0, 4.0, 8.0, 1.5])  # ms per option
+    positions, fixed, target = 6, 2.0, 0.5
+    baseline = fixed + positions * 8.0
+    alpha = torch.zeros(positions, len(lat), requires_grad=True)
+    alpha.data[:, 4] = 3.0  # start near the baseline's choice
+    opt = torch.optim.Adam([alpha], lr=0.01)
+    betas, ratios = [], []
+    for _ in range(1500):
+        probs = F.gumbel_softmax(alpha, tau=1.0)
+        loss, beta = latency_loss(fixed + (probs * lat).sum(), baseline, target)
+        betas.append(beta)
+        if beta:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        ratios.append(float((fixed + (torch.softmax(alpha, -1) * lat).sum()) / (baseline * target)))
+    assert ratios[0] > 1.5
+    assert betas[0] == 1.0 and 0.0 in betas
+    assert 0.85 < ratios[-1] < 1.05  # reached the target and did not run far below it
+    assert max(ratios[-200:]) - min(ratios[-200:]) < 0.1  # and stays there
+
+
+def test_tiny_search_writes_arch_and_log(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("search.epochs=4", "search.steps_per_epoch=10", "search.freeze_fraction=0.25",
+                   "latency.batch_size=2", "model.n_layer=2")
+    cfg.search.space = ["skip", "attn:1", "attn:4", "ffl"]
+    arch = search(cfg, tmp_path / "s", target=0.5, quiet=True)
+    assert len(arch) == 4
+    records = [json.loads(l) for l in (tmp_path / "s" / "search.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    assert "beta" not in records[0] and "beta" in records[1]  # alpha frozen during the first epoch
+    assert records[0]["tau"] == 5.0 and records[2]["tau"] < records[1]["tau"]
+    assert records[0]["alpha"] == [[0.0] * 4] * 4 and records[-1]["alpha"] != records[0]["alpha"]
+    saved = json.loads((tmp_path / "s" / "arch.json").read_text())
+    assert Arch.load(tmp_path / "s" / "arch.json") == arch
+    assert saved["target"] == 0.5 and saved["estimated_ms"] > 0
