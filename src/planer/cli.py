@@ -49,6 +49,38 @@ def cmd_evaluate(args) -> None:
           f"over {result['tokens']:,} tokens ({result['unk']} unseen in training)")
 
 
+def cmd_profile(args) -> None:
+    from planer.config import load_config
+    from planer.latency import profile_dir
+
+    overrides = list(args.set)
+    if args.batch is not None:
+        overrides.append(f"latency.batch_size={args.batch}")
+    if args.device is not None:
+        overrides.append(f"latency.device={args.device}")
+    table, path = profile_dir(load_config(args.config, overrides), args.out, force=args.force)
+    fp, how = table.fingerprint, "reused" if table.reused else f"profiled in {table.settings['seconds']:.0f} s"
+    print(f"{path}: {how}; {fp['device']}, {fp['dtype']}, {fp['threads']} thread(s), batch {fp['batch']}, "
+          f"tgt_len {fp['tgt_len']}, mem_len {fp['mem_len']}")
+    for name, stats in [("fixed", table.fixed), *table.blocks.items()]:
+        print(f"  {name:12s} {stats['median']:9.3f} ms  (p10 {stats['p10']:.3f}, p90 {stats['p90']:.3f})")
+
+
+def cmd_bench(args) -> None:
+    from planer.latency import bench
+
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise PlanerError(f"--batch expects comma-separated integers, got '{args.batch}'") from None
+    result = bench(args.run, args.baseline, batches, device=args.device, threads=args.threads, repeats=args.repeats)
+    print(f"{args.run}/bench.json: {result['environment']['device']}, {result['environment']['threads']} thread(s); "
+          f"baseline: {result['baseline']}")
+    for row in result["batches"]:
+        print(f"  batch {row['batch']:4d}: model {row['model']['median']:9.3f} ms, "
+              f"baseline {row['baseline']['median']:9.3f} ms, speed-up {row['speedup']:.2f}x")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="planer", description="Latency-aware sparsely activated Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("profile", help="measure every candidate block on this device into DIR/lut.json")
+    p.add_argument("--config", required=True, help="YAML config")
+    p.add_argument("--out", required=True, help="directory for lut.json (a run directory)")
+    p.add_argument("--batch", help="batch size to profile at (default: latency.batch_size)")
+    p.add_argument("--device", help="cpu, cuda or auto (default: latency.device)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--force", action="store_true", help="profile again even if DIR/lut.json exists")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("bench", help="end-to-end latency of a checkpoint beside the baseline")
+    p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
+    p.add_argument("--baseline", help="baseline checkpoint directory (default: the baseline arch, random weights)")
+    p.add_argument("--batch", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
+    p.add_argument("--device", help="cpu, cuda or auto (default: the run's latency.device)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the run's latency.threads)")
+    p.add_argument("--repeats", type=int, help="timed rounds per batch size (default: the run's latency.repeats)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -88,9 +88,9 @@ class SearchConfig:
 @dataclass
 class LatencyConfig:
     batch_size: int = 8
-    warmup: int = 5
-    repeats: int = 30
-    threads: int = 1
+    warmup: int = 10  # untimed rounds
+    repeats: int = 200  # timed rounds; each times every candidate once, interleaved (see latency.py)
+    threads: int = 1  # one thread: repeatable on a shared CPU, and what the table's fingerprint records
     device: str = "cpu"
     dtype: str = "fp32"  # fp32 | bf16 | fp16
 

@@ -27,11 +27,16 @@ from planer.supernet import SuperNet
 from planer.train import WeightTrainer, autocast, prepare_out_dir, resolve_device, seed_everything
 
 
-def latency_loss(expected_ms: torch.Tensor, baseline_ms: float, target: float) -> tuple[torch.Tensor, float]:
-    """Eq. 3: Lat / (Lat_baseline * target), switched on (beta = 1) only while that ratio exceeds 1."""
-    ratio = expected_ms / (baseline_ms * target)
-    beta = 1.0 if ratio.item() > 1.0 else 0.0
-    return beta * ratio, beta
+def latency_loss(sampled_ms: torch.Tensor, baseline_ms: float, target: float, current_ms: float) -> tuple[torch.Tensor, float]:
+    """Eq. 3: Lat / (Lat_baseline * target), switched on (beta = 1) only while the architecture is over target.
+
+    The gradient flows through the latency of the Gumbel-softmax sample, as in the paper. The switch looks at the
+    architecture the search would return now (``current_ms``, the estimate of the argmax arch) rather than at the
+    noisy sample: switched on the sample, the loss keeps firing on samples above the target long after the
+    architecture is below it, and the result drifts far under the target (to 0.65 of it in the tests).
+    """
+    beta = 1.0 if current_ms > baseline_ms * target else 0.0
+    return beta * sampled_ms / (baseline_ms * target), beta
 
 
 def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path | None = None,
@@ -116,7 +121,8 @@ def arch_epoch(net: SuperNet, opt: torch.optim.Optimizer, segments: Segments, st
             with autocast(device, cfg.train.precision):
                 logits, mems = net(x, mems)
                 ce = token_nll(logits, y).mean()
-            lat_loss, beta = latency_loss(table.expected(net.sampled_probs(), net.space), baseline_ms, target)
+            lat_loss, beta = latency_loss(table.expected(net.sampled_probs(), net.space), baseline_ms, target,
+                                          table.estimate(net.derive()))
             opt.zero_grad(set_to_none=True)
             (ce + lat_loss).backward()
             opt.step()
