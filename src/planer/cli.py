@@ -81,6 +81,39 @@ def cmd_bench(args) -> None:
               f"baseline {row['baseline']['median']:9.3f} ms, speed-up {row['speedup']:.2f}x")
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise PlanerError(f"{what} expects comma-separated numbers, got '{text}'") from None
+
+
+def cmd_search(args) -> None:
+    from planer.config import load_config
+    from planer.search import search
+
+    cfg = load_config(args.config, args.set)
+    arch = search(cfg, args.out, args.target, lut_path=args.lut, force=args.force)
+    meta = json.loads((Path(args.out) / "arch.json").read_text())
+    print(f"found {arch.short()}: estimated {meta['estimated_ratio']:.3f} of the baseline's latency "
+          f"(target {args.target:g}) -> {args.out}/arch.json")
+
+
+def cmd_run(args) -> None:
+    from planer.config import load_config
+    from planer.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.set)
+    out = run_pipeline(cfg, args.out, _floats(args.targets, "--targets"), force=args.force)
+    print((out / "report.md").read_text())
+
+
+def cmd_report(args) -> None:
+    from planer.report import write_report
+
+    print(f"wrote {write_report(args.run)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="planer", description="Latency-aware sparsely activated Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: the run's latency.threads)")
     p.add_argument("--repeats", type=int, help="timed rounds per batch size (default: the run's latency.repeats)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("search", help="phase 1: search an architecture for a latency target")
+    p.add_argument("--config", required=True, help="YAML config")
+    p.add_argument("--target", required=True, type=float, help="latency target, a fraction of the baseline's in (0, 1]")
+    p.add_argument("--out", required=True, help="output directory (search.jsonl, arch.json)")
+    p.add_argument("--lut", help="latency table to use (default: OUT/lut.json, profiled if absent)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("run", help="the whole pipeline into one run directory (resumable)")
+    p.add_argument("--config", required=True, help="YAML config")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--targets", default="0.5", help="comma-separated latency targets (default 0.5)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="write report.md for a run directory")
+    p.add_argument("--run", required=True, help="run directory")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

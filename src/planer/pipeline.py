@@ -17,7 +17,7 @@ from planer.config import Config, check_target
 from planer.data import load_corpus
 from planer.errors import PlanerError
 from planer.evaluate import evaluate_run
-from planer.latency import bench_run, load_or_profile
+from planer.latency import bench, load_or_profile
 from planer.report import write_report
 from planer.search import search
 from planer.train import train
@@ -34,9 +34,9 @@ def run_pipeline(cfg: Config, out: str | Path, targets: list[float], force: bool
     for t in targets:
         check_target(t)
     out = Path(out)
-    _claim_run_dir(out, cfg, force)
     corpus = load_corpus(cfg.data)
     cfg.model.vocab_size = len(corpus.vocab)
+    _claim_run_dir(out, cfg, force)
 
     def stage(done: Path, work) -> None:
         if force or not done.exists():
@@ -61,7 +61,8 @@ def run_pipeline(cfg: Config, out: str | Path, targets: list[float], force: bool
         for split in ("valid", "test"):
             if force or split not in scored:
                 evaluate_run(model, split)
-        stage(model / "bench.json", lambda: bench_run(model, baseline, batches, lut_path=lut))
+        if model != baseline:
+            stage(model / "bench.json", lambda: bench(model, baseline, batches))
     write_report(out)
     return out
 
@@ -73,5 +74,6 @@ def _claim_run_dir(out: Path, cfg: Config, force: bool) -> None:
         previous = yaml.safe_load(resolved.read_text())
         if previous != cfg.to_dict():
             raise PlanerError(f"run directory {out} was made with a different config; use another --out or --force")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(resolved)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(resolved)

@@ -43,13 +43,13 @@ def _score(result: dict | None, level_char: bool) -> str:
 
 
 def results_table(rows: list[dict], level_char: bool) -> str:
-    batches = sorted({int(b) for r in rows for b in r["bench"].get("batches", {})})
+    batches = sorted({row["batch"] for r in rows for row in r["bench"].get("batches", [])})
     metric = "BPC" if level_char else "PPL"
     head = ["model", "arch", "params", f"valid {metric}", f"test {metric}", "est. latency", *[f"speed-up b{b}" for b in batches]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        per_batch = r["bench"].get("batches", {})
-        speedups = [f"{per_batch[str(b)]['speedup']:.2f}x" if str(b) in per_batch else "–" for b in batches]
+        per_batch = {row["batch"]: row for row in r["bench"].get("batches", [])}
+        speedups = [f"{per_batch[b]['speedup']:.2f}x" if b in per_batch else "–" for b in batches]
         est = f"{r['estimated_ratio']:.2f} (target {r['target']:.2f})" if r["estimated_ratio"] else "1.00"
         lines.append("| " + " | ".join([r["name"], f"`{r['arch'].short()}`", f"{r['params'] / 1e6:.2f}M",
                                         _score(r["eval"].get("valid"), level_char),

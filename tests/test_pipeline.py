@@ -1,0 +1,44 @@
+"""planer run: every stage into one run directory, resumable, with a report."""
+
+import json
+import subprocess
+import sys
+
+from planer.pipeline import run_pipeline
+
+TINY_RUN = ["search.epochs=3", "search.steps_per_epoch=8", "search.freeze_fraction=0.3", "train.steps=40",
+            "train.eval_every=40", "latency.batch_size=2", "latency.repeats=3", "model.n_layer=2"]
+
+
+def test_run_pipeline_end_to_end_and_resume(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(*TINY_RUN)
+    cfg.search.space = ["skip", "attn:1", "attn:4", "ffl", "moe:top1"]
+    out = run_pipeline(cfg, tmp_path / "run", [0.5], batches=(1, 2))
+    for path in ["config.yaml", "lut.json", "baseline/model.safetensors", "baseline/eval.json",
+                 "search-t0.50/arch.json", "search-t0.50/search.jsonl", "planer-t0.50/model.safetensors",
+                 "planer-t0.50/bench.json", "report.md"]:
+        assert (out / path).exists(), path
+    scored = json.loads((out / "planer-t0.50" / "eval.json").read_text())
+    assert {"valid", "test"} <= scored.keys()
+    report = (out / "report.md").read_text()
+    assert "| baseline |" in report and "| planer-t0.50 |" in report and "speed-up b2" in report
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "report.md"}
+    run_pipeline(cfg, tmp_path / "run", [0.5], batches=(1, 2))  # everything is done: nothing is redone
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_run_refuses_another_config(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(*TINY_RUN)
+    (tmp_path / "run").mkdir()
+    other = tiny_cfg(*TINY_RUN, "model.d_model=64")
+    other.save(tmp_path / "run" / "config.yaml")
+    result = subprocess.run([sys.executable, "-m", "planer", "report", "--run", tmp_path / "run"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "no finished baseline" in result.stderr
+    try:
+        run_pipeline(cfg, tmp_path / "run", [0.5])
+    except Exception as e:
+        assert "different config" in str(e)
+    else:
+        raise AssertionError("a run directory made with another config was reused")
