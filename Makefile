@@ -15,15 +15,13 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# Resumable: run it again after an interruption and it continues where it stopped.
 demo: setup
-	$(VENV)/bin/planer train --config $(CONFIG) --out $(RUN)/baseline --force
-	$(VENV)/bin/planer evaluate --run $(RUN)/baseline --split valid
-	$(VENV)/bin/planer evaluate --run $(RUN)/baseline --split test
+	$(VENV)/bin/planer run --config $(CONFIG) --out $(RUN) --targets 0.5
 
 test: setup
 	$(PY) -m pytest
