@@ -15,9 +15,11 @@ from planer.errors import PlanerError
 
 def _arch(value: str | None, cfg):
     from planer.arch import Arch
+    from planer.designs import named_arch
 
-    if value is None or value == "baseline":
-        return Arch.baseline(cfg.model.n_layer, cfg.model.n_head)
+    named = named_arch(value or "baseline", cfg.model)
+    if named is not None:
+        return named
     if Path(value).is_file():
         return Arch.load(value)
     if value.endswith(".json") or "/" in value:
@@ -121,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an architecture from scratch")
     p.add_argument("--config", required=True, help="YAML config")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--arch", help="'baseline' (default), a list of block specs, or an arch.json file")
+    p.add_argument("--arch", help="baseline (default), sandwich:K, par, a list of block specs, or an arch.json file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.set_defaults(func=cmd_train)
