@@ -23,8 +23,10 @@ def test_run_pipeline_end_to_end_and_resume(tiny_cfg, tmp_path):
     report = (out / "report.md").read_text()
     assert "| baseline |" in report and "| planer-t0.50 |" in report and "speed-up b2" in report
 
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "report.md"}
-    run_pipeline(cfg, tmp_path / "run", [0.5], batches=(1, 2))  # everything is done: nothing is redone
+    for figure in ["archs.png", "speedup.png", "pareto.png", "latency_estimate.png", "search-t0.50.png"]:
+        assert (out / figure).stat().st_size > 1000 and f"]({figure})" in report
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix not in (".md", ".png")}
+    run_pipeline(cfg, tmp_path / "run", [0.5], batches=(1, 2))  # every stage is done: only the report is redone
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 

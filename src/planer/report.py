@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from planer import plots
 from planer.arch import Arch
 from planer.errors import PlanerError
 
@@ -72,6 +73,41 @@ def write_report(run_dir: str | Path) -> Path:
             results_table(rows, level_char), "",
             "Architectures, block by block (s skip, aH attention with H heads, f feed-forward, m1/m2 MoE top-1/top-2):", ""]
     text += [f"- {r['name']}: `{r['arch']}`" for r in rows]
+    text += ["", *figures(run_dir, rows, lut.get("fingerprint", {}).get("batch"), "BPC" if level_char else "PPL")]
     path = run_dir / "report.md"
     path.write_text("\n".join(text) + "\n")
     return path
+
+
+def figures(run_dir: Path, rows: list[dict], lut_batch: int | None, metric: str) -> list[str]:
+    """Write every figure the run's files allow; returns the Markdown that shows them."""
+    shown = []
+
+    def add(name: str, caption: str) -> None:
+        shown.extend([f"![{caption}]({name})", ""])
+
+    plots.arch_strips(rows, run_dir / "archs.png")
+    add("archs.png", "architectures")
+    if any(r["bench"] for r in rows):
+        batches = sorted({b["batch"] for r in rows for b in r["bench"].get("batches", [])})
+        batch = lut_batch if lut_batch in batches else batches[len(batches) // 2]
+        plots.speedups(rows, run_dir / "speedup.png")
+        add("speedup.png", "speed-up per batch size")
+        plots.pareto(rows, batch, metric, run_dir / "pareto.png")
+        add("pareto.png", "accuracy against latency")
+        points = [(r["name"], r["estimated_ratio"], 1.0 / per[batch]["speedup"])
+                  for r in rows if r["estimated_ratio"]
+                  for per in [{b["batch"]: b for b in r["bench"].get("batches", [])}] if batch in per]
+        if points:
+            plots.estimate_vs_measured(points, batch, run_dir / "latency_estimate.png")
+            add("latency_estimate.png", "estimated against measured latency")
+    for search_dir in sorted(run_dir.glob("search-*")):
+        log = search_dir / "search.jsonl"
+        found = _read(search_dir / "arch.json")
+        if log.exists() and found:
+            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            name = f"{search_dir.name}.png"
+            plots.search_evolution(records, found["space"], f"Search {search_dir.name}: most probable option",
+                                   run_dir / name)
+            add(name, f"architecture probabilities during {search_dir.name}")
+    return shown
