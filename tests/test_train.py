@@ -51,3 +51,14 @@ def test_schedule_warms_up_then_decays():
     assert lrs[0] == 0.1 and lrs[9] == 1.0
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert abs(lrs[100] - 0.1) < 1e-9
+
+
+def test_moe_model_trains_with_balanced_experts(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("model.n_experts=4", "train.balance_coef=0.01")
+    summary = train(cfg, tmp_path / "moe", Arch.parse("attn:4 moe:top1 attn:2 moe:top2"), quiet=True)
+    assert summary["best_valid_loss"] < 0.7 * math.log(cfg.model.vocab_size)
+    assert len(summary["expert_load_max"]) == 2
+    assert all(1.0 <= m < 2.0 for m in summary["expert_load_max"])  # busiest expert within 2x of uniform
+    assert all(0.0 < m <= 1.0 for m in summary["expert_load_min"])  # and no expert starved
+    evals = [json.loads(l) for l in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines() if "valid_loss" in l]
+    assert all("expert_load_max" in e for e in evals)

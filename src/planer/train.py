@@ -92,6 +92,32 @@ class WeightTrainer:
         return ce.item(), mems
 
 
+class ExpertLoads:
+    """Tokens routed to each expert of every MoE block, summed between evaluations.
+
+    Reported as each block's busiest expert relative to a uniform share (1.0 is perfect balance), the number that
+    decides an MoE block's tail latency.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.blocks = [m for m in model.modules() if hasattr(m, "expert_counts")]
+        self.counts = [None] * len(self.blocks)
+        self.last: dict = {}
+
+    def add(self) -> None:
+        for i, block in enumerate(self.blocks):
+            counts = block.expert_counts.float().cpu()
+            self.counts[i] = counts if self.counts[i] is None else self.counts[i] + counts
+
+    def take(self) -> dict:
+        if not self.blocks or self.counts[0] is None:
+            return {}
+        self.last = {"expert_load_max": [round(float(c.max() / c.mean()), 4) for c in self.counts],
+                     "expert_load_min": [round(float(c.min() / c.mean()), 4) for c in self.counts]}
+        self.counts = [None] * len(self.blocks)
+        return self.last
+
+
 def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, corpus: Corpus | None = None,
           quiet: bool = False) -> dict:
     """Train ``arch`` from scratch and keep the best-on-valid checkpoint in ``out_dir``; returns a summary."""
@@ -107,6 +133,7 @@ def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, cor
     cfg.save(out_dir / "config.yaml")
 
     best, mems, started, step_seconds = math.inf, None, time.perf_counter(), 0.0
+    loads = ExpertLoads(model)
     tokens_per_step = tc.batch_size * cfg.model.tgt_len
     log = open(out_dir / "metrics.jsonl", "w", buffering=1)
     bar = tqdm(range(tc.steps), desc=f"train {arch.short()[:24]}", disable=quiet, dynamic_ncols=True)
@@ -121,6 +148,7 @@ def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, cor
             tic = time.perf_counter()
             loss, mems = trainer.step(model, x, y, mems)
             step_seconds += time.perf_counter() - tic
+            loads.add()
             if not math.isfinite(loss):
                 raise PlanerError(f"training diverged at step {step + 1} (loss {loss}); the best checkpoint is kept")
             window_loss.append(loss)
@@ -139,7 +167,7 @@ def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, cor
                 if improved:
                     best = val
                     save_checkpoint(out_dir, model, cfg, corpus.vocab, step=step + 1, valid_loss=val)
-                log.write(json.dumps({"step": step + 1, "valid_loss": val, "best": improved}) + "\n")
+                log.write(json.dumps({"step": step + 1, "valid_loss": val, "best": improved, **loads.take()}) + "\n")
                 if not quiet:
                     bar.write(f"step {step + 1}: valid loss {val:.4f} ({val / math.log(2):.3f} bits)"
                               + (" *" if improved else ""))
@@ -147,6 +175,7 @@ def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, cor
     finally:
         log.close()
     summary = {"best_valid_loss": best, "seconds": time.perf_counter() - started, "steps": tc.steps,
-               "ms_per_step": 1000 * step_seconds / tc.steps, "params": model.num_params(), "arch": arch.specs()}
+               "ms_per_step": 1000 * step_seconds / tc.steps, "params": model.num_params(), "arch": arch.specs(),
+               **loads.last}
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")  # marks a finished run
     return summary
