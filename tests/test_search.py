@@ -112,3 +112,35 @@ def test_tiny_search_writes_arch_and_log(tiny_cfg, tmp_path):
     saved = json.loads((tmp_path / "s" / "arch.json").read_text())
     assert Arch.load(tmp_path / "s" / "arch.json") == arch
     assert saved["target"] == 0.5 and saved["estimated_ms"] > 0
+
+
+def test_warm_start_reproduces_the_baseline():
+    """Started from a trained baseline, the supernet's baseline choices compute what the baseline computes, and a
+    top-2 MoE of upcycled experts computes what the feed-forward block it came from computes."""
+    from planer.supernet import warm_start
+
+    cfg = ModelConfig(d_model=32, n_head=4, d_inner=64, n_layer=2, tgt_len=8, mem_len=8, dropout=0.0,
+                      n_experts=4, vocab_size=40)
+    torch.manual_seed(1)
+    baseline = TransformerXL(cfg, Arch.baseline(2, 4)).eval()
+    net = SuperNet(cfg, SPACE, 4).eval()
+    assert warm_start(net, baseline) == 2 * 3 + 2 * 3  # attn:1/2/4 at attention positions, ffl + 2 MoE at the others
+    x = torch.randint(0, 40, (2, 8))
+    with torch.no_grad():
+        expected, _ = baseline(x)
+        net.set_mode("hard")
+        for block, spec in zip(net.blocks, baseline.arch):
+            block.choice = net.space.index(str(spec))
+        torch.testing.assert_close(net(x)[0], expected, atol=1e-5, rtol=1e-5)
+        for block, spec in zip(net.blocks, baseline.arch):
+            if spec.kind == "ffl":
+                block.choice = net.space.index("moe:top2")
+        torch.testing.assert_close(net(x)[0], expected, atol=1e-5, rtol=1e-5)
+        # attn:2 is the baseline block restricted to its first two heads
+        attn2 = net.blocks[0].candidates[net.space.index("attn:2")]
+        full = baseline.blocks[0]
+        h = torch.randn(2, 8, 32)
+        masked = full.out.weight.clone()
+        full.out.weight[:, 2 * 8:] = 0.0  # silence heads 3 and 4
+        torch.testing.assert_close(attn2(h), full(h), atol=1e-5, rtol=1e-5)
+        full.out.weight.copy_(masked)

@@ -95,7 +95,7 @@ def cmd_search(args) -> None:
     from planer.search import search
 
     cfg = load_config(args.config, args.set)
-    arch = search(cfg, args.out, args.target, lut_path=args.lut, force=args.force)
+    arch = search(cfg, args.out, args.target, lut_path=args.lut, force=args.force, init_from=args.init_from)
     meta = json.loads((Path(args.out) / "arch.json").read_text())
     print(f"found {arch.short()}: estimated {meta['estimated_ratio']:.3f} of the baseline's latency "
           f"(target {args.target:g}) -> {args.out}/arch.json")
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, type=float, help="latency target, a fraction of the baseline's in (0, 1]")
     p.add_argument("--out", required=True, help="output directory (search.jsonl, arch.json)")
     p.add_argument("--lut", help="latency table to use (default: OUT/lut.json, profiled if absent)")
+    p.add_argument("--init-from", help="trained baseline checkpoint to start the supernet's options from")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.set_defaults(func=cmd_search)

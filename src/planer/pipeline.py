@@ -51,7 +51,7 @@ def run_pipeline(cfg: Config, out: str | Path, targets: list[float], force: bool
     models = [baseline]
     for t in targets:
         found, retrained = out / f"search-{target_name(t)}", out / f"planer-{target_name(t)}"
-        stage(found / "arch.json", lambda: search(cfg, found, t, lut_path=lut, force=True, corpus=corpus))
+        stage(found / "arch.json", lambda: search(cfg, found, t, lut_path=lut, force=True, corpus=corpus, init_from=baseline))
         stage(retrained / "summary.json",
               lambda: train(cfg, retrained, Arch.load(found / "arch.json"), force=True, corpus=corpus))
         models.append(retrained)

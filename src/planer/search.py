@@ -19,11 +19,13 @@ import torch
 from tqdm import tqdm
 
 from planer.arch import Arch
+from planer.checkpoint import load_checkpoint
 from planer.config import Config, check_target
 from planer.data import Corpus, Segments, load_corpus
+from planer.errors import PlanerError
 from planer.latency import LatencyTable, load_or_profile
 from planer.model import token_nll
-from planer.supernet import SuperNet
+from planer.supernet import SuperNet, warm_start
 from planer.train import WeightTrainer, autocast, prepare_out_dir, resolve_device, seed_everything
 
 
@@ -40,8 +42,12 @@ def latency_loss(sampled_ms: torch.Tensor, baseline_ms: float, target: float, cu
 
 
 def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path | None = None,
-           force: bool = False, corpus: Corpus | None = None, quiet: bool = False) -> Arch:
-    """Run phase 1 and write ``search.jsonl`` and ``arch.json`` into ``out_dir``; returns the found arch."""
+           force: bool = False, corpus: Corpus | None = None, quiet: bool = False,
+           init_from: str | Path | None = None) -> Arch:
+    """Run phase 1 and write ``search.jsonl`` and ``arch.json`` into ``out_dir``; returns the found arch.
+
+    ``init_from``: a trained baseline checkpoint to start the supernet's options from (see ``warm_start``).
+    """
     check_target(target)
     sc = cfg.search
     corpus = corpus or load_corpus(cfg.data)
@@ -54,7 +60,13 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
     seed_everything(cfg.train.seed)
 
     positions = 2 * cfg.model.n_layer
-    net = SuperNet(cfg.model, sc.space, positions).to(device)
+    net = SuperNet(cfg.model, sc.space, positions)
+    if init_from is not None:
+        baseline, _, vocab = load_checkpoint(init_from)
+        if vocab.symbols != corpus.vocab.symbols:
+            raise PlanerError(f"{init_from} was trained on another vocabulary than this config's data")
+        warm_start(net, baseline)
+    net.to(device)
     weight_cfg = dataclasses.replace(cfg.train, steps=sc.epochs * sc.steps_per_epoch)
     weights = WeightTrainer(net.weights(), weight_cfg, device)
     alpha_opt = torch.optim.Adam(net.alphas(), lr=sc.alpha_lr)
@@ -102,7 +114,8 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
     found = net.derive()
     estimated = table.estimate(found)
     found.save(out_dir / "arch.json", target=target, estimated_ms=estimated, baseline_ms=baseline_ms,
-               estimated_ratio=estimated / baseline_ms, space=net.space)
+               estimated_ratio=estimated / baseline_ms, space=net.space,
+               init_from=str(init_from) if init_from is not None else None)
     return found
 
 

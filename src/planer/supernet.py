@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from planer.arch import Arch, BlockSpec
+from planer.blocks import FeedForward, RelAttention
 from planer.config import ModelConfig
+from planer.errors import PlanerError
 from planer.model import TransformerXL, build_block
 
 
@@ -77,3 +79,52 @@ class SuperNet(TransformerXL):
     def derive(self) -> Arch:
         """The strongest option at every position (paper §2.3)."""
         return Arch(tuple(block.options[int(block.alpha.argmax())] for block in self.blocks))
+
+
+def copy_heads(dst: RelAttention, src: RelAttention) -> None:
+    """Give an attention option with h heads the first h heads of a trained attention block."""
+    h, H, Dh, D = dst.n_head, src.n_head, src.d_head, src.out.out_features
+    with torch.no_grad():
+        dst.qkv.weight.copy_(src.qkv.weight.view(3, H, Dh, D)[:, :h].reshape(3 * h * Dh, D))
+        dst.r_net.weight.copy_(src.r_net.weight.view(H, Dh, D)[:h].reshape(h * Dh, D))
+        dst.out.weight.copy_(src.out.weight.view(D, H, Dh)[:, :h].reshape(D, h * Dh))
+        dst.r_w_bias.copy_(src.r_w_bias[:h])
+        dst.r_r_bias.copy_(src.r_r_bias[:h])
+    dst.norm.load_state_dict(src.norm.state_dict())
+
+
+def upcycle(dst: nn.Module, src: FeedForward) -> None:
+    """Start every expert of an MoE option as a copy of a trained feed-forward block (the router stays random)."""
+    with torch.no_grad():
+        dst.w1.copy_(src.fc1.weight.expand_as(dst.w1))
+        dst.b1.copy_(src.fc1.bias.expand_as(dst.b1))
+        dst.w2.copy_(src.fc2.weight.expand_as(dst.w2))
+        dst.b2.copy_(src.fc2.bias.expand_as(dst.b2))
+    dst.norm.load_state_dict(src.norm.state_dict())
+
+
+def warm_start(net: SuperNet, baseline: TransformerXL) -> int:
+    """Initialise the supernet's options from a trained baseline of the same length; returns how many were.
+
+    Options trained from scratch inside a short search stay weaker than the baseline's own blocks, and the latency
+    loss then wins every comparison: the search drops attention it would have kept. Starting each option from the
+    baseline block at its position (attention from its first heads, feed-forward as is, MoE experts as copies of
+    the feed-forward) lets the architecture weights compare options that already work.
+    """
+    if len(net.blocks) != len(baseline.blocks) or baseline.cfg.d_model != net.cfg.d_model:
+        raise PlanerError("the warm-start model does not match the supernet's length or width")
+    net.embed.load_state_dict(baseline.embed.state_dict())
+    net.out_bias.data.copy_(baseline.out_bias.data)
+    done = 0
+    for block, spec, source in zip(net.blocks, baseline.arch, baseline.blocks):
+        for option, candidate in zip(block.options, block.candidates):
+            if option.kind == "attn" and spec.kind == "attn" and option.heads <= spec.heads:
+                copy_heads(candidate, source)
+            elif option.kind == "ffl" and option == spec:
+                candidate.load_state_dict(source.state_dict())
+            elif option.kind == "moe" and spec == BlockSpec("ffl") and candidate.w1.shape[1:] == source.fc1.weight.shape:
+                upcycle(candidate, source)
+            else:
+                continue
+            done += 1
+    return done
