@@ -116,17 +116,24 @@ def cmd_report(args) -> None:
     print(f"wrote {write_report(args.run)}")
 
 
+def _config_command(sub, name: str, help: str, out_help: str, force_help: str, func) -> argparse.ArgumentParser:
+    """A sub-command that reads a config (with overrides) and writes into an output directory."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--config", required=True, help="YAML config")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--force", action="store_true", help=force_help)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="planer", description="Latency-aware sparsely activated Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train an architecture from scratch")
-    p.add_argument("--config", required=True, help="YAML config")
-    p.add_argument("--out", required=True, help="output directory")
+    p = _config_command(sub, "train", "train an architecture from scratch", "output directory",
+                        "overwrite a non-empty output directory", cmd_train)
     p.add_argument("--arch", help="baseline (default), sandwich:K, par, a list of block specs, or an arch.json file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
-    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split or a text file")
     p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
@@ -136,14 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("profile", help="measure every candidate block on this device into DIR/lut.json")
-    p.add_argument("--config", required=True, help="YAML config")
-    p.add_argument("--out", required=True, help="directory for lut.json (a run directory)")
+    p = _config_command(sub, "profile", "measure every candidate block on this device into DIR/lut.json",
+                        "directory for lut.json (a run directory)", "profile again even if DIR/lut.json exists",
+                        cmd_profile)
     p.add_argument("--batch", help="batch size to profile at (default: latency.batch_size)")
     p.add_argument("--device", help="cpu, cuda or auto (default: latency.device)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--force", action="store_true", help="profile again even if DIR/lut.json exists")
-    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("bench", help="end-to-end latency of a checkpoint beside the baseline")
     p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
@@ -154,23 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed rounds per batch size (default: the run's latency.repeats)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("search", help="phase 1: search an architecture for a latency target")
-    p.add_argument("--config", required=True, help="YAML config")
+    p = _config_command(sub, "search", "phase 1: search an architecture for a latency target",
+                        "output directory (search.jsonl, arch.json)", "overwrite a non-empty output directory",
+                        cmd_search)
     p.add_argument("--target", required=True, type=float, help="latency target, a fraction of the baseline's in (0, 1]")
-    p.add_argument("--out", required=True, help="output directory (search.jsonl, arch.json)")
     p.add_argument("--lut", help="latency table to use (default: OUT/lut.json, profiled if absent)")
     p.add_argument("--init-from", help="trained baseline checkpoint to start the supernet's options from")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
-    p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("run", help="the whole pipeline into one run directory (resumable)")
-    p.add_argument("--config", required=True, help="YAML config")
-    p.add_argument("--out", required=True, help="run directory")
+    p = _config_command(sub, "run", "the whole pipeline into one run directory (resumable)", "run directory",
+                        "redo every stage", cmd_run)
     p.add_argument("--targets", default="0.5", help="comma-separated latency targets (default 0.5)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--force", action="store_true", help="redo every stage")
-    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="write report.md for a run directory")
     p.add_argument("--run", required=True, help="run directory")
