@@ -144,3 +144,16 @@ def test_warm_start_reproduces_the_baseline():
         full.out.weight[:, 2 * 8:] = 0.0  # silence heads 3 and 4
         torch.testing.assert_close(attn2(h), full(h), atol=1e-5, rtol=1e-5)
         full.out.weight.copy_(masked)
+
+
+def test_search_over_target_at_the_end_gets_a_correction(tiny_cfg, tmp_path):
+    """Too few architecture steps to reach a tight target: the search keeps stepping alpha after the last epoch,
+    logs it, and arch.json states the estimate honestly."""
+    cfg = tiny_cfg("search.epochs=2", "search.steps_per_epoch=10", "search.freeze_fraction=0.5",
+                   "latency.batch_size=2", "model.n_layer=2")
+    cfg.search.space = ["skip", "attn:1", "attn:4", "ffl"]
+    search(cfg, tmp_path / "s", target=0.05, quiet=True)
+    records = [json.loads(l) for l in (tmp_path / "s" / "search.jsonl").read_text().splitlines()]
+    assert records[-1]["correction"] is True and len(records[-1]["probs"]) == 4
+    saved = json.loads((tmp_path / "s" / "arch.json").read_text())
+    assert saved["estimated_ms"] == records[-1]["arch_estimated_ms"]
