@@ -1,0 +1,281 @@
+"""Mixture-of-experts feed-forward block: a router, E experts of the FFL's shape, the Switch load-balancing loss.
+
+The paper ran its experts one after another on masked subsets of the tokens, which made its MoE slow at small
+batch. Here the assignments are sorted by expert once, so each expert reads one contiguous slice of a single
+gathered matrix and writes one contiguous slice of the output, and the expert weights are stacked (E, out, in)
+tensors. How the experts then run was measured (benchmarks/moe.py) rather than assumed:
+
+- CUDA with bf16: ``torch._grouped_mm`` runs all experts in one kernel per layer.
+- CPU fp32 inference: one oneDNN product per expert on weights reordered for oneDNN once ("prepacked") and cached.
+  With a few dozen rows per expert a product otherwise spends as long repacking its weight as multiplying, and
+  a batched ``bmm`` over rows padded to the busiest expert repacks every expert's weight at every call: it was
+  slower everywhere except a few rows per expert on tiny weights.
+- Training (and everything else): one product per expert on slices, in an autograd function whose backward writes
+  each expert's weight gradient straight into the stacked gradient. Autograd through per-expert views would build
+  one full-size gradient per expert and stack them; padded ``bmm`` was slower at every size measured.
+
+``impl="sequential"`` keeps the paper's expert-after-expert loop as the reference for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+    """``F.linear`` (optionally followed by ReLU, fused) on a weight from ``PackedWeights``."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+
+
+class PackedWeights:
+    """oneDNN-reordered copies of weight matrices, for CPU fp32 inference; rebuilt whenever a weight changes.
+
+    A weight counts as changed when its storage or its version counter (bumped by every in-place update through
+    autograd-visible tensors, e.g. an optimizer step or ``load_state_dict``) differs from when it was packed. The
+    cache keeps the packed tensors' sources alive, so a new weight can never reuse a packed one's address. Updates
+    through ``.data`` bypass the version counter: owners clear the cache when they leave eval mode. Packed tensors
+    cannot be copied or pickled, so copies of the owner start with an empty cache.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.sources: list[torch.Tensor] = []
+        self.versions: list[int] = []
+        self.packed: list[torch.Tensor] = []
+
+    def get(self, *weights: torch.Tensor) -> list[list[torch.Tensor]]:
+        """For each weight, an (out, in) matrix or an (E, out, in) stack of them, the list of its packed matrices."""
+        fresh = len(weights) == len(self.sources) and all(
+            w.data_ptr() == s.data_ptr() and w._version == v for w, s, v in zip(weights, self.sources, self.versions)
+        )
+        if not fresh:
+            self.sources = [w.detach() for w in weights]
+            self.versions = [w._version for w in weights]
+            self.packed = [
+                [torch.ops.mkldnn._reorder_linear_weight(m, None) for m in (w[None] if w.dim() == 2 else w)]
+                for w in self.sources
+            ]
+        return self.packed
+
+    def __deepcopy__(self, memo) -> PackedWeights:
+        return PackedWeights()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.clear()
+
+
+class _Experts(torch.autograd.Function):
+    """All experts on expert-sorted rows: ``relu(x W1[e]^T + b1[e])``, dropout, ``@ W2[e]^T + b2[e]``.
+
+    ``sizes[e]`` consecutive rows of ``xs`` belong to expert e. The products run per expert on slices, writing into
+    preallocated outputs and gradients (``out=``); everything elementwise runs once over all rows.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, sizes, p, w1, b1, w2, b2):
+        h = xs.new_empty(xs.shape[0], w1.shape[1])
+        for e, (xe, he) in enumerate(zip(xs.split(sizes), h.split(sizes))):
+            if sizes[e]:
+                torch.addmm(b1[e], xe, w1[e].t(), out=he)
+        h.relu_()
+        if p > 0:
+            F.dropout(h, p, training=True, inplace=True)
+        ys = xs.new_empty(xs.shape[0], w2.shape[1])
+        for e, (he, ye) in enumerate(zip(h.split(sizes), ys.split(sizes))):
+            if sizes[e]:
+                torch.addmm(b2[e], he, w2[e].t(), out=ye)
+        ctx.save_for_backward(xs, h, w1, w2)
+        ctx.sizes, ctx.p = sizes, p
+        return ys
+
+    @staticmethod
+    def backward(ctx, gy):
+        xs, h, w1, w2 = ctx.saved_tensors
+        sizes, p = ctx.sizes, ctx.p
+        gy = gy.contiguous()
+        # Experts without tokens get zero gradients; only they need zeroing.
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+        gb1, gb2 = w1.new_empty(w1.shape[:2]), w2.new_empty(w2.shape[:2])
+        gh = torch.empty_like(h)
+        for e, (he, gye, ghe) in enumerate(zip(h.split(sizes), gy.split(sizes), gh.split(sizes))):
+            if sizes[e]:
+                torch.mm(gye.t(), he, out=gw2[e])
+                torch.sum(gye, 0, out=gb2[e])
+                torch.mm(gye, w2[e], out=ghe)
+            else:
+                for g in (gw1, gb1, gw2, gb2):
+                    g[e].zero_()
+        # h > 0 exactly where the ReLU passed and dropout kept; kept units were scaled by 1 / (1 - p).
+        gh = torch.ops.aten.threshold_backward(gh, h, 0)
+        if p > 0:
+            gh.mul_(1.0 / (1.0 - p))
+        gx = torch.empty_like(xs)
+        for e, (xe, ghe, gxe) in enumerate(zip(xs.split(sizes), gh.split(sizes), gx.split(sizes))):
+            if sizes[e]:
+                torch.mm(ghe.t(), xe, out=gw1[e])
+                torch.sum(ghe, 0, out=gb1[e])
+                torch.mm(ghe, w1[e], out=gxe)
+        return gx, None, None, gw1, gb1, gw2, gb2
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an ``nn.Linear`` would compute in here: autocast's when it is on, else the input's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _grouped_mm_ok(xs: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` has a kernel for these operands (CUDA sm90+, bf16, 16-aligned sizes)."""
+    return (
+        xs.is_cuda
+        and _compute_dtype(xs) == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(xs.device)[0] >= 9
+        and all(n % 16 == 0 for n in w.shape[1:])
+    )
+
+
+class MoEFeedForward(nn.Module):
+    """E feed-forward experts behind a linear router; each token goes to its top-1 or top-2 experts.
+
+    Top-1 (Switch) scales the expert's output by its router probability; top-2 weights the two outputs by their
+    probabilities renormalised to sum to 1. ``dropout`` is the expert dropout, applied to the experts' hidden units
+    and to the block's output. Every token is processed unless ``capacity_factor`` is set: then each expert takes at
+    most ceil(capacity_factor * tokens * top_k / E) assignments, first choices before second choices and earlier
+    tokens first, and an assignment over capacity contributes nothing (the token keeps its residual).
+
+    After each forward, ``balance_loss`` holds the Switch load-balancing loss E * sum_i f_i * P_i (f_i: fraction of
+    tokens whose first choice is expert i; P_i: mean router probability of expert i), 1 when balanced and E when
+    every token picks the same expert; ``expert_counts`` holds the number of assignments routed to each expert
+    (before any capacity limit).
+    """
+
+    uses_memory = False
+
+    def __init__(self, d_model: int, d_inner: int, n_experts: int = 8, top_k: int = 1, dropout: float = 0.2,
+                 capacity_factor: float | None = None, impl: str = "grouped"):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be between 1 and n_experts ({n_experts}), got {top_k}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+        if impl not in ("grouped", "sequential"):
+            raise ValueError(f"impl must be 'grouped' or 'sequential', got {impl!r}")
+        self.n_experts, self.top_k, self.capacity_factor, self.impl = n_experts, top_k, capacity_factor, impl
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_inner, d_model))
+        self.b1 = nn.Parameter(torch.empty(n_experts, d_inner))
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_inner))
+        self.b2 = nn.Parameter(torch.empty(n_experts, d_model))
+        self.drop = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.balance_loss: torch.Tensor | None = None
+        self.expert_counts: torch.Tensor | None = None
+        self.packed = PackedWeights()
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Transformer-XL's initialisation: N(0, std) weights, zero biases, identity LayerNorm."""
+        for w in (self.router.weight, self.w1, self.w2):
+            nn.init.normal_(w, 0.0, std)
+        nn.init.zeros_(self.b1)
+        nn.init.zeros_(self.b2)
+        self.norm.reset_parameters()
+
+    def train(self, mode: bool = True) -> MoEFeedForward:
+        self.packed.clear()  # weights may have changed through .data while training
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        token, weight, counts = self._route(flat)
+        if self.impl == "sequential":
+            y = self._sequential(flat, token, weight, counts)
+        else:
+            ys = self._experts(flat, token, counts)
+            y = ys.new_zeros(B * T, D).index_add_(0, token, ys * weight[:, None].to(ys.dtype))
+        return self.norm(x + self.drop(y.view(B, T, D)))
+
+    def _route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert-sorted assignments: the token of each, its gate weight, and the number per expert.
+
+        Assignments are ordered by expert, then first choices before second choices, then by token, which is also
+        the priority order under a capacity limit. Router scores are laid out (E, tokens) so that the softmax and
+        the top-k over E experts run along the long axis: over the short one they cost as much as the router itself.
+        """
+        N, E, K = flat.shape[0], self.n_experts, self.top_k
+        logits = self.router.weight @ flat.t()
+        probs = F.softmax(logits, dim=0, dtype=torch.promote_types(logits.dtype, torch.float32))
+        if K == 1:
+            gate, choice = probs.max(0, keepdim=True)
+        else:
+            gate, choice = probs.topk(K, dim=0)
+            gate = gate / gate.sum(0, keepdim=True)
+        first = torch.bincount(choice[0], minlength=E)
+        self.balance_loss = torch.dot(first.to(probs.dtype), probs.mean(1)) * (E / N)
+
+        assigned = choice.reshape(-1)  # all first choices, then all second choices
+        counts = first if K == 1 else torch.bincount(assigned, minlength=E)
+        self.expert_counts = counts.detach()
+        order = assigned.argsort(stable=True)
+        token = order % N if K > 1 else order
+        weight = gate.reshape(-1)[order]
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * N * K / E)
+            rank = torch.arange(N * K, device=flat.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+            keep = rank < capacity
+            token, weight, counts = token[keep], weight[keep], counts.clamp(max=capacity)
+        return token, weight, counts
+
+    def _experts(self, flat: torch.Tensor, token: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs for the expert-sorted assignments of rows ``token`` of ``flat``."""
+        if _grouped_mm_ok(flat, self.w1):
+            return self._experts_grouped_mm(flat.index_select(0, token), counts)
+        sizes = counts.tolist()
+        xs = flat.index_select(0, token)
+        inference = not torch.is_grad_enabled() and not self.training
+        dtype = _compute_dtype(xs)
+        if inference and xs.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            return self._experts_packed(xs, sizes)
+        params = (p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
+        return _Experts.apply(xs.to(dtype), sizes, self.drop.p if self.training else 0.0, *params)
+
+    def _experts_packed(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        w1, w2 = self.packed.get(self.w1, self.w2)
+        b1, b2 = self.b1.unbind(0), self.b2.unbind(0)
+        ys = [
+            packed_linear(packed_linear(xe, w1[e], b1[e], relu=True), w2[e], b2[e])
+            for e, xe in enumerate(xs.split(sizes))
+            if sizes[e]
+        ]
+        return torch.cat(ys)
+
+    def _experts_grouped_mm(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = counts.cumsum(0).to(torch.int32)
+        rows = torch.arange(self.n_experts, device=xs.device).repeat_interleave(counts, output_size=xs.shape[0])
+        xs = xs.to(torch.bfloat16)
+        w1, b1, w2, b2 = (p.to(torch.bfloat16) for p in (self.w1, self.b1, self.w2, self.b2))
+        h = self.drop(F.relu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs) + b1[rows]))
+        return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs) + b2[rows]
+
+    def _sequential(self, flat: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
+                    counts: torch.Tensor) -> torch.Tensor:
+        """The paper's implementation: one expert after another, each on its own tokens with its own products."""
+        y = torch.zeros_like(flat)
+        sizes = counts.tolist()
+        w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
+        for e, (tok, wt) in enumerate(zip(token.split(sizes), weight.split(sizes))):
+            if sizes[e]:
+                h = self.drop(F.relu(F.linear(flat.index_select(0, tok), w1[e], b1[e])))
+                y.index_add_(0, tok, F.linear(h, w2[e], b2[e]) * wt[:, None].to(y.dtype))
+        return y
