@@ -1,7 +1,12 @@
 """Latency of the MoE block against the dense FFL of the same active width, and against the paper's sequential MoE.
 
-    PYTHONPATH=src python benchmarks/moe.py            # both shape sets, batch 1, 8 and 64 segments
-    PYTHONPATH=src python benchmarks/moe.py --quick    # fewer repeats, batch 1 and 8
+    PYTHONPATH=src python benchmarks/moe.py            # both shape sets, batch 1, 8 and 64 segments (~2 min)
+    PYTHONPATH=src python benchmarks/moe.py --quick    # batch 1 and 8, 3 rounds
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 PYTHONPATH=src python benchmarks/moe.py
+
+Run it with the glibc settings of the last line, as training should: by default glibc serves every allocation of
+32 MiB or more (an MoE block's stacked weight gradient at d_model 512) with fresh pages from mmap and hands freed
+heap memory back to the system, so every training step page-faults its gradients in again.
 
 Every candidate is a whole block (residual and LayerNorm included) built in one process and timed in interleaved
 rounds (A B C A B C ...), so drift in clock speed or background load hits all of them alike; a block's time is the
@@ -9,8 +14,9 @@ median over rounds after warm-up. "Inference" is a forward under ``torch.inferen
 "training" is forward + backward of the output's sum in train mode (dropout on), gradients cleared between rounds.
 
 The dense FFL is timed twice for inference: as ``blocks.FeedForward`` and with the same oneDNN-prepacked weights the
-MoE block uses, and the ratios are to the faster of the two, so the MoE gets no trick the baseline was denied.
-Top-1 is compared with an FFL of d_inner hidden units, top-2 with 2 * d_inner (the same active width).
+MoE block uses, and the ratios are to the faster of the two, so the MoE gets no trick the baseline was denied. In
+training both run the same plain PyTorch (MKL) products. Top-1 is compared with an FFL of d_inner hidden units,
+top-2 with 2 * d_inner (the same active width).
 """
 
 from __future__ import annotations
@@ -75,12 +81,17 @@ def time_round(blocks: dict[str, torch.nn.Module], x: torch.Tensor, training: bo
     return times
 
 
-def measure(d_model, d_inner, tgt_len, batch, experts, training, warmup, repeats) -> dict[str, float]:
+def measure(d_model, d_inner, tgt_len, batch, experts, training, warmup, repeats, budget) -> dict[str, float]:
+    """Median times in ms; rounds beyond the third stop once ``budget`` seconds are spent, so big shapes stay short."""
     torch.manual_seed(0)
     blocks = candidates(d_model, d_inner, experts, training)
     x = torch.randn(batch, tgt_len, d_model, requires_grad=training)
-    rounds = [time_round(blocks, x, training) for _ in range(warmup + repeats)][warmup:]
-    return {name: statistics.median(r[name] for r in rounds) * 1e3 for name in blocks}
+    for _ in range(warmup):
+        time_round(blocks, x, training)
+    rounds, start = [], time.perf_counter()
+    while len(rounds) < repeats and (len(rounds) < 3 or time.perf_counter() - start < budget):
+        rounds.append(time_round(blocks, x, training))
+    return {name: statistics.median(r[name] for r in rounds) * 1e3 for name in blocks} | {"rounds": len(rounds)}
 
 
 def main() -> None:
@@ -94,33 +105,40 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, help="timed rounds (default 9; --quick 3)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=8.0,
+                        help="seconds of timed rounds per (shape, mode, batch), after at least 3 rounds")
     parser.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
     parser.add_argument("--quick", action="store_true", help="a smoke run: batch 1 and 8, 3 rounds")
     args = parser.parse_args()
+    if "custom" in args.shapes and None in (args.d_model, args.d_inner, args.tgt_len):
+        parser.error("--shapes custom needs --d-model, --d-inner and --tgt-len")
     batches = args.batch or ([1, 8] if args.quick else [1, 8, 64])
     repeats = args.repeats or (3 if args.quick else 9)
     torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, {args.experts} experts, "
-          f"median of {repeats} interleaved rounds after {args.warmup} warm-up; times in ms, ratios to the best dense")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, {args.experts} experts; "
+          f"median of up to {repeats} interleaved rounds (at least 3, {args.budget:g} s budget each) "
+          f"after {args.warmup} warm-up; times in ms, ratios to the best dense")
     allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
     print(f"allocator settings: {allocator or 'glibc defaults'}\n")
     for shape in args.shapes:
-        d_model, d_inner, tgt_len = (args.d_model, args.d_inner, args.tgt_len) if shape == "custom" else SHAPES[shape]
+        custom = (args.d_model, args.d_inner, args.tgt_len)
+        d_model, d_inner, tgt_len = custom if shape == "custom" else SHAPES[shape]
         print(f"### {shape}: d_model {d_model}, d_inner {d_inner}, tgt_len {tgt_len}\n")
-        print("| mode | batch | tokens | top-k | dense FFL | dense prepacked | MoE | MoE / dense | sequential | seq / dense |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| mode | batch | tokens | top-k | dense FFL | dense prepacked | MoE | MoE / dense "
+              "| sequential | seq / dense | rounds |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for mode in args.modes:
             training = mode == "training"
             for batch in batches:
-                t = measure(d_model, d_inner, tgt_len, batch, args.experts, training, args.warmup, repeats)
+                t = measure(d_model, d_inner, tgt_len, batch, args.experts, training, args.warmup, repeats, args.budget)
                 for k in (1, 2):
                     dense = min(t[f"dense{k}"], t.get(f"packed{k}", float("inf")))
                     packed = f"{t[f'packed{k}']:.3f}" if not training else "-"
                     print(f"| {mode} | {batch} | {batch * tgt_len} | {k} | {t[f'dense{k}']:.3f} | {packed} "
                           f"| {t[f'moe{k}']:.3f} | {t[f'moe{k}'] / dense:.2f} "
-                          f"| {t[f'seq{k}']:.3f} | {t[f'seq{k}'] / dense:.2f} |", flush=True)
+                          f"| {t[f'seq{k}']:.3f} | {t[f'seq{k}'] / dense:.2f} | {t['rounds']} |", flush=True)
         print()
 
 

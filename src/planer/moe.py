@@ -47,7 +47,7 @@ class PackedWeights:
     def clear(self) -> None:
         self.sources: list[torch.Tensor] = []
         self.versions: list[int] = []
-        self.packed: list[torch.Tensor] = []
+        self.packed: list[list[torch.Tensor]] = []
 
     def get(self, *weights: torch.Tensor) -> list[list[torch.Tensor]]:
         """For each weight, an (out, in) matrix or an (E, out, in) stack of them, the list of its packed matrices."""
@@ -98,6 +98,7 @@ class _Experts(torch.autograd.Function):
         return ys
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         xs, h, w1, w2 = ctx.saved_tensors
         sizes, p = ctx.sizes, ctx.p
@@ -115,7 +116,7 @@ class _Experts(torch.autograd.Function):
                 for g in (gw1, gb1, gw2, gb2):
                     g[e].zero_()
         # h > 0 exactly where the ReLU passed and dropout kept; kept units were scaled by 1 / (1 - p).
-        gh = torch.ops.aten.threshold_backward(gh, h, 0)
+        torch.ops.aten.threshold_backward.grad_input(gh, h, 0, grad_input=gh)
         if p > 0:
             gh.mul_(1.0 / (1.0 - p))
         gx = torch.empty_like(xs)
@@ -195,6 +196,10 @@ class MoEFeedForward(nn.Module):
         self.packed.clear()  # weights may have changed through .data while training
         return super().train(mode)
 
+    def _apply(self, fn, recurse=True):
+        self.packed.clear()  # .to(), .cuda(), .half() give the weights new storage: drop the old copies
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
@@ -229,7 +234,7 @@ class MoEFeedForward(nn.Module):
         self.expert_counts = counts.detach()
         order = assigned.argsort(stable=True)
         token = order % N if K > 1 else order
-        weight = gate.reshape(-1)[order]
+        weight = gate.reshape(-1).index_select(0, order)
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * N * K / E)
             rank = torch.arange(N * K, device=flat.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
