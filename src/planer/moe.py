@@ -73,6 +73,21 @@ class PackedWeights:
         self.clear()
 
 
+def _expert_linear_backward(x, gy, w, gw, gb, gx, sizes) -> None:
+    """Gradients of ``y[e] = x[e] @ w[e]^T + b[e]`` per expert slice, written into gw, gb and gx.
+
+    Experts without tokens get zero weight and bias gradients; only they need zeroing.
+    """
+    for e, (xe, gye, gxe) in enumerate(zip(x.split(sizes), gy.split(sizes), gx.split(sizes))):
+        if sizes[e]:
+            torch.mm(gye.t(), xe, out=gw[e])
+            torch.sum(gye, 0, out=gb[e])
+            torch.mm(gye, w[e], out=gxe)
+        else:
+            gw[e].zero_()
+            gb[e].zero_()
+
+
 class _Experts(torch.autograd.Function):
     """All experts on expert-sorted rows: ``relu(x W1[e]^T + b1[e])``, dropout, ``@ W2[e]^T + b2[e]``.
 
@@ -103,28 +118,16 @@ class _Experts(torch.autograd.Function):
         xs, h, w1, w2 = ctx.saved_tensors
         sizes, p = ctx.sizes, ctx.p
         gy = gy.contiguous()
-        # Experts without tokens get zero gradients; only they need zeroing.
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
         gb1, gb2 = w1.new_empty(w1.shape[:2]), w2.new_empty(w2.shape[:2])
         gh = torch.empty_like(h)
-        for e, (he, gye, ghe) in enumerate(zip(h.split(sizes), gy.split(sizes), gh.split(sizes))):
-            if sizes[e]:
-                torch.mm(gye.t(), he, out=gw2[e])
-                torch.sum(gye, 0, out=gb2[e])
-                torch.mm(gye, w2[e], out=ghe)
-            else:
-                for g in (gw1, gb1, gw2, gb2):
-                    g[e].zero_()
+        _expert_linear_backward(h, gy, w2, gw2, gb2, gh, sizes)
         # h > 0 exactly where the ReLU passed and dropout kept; kept units were scaled by 1 / (1 - p).
         torch.ops.aten.threshold_backward.grad_input(gh, h, 0, grad_input=gh)
         if p > 0:
             gh.mul_(1.0 / (1.0 - p))
         gx = torch.empty_like(xs)
-        for e, (xe, ghe, gxe) in enumerate(zip(xs.split(sizes), gh.split(sizes), gx.split(sizes))):
-            if sizes[e]:
-                torch.mm(ghe.t(), xe, out=gw1[e])
-                torch.sum(ghe, 0, out=gb1[e])
-                torch.mm(ghe, w1[e], out=gxe)
+        _expert_linear_backward(xs, gh, w1, gw1, gb1, gx, sizes)
         return gx, None, None, gw1, gb1, gw2, gb2
 
 
