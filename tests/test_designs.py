@@ -1,7 +1,7 @@
 import pytest
 
 from planer.config import ModelConfig
-from planer.designs import named_arch, par, sandwich
+from planer.designs import iso_space, named_arch, par, sandwich, sandwich_sweep
 from planer.errors import PlanerError
 
 
@@ -33,3 +33,15 @@ def test_named_arch_errors():
         named_arch("sandwich:x", cfg)
     with pytest.raises(PlanerError):
         named_arch("sandwich:9", cfg)
+
+
+def test_sandwich_sweep_values_are_distinct_orders():
+    for n_layer in (2, 3, 4, 12):
+        ks = sandwich_sweep(n_layer)
+        assert ks[0] == 1 and len({str(sandwich(n_layer, 8, k)) for k in ks}) == len(ks)
+    assert sandwich_sweep(4) == [1, 2] and sandwich_sweep(12) == [1, 2, 3, 4] and sandwich_sweep(2) == [1]
+
+
+def test_iso_space_replaces_experts_with_as_many_parameters():
+    space = ["skip", "attn:2", "ffl", "moe:top1", "moe:top2", "moe:top1:e16"]
+    assert iso_space(space, 8) == ["skip", "attn:2", "ffl", "ffl:x8", "ffl:x16"]

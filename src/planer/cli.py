@@ -71,11 +71,7 @@ def cmd_profile(args) -> None:
 def cmd_bench(args) -> None:
     from planer.latency import bench
 
-    try:
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        raise PlanerError(f"--batch expects comma-separated integers, got '{args.batch}'") from None
-    result = bench(args.run, args.baseline, batches, device=args.device, threads=args.threads, repeats=args.repeats)
+    result = bench(args.run, args.baseline, _ints(args.batch, "--batch"), device=args.device, threads=args.threads, repeats=args.repeats)
     print(f"{args.run}/bench.json: {result['environment']['device']}, {result['environment']['threads']} thread(s); "
           f"baseline: {result['baseline']}")
     for row in result["batches"]:
@@ -90,11 +86,22 @@ def _floats(text: str, what: str) -> list[float]:
         raise PlanerError(f"{what} expects comma-separated numbers, got '{text}'") from None
 
 
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise PlanerError(f"{what} expects comma-separated integers, got '{text}'") from None
+
+
 def cmd_search(args) -> None:
     from planer.config import load_config
     from planer.search import search
 
+    from planer.designs import iso_space
+
     cfg = load_config(args.config, args.set)
+    if args.space == "iso":
+        cfg.search.space = iso_space(cfg.search.space, cfg.model.n_experts)
     arch = search(cfg, args.out, args.target, lut_path=args.lut, force=args.force, init_from=args.init_from)
     meta = json.loads((Path(args.out) / "arch.json").read_text())
     print(f"found {arch.short()}: estimated {meta['estimated_ratio']:.3f} of the baseline's latency "
@@ -105,8 +112,11 @@ def cmd_run(args) -> None:
     from planer.config import load_config
     from planer.pipeline import run_pipeline
 
+    from planer.pipeline import parse_designs
+
     cfg = load_config(args.config, args.set)
-    out = run_pipeline(cfg, args.out, _floats(args.targets, "--targets"), force=args.force)
+    out = run_pipeline(cfg, args.out, _floats(args.targets, "--targets"), designs=parse_designs(args.designs),
+                       seeds=args.seeds, force=args.force, batches=_ints(args.batches, "--batches"))
     print((out / "report.md").read_text())
 
 
@@ -164,10 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, type=float, help="latency target, a fraction of the baseline's in (0, 1]")
     p.add_argument("--lut", help="latency table to use (default: OUT/lut.json, profiled if absent)")
     p.add_argument("--init-from", help="trained baseline checkpoint to start the supernet's options from")
+    p.add_argument("--space", choices=["config", "iso"], default="config",
+                   help="iso: the config's space with every MoE option replaced by an FFL of as many parameters")
 
     p = _config_command(sub, "run", "the whole pipeline into one run directory (resumable)", "run directory",
                         "redo every stage", cmd_run)
     p.add_argument("--targets", default="0.5", help="comma-separated latency targets (default 0.5)")
+    p.add_argument("--designs", default="", help="designs to compare against: sandwich, par, iso, sandwich:K "
+                   "(comma-separated; default none)")
+    p.add_argument("--batches", default="1,8,64", help="batch sizes of the end-to-end latency (default 1,8,64)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every search and retraining with this many seeds")
 
     p = sub.add_parser("report", help="write report.md for a run directory")
     p.add_argument("--run", required=True, help="run directory")

@@ -55,46 +55,76 @@ def arch_strips(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+DESIGN_STYLE = {"baseline": ("black", "*"), "planer": ("#d62728", "o"), "iso": ("#9467bd", "s"),
+                "sandwich": ("#1f77b4", "^"), "par": ("#2ca02c", "D"), "other": ("grey", "x")}
+
+
 def speedups(rows: list[dict], path: Path) -> None:
-    """Measured end-to-end speed-up over the baseline at every batch size, like the paper's Figure 4."""
+    """Measured end-to-end speed-up over the baseline against batch size, one line per model (paper Figure 4)."""
     benched = [r for r in rows if r["bench"]]
-    batches = sorted({b["batch"] for r in benched for b in r["bench"]["batches"]})
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(batches) * max(1, len(benched)) / 2 + 3), 3.6))
-    width = 0.8 / max(1, len(benched))
-    for i, r in enumerate(benched):
-        per = {b["batch"]: b["speedup"] for b in r["bench"]["batches"]}
-        xs = [j + i * width for j in range(len(batches))]
-        bars = ax.bar(xs, [per.get(b, 0.0) for b in batches], width, label=r["name"])
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for r in benched:
+        color, marker = DESIGN_STYLE.get(r["design"], DESIGN_STYLE["other"])
+        points = sorted((b["batch"], b["speedup"]) for b in r["bench"]["batches"])
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, lw=1.0, alpha=0.85,
+                label=r["name"])
     ax.axhline(1.0, color="black", lw=0.8, ls="--", label="baseline")
-    ax.set_xticks([j + width * (len(benched) - 1) / 2 for j in range(len(batches))], [str(b) for b in batches])
+    batches = sorted({b["batch"] for r in benched for b in r["bench"]["batches"]})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_xlabel("batch size (segments)")
     ax.set_ylabel("speed-up over the baseline (x)")
     ax.set_title("Measured end-to-end speed-up")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(benched) // 16)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
 def pareto(rows: list[dict], batch: int, metric: str, path: Path) -> None:
-    """Accuracy against measured latency (relative to the baseline) for every model."""
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    """Accuracy against measured latency (relative to the baseline), one colour and marker per design."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.4))
+    labelled, tags = set(), {}
     for r in rows:
         valid = r["eval"].get("valid")
-        if not valid:
-            continue
         per = {b["batch"]: b for b in r["bench"].get("batches", [])}
-        latency = 1.0 if r["name"] == "baseline" else (1.0 / per[batch]["speedup"] if batch in per else None)
-        if latency is None:
+        latency = 1.0 if r["design"] == "baseline" else (1.0 / per[batch]["speedup"] if batch in per else None)
+        if not valid or latency is None:
             continue
         score = valid["bpc"] if metric == "BPC" else valid["ppl"]
-        marker = "*" if r["name"] == "baseline" else "o"
-        ax.scatter([latency], [score], marker=marker, s=140 if marker == "*" else 50, zorder=3)
-        ax.annotate(r["name"], (latency, score), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        color, marker = DESIGN_STYLE.get(r["design"], DESIGN_STYLE["other"])
+        ax.scatter([latency], [score], marker=marker, color=color, s=150 if marker == "*" else 45, zorder=3,
+                   label=None if r["design"] in labelled else r["design"])
+        labelled.add(r["design"])
+        if point_tag(r):  # models that land on the same spot share one label
+            tags.setdefault((round(latency, 2), round(score, 3), color), []).append(point_tag(r))
+    for (latency, score, color), names in tags.items():
+        ax.annotate(", ".join(names), (latency, score), textcoords="offset points", xytext=(5, 3), fontsize=6,
+                    color=color)
     ax.set_xlabel(f"measured latency relative to the baseline (batch {batch})")
     ax.set_ylabel(f"validation {metric} (lower is better)")
-    ax.set_title("Accuracy against latency")
+    ax.set_title("Accuracy against latency (labels: latency target, or Sandwich K)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def block_latencies(lut: dict, path: Path) -> None:
+    """Every profiled block's latency, with its p10-p90 spread (paper Figure 6)."""
+    names = list(lut["blocks"])
+    stats = [lut["blocks"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(names) + 1.5), 3.6))
+    colors = [block_color(BlockSpec.parse(n)) for n in names]
+    medians = [s["median"] for s in stats]
+    errors = [[m - s["p10"] for m, s in zip(medians, stats)], [s["p90"] - m for m, s in zip(medians, stats)]]
+    bars = ax.bar(range(len(names)), medians, color=colors, edgecolor="grey", yerr=errors, capsize=3)
+    ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    fp = lut["fingerprint"]
+    ax.set_ylabel("latency (ms), median and p10-p90")
+    ax.set_xlabel("block")
+    ax.set_title(f"Block latencies: {fp['device']}, batch {fp['batch']}, {fp['threads']} thread(s)", fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -122,19 +152,30 @@ def search_evolution(records: list[dict], space: list[str], title: str, path: Pa
     plt.close(fig)
 
 
-def estimate_vs_measured(points: list[tuple[str, float, float]], batch: int, path: Path) -> None:
+def point_tag(row: dict) -> str:
+    """The short label of a model in a scatter plot: its latency target (and seed), or Sandwich's K."""
+    if row["target"] is not None:
+        return f"{row['target']:.2f}" + (f" s{row['seed']}" if row["seed"] > 1 else "")
+    return row["name"].removeprefix("sandwich-") if row["design"] == "sandwich" else ""
+
+
+def estimate_vs_measured(points: list[tuple[dict, float, float]], batch: int, path: Path) -> None:
     """Estimated against measured latency relative to the baseline, like the paper's Figure 5b."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
     top = max(1.05, *[max(e, m) for _, e, m in points]) * 1.05
     ax.plot([0, top], [0, top], color="grey", ls="--", lw=0.8, label="y = x")
-    for name, est, meas in points:
-        ax.scatter([est], [meas], zorder=3)
-        ax.annotate(name, (est, meas), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    labelled = set()
+    for row, est, meas in points:
+        color, marker = DESIGN_STYLE.get(row["design"], DESIGN_STYLE["other"])
+        ax.scatter([est], [meas], color=color, marker=marker, zorder=3,
+                   label=None if row["design"] in labelled else row["design"])
+        labelled.add(row["design"])
+        ax.annotate(point_tag(row), (est, meas), textcoords="offset points", xytext=(5, 3), fontsize=6, color=color)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_xlabel("estimated latency / baseline (latency table)")
     ax.set_ylabel(f"measured latency / baseline (batch {batch})")
-    ax.set_title("Estimated and measured latency")
-    ax.legend(fontsize=7)
+    ax.set_title("Estimated and measured latency (labels: target)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

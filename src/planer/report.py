@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import platform
+import re
+import statistics
 from pathlib import Path
 
 import torch
@@ -20,20 +22,35 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+DESIGN_ORDER = ("baseline", "planer", "iso", "sandwich", "par")
+
+
+def design_of(name: str) -> str:
+    """The design a model directory belongs to, from its name (see pipeline.py for the layout)."""
+    return next((d for d in DESIGN_ORDER if name == d or name.startswith(d + "-")), "other")
+
+
+def search_dir_name(model_name: str) -> str:
+    """Where a searched model's phase 1 lives: ``planer-X`` in ``search-X``, ``iso-X`` in ``search-iso-X``."""
+    return "search-" + model_name.removeprefix("planer-")
+
+
 def collect(run_dir: Path) -> list[dict]:
-    """One row per trained model in the run directory, the baseline first."""
-    dirs = [run_dir / "baseline"] + sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name != "baseline"
-                                           and (p / "summary.json").exists())
+    """One row per trained model in the run directory: the baseline, then PLANER, iso, Sandwich and PAR."""
+    dirs = [p for p in run_dir.iterdir() if p.is_dir() and (p / "summary.json").exists()]
+    chosen = _read(run_dir / "sandwich.json").get("chosen")
     rows = []
     for d in dirs:
         summary = _read(d / "summary.json")
-        if not summary:
-            continue
-        name = d.name
-        search = _read(run_dir / name.replace("planer-", "search-") / "arch.json") if name.startswith("planer-") else {}
-        rows.append({"name": name, "arch": Arch.parse(" ".join(summary["arch"])), "params": summary["params"],
+        design = design_of(d.name)
+        search = _read(run_dir / search_dir_name(d.name) / "arch.json") if design in ("planer", "iso") else {}
+        seed = re.search(r"-s(\d+)$", d.name)
+        rows.append({"name": d.name, "design": design, "seed": int(seed.group(1)) if seed else 1, "chosen": d.name == chosen,
+                     "arch": Arch.parse(" ".join(summary["arch"])), "params": summary["params"],
                      "eval": _read(d / "eval.json"), "bench": _read(d / "bench.json"),
                      "target": search.get("target"), "estimated_ratio": search.get("estimated_ratio")})
+    rows.sort(key=lambda r: (DESIGN_ORDER.index(r["design"]) if r["design"] in DESIGN_ORDER else len(DESIGN_ORDER),
+                             r["target"] or 0.0, r["seed"], r["name"]))
     return rows
 
 
@@ -52,9 +69,42 @@ def results_table(rows: list[dict], level_char: bool) -> str:
         per_batch = {row["batch"]: row for row in r["bench"].get("batches", [])}
         speedups = [f"{per_batch[b]['speedup']:.2f}x" if b in per_batch else "–" for b in batches]
         est = f"{r['estimated_ratio']:.2f} (target {r['target']:.2f})" if r["estimated_ratio"] else "1.00"
-        lines.append("| " + " | ".join([r["name"], f"`{r['arch'].short()}`", f"{r['params'] / 1e6:.2f}M",
+        name = r["name"] + (" (chosen K)" if r["chosen"] else "")
+        lines.append("| " + " | ".join([name, f"`{r['arch'].short()}`", f"{r['params'] / 1e6:.2f}M",
                                         _score(r["eval"].get("valid"), level_char),
                                         _score(r["eval"].get("test"), level_char), est, *speedups]) + " |")
+    return "\n".join(lines)
+
+
+def repeatability_table(rows: list[dict], level_char: bool) -> str:
+    """Mean and range of accuracy and speed-up over the seeds of every searched design and target."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["target"] is not None:
+            groups.setdefault((r["design"], r["target"]), []).append(r)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return ""
+    metric = "bpc" if level_char else "ppl"
+    batches = sorted({row["batch"] for r in rows for row in r["bench"].get("batches", [])})
+    head = ["design", "target", "seeds", f"valid {metric.upper()}", f"test {metric.upper()}",
+            *[f"speed-up b{b}" for b in batches]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def spread(values: list[float], fmt: str) -> str:
+        if len(values) < 2:
+            return "–"
+        return (f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}} "
+                f"({min(values):{fmt}}–{max(values):{fmt}})")
+
+    for (design, target), members in sorted(groups.items()):
+        cells = [design, f"{target:.2f}", str(len(members))]
+        for split in ("valid", "test"):
+            cells.append(spread([m["eval"][split][metric] for m in members if m["eval"].get(split)], ".3f"))
+        for b in batches:
+            cells.append(spread([row["speedup"] for m in members for row in m["bench"].get("batches", [])
+                                 if row["batch"] == b], ".2f"))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -65,21 +115,41 @@ def write_report(run_dir: str | Path) -> Path:
     meta = _read(run_dir / "baseline" / "config.json")
     level_char = meta.get("vocab", {}).get("level") == "char"
     rows = collect(run_dir)
+    sweep = _read(run_dir / "sandwich.json").get("valid_loss", {})
     lut = _read(run_dir / "lut.json")
-    device = lut.get("fingerprint", {}).get("device", platform.processor() or platform.machine())
-    text = [f"# planer report: {run_dir.name}", "",
-            f"Measured on {device}, torch {torch.__version__}. Estimated latency is the latency table's estimate as a "
-            "fraction of the baseline's; speed-ups are end-to-end, measured side by side with the baseline.", "",
+    text = [f"# planer report: {run_dir.name}", "", _settings(lut, rows), "",
             results_table(rows, level_char), "",
             "Architectures, block by block (s skip, aH attention with H heads, f feed-forward, m1/m2 MoE top-1/top-2):", ""]
     text += [f"- {r['name']}: `{r['arch']}`" for r in rows]
-    text += ["", *figures(run_dir, rows, lut.get("fingerprint", {}).get("batch"), "BPC" if level_char else "PPL")]
+    repeats = repeatability_table(rows, level_char)
+    if repeats:
+        text += ["", "Repeatability over seeds (mean ± standard deviation, and range):", "", repeats]
+    if sweep:
+        text += ["", "Sandwich: K chosen on the valid split; valid loss (nats per token) of each K: "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in sweep.items()) + "."]
+    text += ["", *figures(run_dir, rows, lut, "BPC" if level_char else "PPL")]
     path = run_dir / "report.md"
     path.write_text("\n".join(text) + "\n")
     return path
 
 
-def figures(run_dir: Path, rows: list[dict], lut_batch: int | None, metric: str) -> list[str]:
+def _settings(lut: dict, rows: list[dict]) -> str:
+    """Where and how the latencies were measured, in one paragraph."""
+    fp = lut.get("fingerprint", {})
+    device = fp.get("device", platform.processor() or platform.machine())
+    env = next((r["bench"] for r in rows if r["bench"]), {})
+    timing = ""
+    if env:
+        e, st = env["environment"], env["settings"]
+        timing = (f" Speed-ups are end-to-end forward passes over one segment with memory, timed side by side with "
+                  f"the baseline ({st['repeats']} interleaved rounds after {st['warmup']} warm-up, median) on "
+                  f"{e['device']}, {e['dtype']}, {e['threads']} thread(s).")
+    table = (f" The latency table was profiled at batch {fp['batch']}, {fp['dtype']}, {fp['threads']} thread(s); "
+             "'est. latency' is its estimate as a fraction of the baseline's." if fp else "")
+    return f"Measured on {device}, torch {torch.__version__}, Python {platform.python_version()}.{table}{timing}"
+
+
+def figures(run_dir: Path, rows: list[dict], lut: dict, metric: str) -> list[str]:
     """Write every figure the run's files allow; returns the Markdown that shows them."""
     shown = []
 
@@ -90,17 +160,21 @@ def figures(run_dir: Path, rows: list[dict], lut_batch: int | None, metric: str)
     add("archs.png", "architectures")
     if any(r["bench"] for r in rows):
         batches = sorted({b["batch"] for r in rows for b in r["bench"].get("batches", [])})
+        lut_batch = lut.get("fingerprint", {}).get("batch")
         batch = lut_batch if lut_batch in batches else batches[len(batches) // 2]
         plots.speedups(rows, run_dir / "speedup.png")
         add("speedup.png", "speed-up per batch size")
         plots.pareto(rows, batch, metric, run_dir / "pareto.png")
         add("pareto.png", "accuracy against latency")
-        points = [(r["name"], r["estimated_ratio"], 1.0 / per[batch]["speedup"])
+        points = [(r, r["estimated_ratio"], 1.0 / per[batch]["speedup"])
                   for r in rows if r["estimated_ratio"]
                   for per in [{b["batch"]: b for b in r["bench"].get("batches", [])}] if batch in per]
         if points:
             plots.estimate_vs_measured(points, batch, run_dir / "latency_estimate.png")
             add("latency_estimate.png", "estimated against measured latency")
+    if lut.get("blocks"):
+        plots.block_latencies(lut, run_dir / "blocks.png")
+        add("blocks.png", "block latencies")
     for search_dir in sorted(run_dir.glob("search-*")):
         log = search_dir / "search.jsonl"
         found = _read(search_dir / "arch.json")

@@ -103,13 +103,27 @@ def upcycle(dst: nn.Module, src: FeedForward) -> None:
     dst.norm.load_state_dict(src.norm.state_dict())
 
 
+def widen(dst: FeedForward, src: FeedForward) -> None:
+    """Start a feed-forward block M times as wide as a trained one as M copies of it, each writing 1/M of the output.
+
+    The wide block then computes exactly what the trained one does, the iso-parameter counterpart of ``upcycle``.
+    """
+    copies = dst.fc1.out_features // src.fc1.out_features
+    with torch.no_grad():
+        dst.fc1.weight.copy_(src.fc1.weight.repeat(copies, 1))
+        dst.fc1.bias.copy_(src.fc1.bias.repeat(copies))
+        dst.fc2.weight.copy_(src.fc2.weight.repeat(1, copies) / copies)
+        dst.fc2.bias.copy_(src.fc2.bias)
+    dst.norm.load_state_dict(src.norm.state_dict())
+
+
 def warm_start(net: SuperNet, baseline: TransformerXL) -> int:
     """Initialise the supernet's options from a trained baseline of the same length; returns how many were.
 
     Options trained from scratch inside a short search stay weaker than the baseline's own blocks, and the latency
     loss then wins every comparison: the search drops attention it would have kept. Starting each option from the
     baseline block at its position (attention from its first heads, feed-forward as is, MoE experts as copies of
-    the feed-forward) lets the architecture weights compare options that already work.
+    the feed-forward, wide feed-forward as copies of it) lets the architecture weights compare options that already work.
     """
     if len(net.blocks) != len(baseline.blocks) or baseline.cfg.d_model != net.cfg.d_model:
         raise PlanerError("the warm-start model does not match the supernet's length or width")
@@ -122,6 +136,8 @@ def warm_start(net: SuperNet, baseline: TransformerXL) -> int:
                 copy_heads(candidate, source)
             elif option.kind == "ffl" and option == spec:
                 candidate.load_state_dict(source.state_dict())
+            elif option.kind == "ffl" and spec == BlockSpec("ffl"):
+                widen(candidate, source)
             elif option.kind == "moe" and spec == BlockSpec("ffl") and candidate.w1.shape[1:] == source.fc1.weight.shape:
                 upcycle(candidate, source)
             else:
