@@ -27,7 +27,7 @@ def test_training_beats_uniform_loss(tiny_cfg, tmp_path):
 
 
 def test_training_is_deterministic(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("train.steps=20", "train.eval_every=20")
+    cfg = tiny_cfg("train.steps=20", "train.eval_every=20", "model.n_layer=1")
     a = train(cfg, tmp_path / "a", Arch.parse("attn:2 ffl"), quiet=True)
     b = train(cfg, tmp_path / "b", Arch.parse("attn:2 ffl"), quiet=True)
     assert a["best_valid_loss"] == b["best_valid_loss"]

@@ -120,9 +120,13 @@ class Segments:
     Row b of segment k continues row b of segment k-1, so a model's memory carries context across segments.
     With ``drop_last`` the final, shorter segment is left out (training wants equal shapes); without it every
     token but the first of each stream is a target exactly once (evaluation).
+
+    ``rank`` and ``world`` keep only this process's share of the streams under data parallelism: the shares of
+    all ranks together are exactly the single-process batch (sizes differ by at most one stream).
     """
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, tgt_len: int, drop_last: bool = True):
+    def __init__(self, ids: torch.Tensor, batch_size: int, tgt_len: int, drop_last: bool = True,
+                 rank: int = 0, world: int = 1):
         n = len(ids) // batch_size
         if n < 2 or (drop_last and n < tgt_len + 1):
             need = batch_size * ((tgt_len if drop_last else 1) + 1)
@@ -130,7 +134,12 @@ class Segments:
                 f"{len(ids)} tokens are fewer than one segment needs ({need} = batch {batch_size} x "
                 f"{'(tgt_len ' + str(tgt_len) + ' + 1)' if drop_last else '2'})"
             )
-        self.data = ids[: n * batch_size].view(batch_size, n)
+        if world > batch_size:
+            raise PlanerError(f"{world} processes cannot share a batch of {batch_size} streams; "
+                              "use a batch size of at least the number of processes")
+        lo, hi = rank * batch_size // world, (rank + 1) * batch_size // world
+        self.data = ids[: n * batch_size].view(batch_size, n)[lo:hi]
+        self.share = (hi - lo) / batch_size  # this rank's fraction of every step's tokens
         self.tgt_len = tgt_len
         stop = n - 1
         self.starts = list(range(0, stop - tgt_len + 1 if drop_last else stop, tgt_len))

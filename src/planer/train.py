@@ -121,6 +121,9 @@ class ExpertLoads:
 def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, corpus: Corpus | None = None,
           quiet: bool = False) -> dict:
     """Train ``arch`` from scratch and keep the best-on-valid checkpoint in ``out_dir``; returns a summary."""
+    if len(arch) != 2 * cfg.model.n_layer:
+        raise PlanerError(f"the architecture has {len(arch)} blocks, but model.n_layer={cfg.model.n_layer} means "
+                          f"{2 * cfg.model.n_layer}; give {2 * cfg.model.n_layer} blocks or set model.n_layer")
     corpus = corpus or load_corpus(cfg.data)
     cfg.model.vocab_size = len(corpus.vocab)
     tc = cfg.train
