@@ -7,6 +7,7 @@ with one clear line, instead of failing half an hour later.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ class TrainConfig:
     balance_coef: float = 0.01  # load-balancing loss of MoE blocks
     eval_every: int = 200
     eval_batches: int = 0  # validation segments per evaluation during training; 0 means the whole split
+    ckpt_every: int = 200  # steps between full states for --resume (search: weight steps); 0 turns them off
     seed: int = 1111
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
@@ -123,6 +125,8 @@ def _coerce(value, hint, where: str):
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise PlanerError(f"config {where}: expected {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):  # .nan passes every range check below; .inf is no size either
+        raise PlanerError(f"config {where}: expected a finite number, got {value!r}")
     return value
 
 
@@ -160,6 +164,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(path.read_text())
         except OSError as e:
             raise PlanerError(f"cannot read config {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise PlanerError(f"config {path} is not UTF-8 text (bad byte at offset {e.start})") from None
         except yaml.YAMLError as e:
             raise PlanerError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if loaded is not None:
@@ -203,7 +209,7 @@ def validate(cfg: Config) -> None:
     positive(m, ["d_model", "n_head", "d_inner", "n_layer", "tgt_len", "n_experts", "init_std"])
     non_negative(m, ["mem_len", "vocab_size"])
     positive(t, ["steps", "batch_size", "lr", "eval_every"])
-    non_negative(t, ["warmup", "eta_min", "weight_decay", "clip", "balance_coef", "eval_batches"])
+    non_negative(t, ["warmup", "eta_min", "weight_decay", "clip", "balance_coef", "eval_batches", "ckpt_every"])
     positive(cfg.eval, ["batch_size"])
     non_negative(cfg.eval, ["tgt_len", "mem_len"])
     positive(s, ["epochs", "steps_per_epoch", "arch_fraction", "tau0", "tau_decay", "alpha_lr"])

@@ -3,7 +3,8 @@
 Baseline training, the latency table, then for every target a search (phase 1) and a retraining of the found
 arch (phase 2), the same for the iso-parameter space and for every further seed, the fixed designs (Sandwich
 over a few K, PAR), evaluation of every model on valid and test, end-to-end latency against the baseline, and
-the report. A stage whose output is complete is skipped, so an interrupted run continues where it stopped.
+the report. A stage whose output is complete is skipped, and an unfinished training or search continues from its
+newest resume state, so an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from planer.arch import Arch
-from planer.checkpoint import atomic_write_text
+from planer.checkpoint import atomic_write_text, read_json_object
 from planer.config import Config, check_target
 from planer.data import load_corpus
 from planer.designs import iso_space, named_arch, sandwich_sweep
@@ -71,7 +72,8 @@ def run_pipeline(cfg: Config, out: str | Path, targets: list[float], designs: li
 
     def trained(name: str, arch_of, run_cfg: Config = cfg) -> Path:
         path = out / name
-        stage(path / "summary.json", lambda: train(run_cfg, path, arch_of(), force=True, corpus=corpus))
+        stage(path / "summary.json",
+              lambda: train(run_cfg, path, arch_of(), force=True, corpus=corpus, resume=not force))
         return path
 
     baseline = trained("baseline", lambda: Arch.baseline(cfg.model.n_layer, cfg.model.n_head))
@@ -89,7 +91,7 @@ def run_pipeline(cfg: Config, out: str | Path, targets: list[float], designs: li
                 name = searched_name(design, t, seed)
                 found = out / search_dir_name(name)
                 stage(found / "arch.json", lambda: search(run_cfg, found, t, lut_path=lut, force=True, corpus=corpus,
-                                                          init_from=baseline))
+                                                          init_from=baseline, resume=not force))
                 models.append(trained(name, lambda: Arch.load(found / "arch.json"), run_cfg))
 
     ks = sorted({int(d.split(":")[1]) for d in designs if d.startswith("sandwich:")}
@@ -100,7 +102,7 @@ def run_pipeline(cfg: Config, out: str | Path, targets: list[float], designs: li
     models += sandwiches
 
     for model in models:
-        scored = json.loads((model / "eval.json").read_text()) if (model / "eval.json").exists() else {}
+        scored = read_json_object(model / "eval.json")
         for split in ("valid", "test"):
             if force or split not in scored:
                 evaluate_run(model, split)
@@ -130,8 +132,13 @@ def _choose_sandwich(out: Path, runs: list[Path]) -> None:
 def _claim_run_dir(out: Path, cfg: Config, force: bool) -> None:
     """A run directory belongs to one config: resuming with another would mix results, so it is refused."""
     resolved = out / "config.yaml"
+    if (out / "model.safetensors").exists():
+        raise PlanerError(f"{out} holds a trained model, not a planer run directory; use another --out")
     if resolved.exists() and not force:
-        previous = yaml.safe_load(resolved.read_text())
+        try:
+            previous = yaml.safe_load(resolved.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            raise PlanerError(f"{resolved} is damaged; use another --out or --force") from None
         if previous != cfg.to_dict():
             raise PlanerError(f"run directory {out} was made with a different config; use another --out or --force")
     else:

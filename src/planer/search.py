@@ -18,15 +18,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from planer import distributed
+from planer import resume as resume_lib
 from planer.arch import Arch
-from planer.checkpoint import load_checkpoint
+from planer.checkpoint import load_checkpoint, save_weights
 from planer.config import Config, check_target
 from planer.data import Corpus, Segments, load_corpus
+from planer.distributed import Env
 from planer.errors import PlanerError
 from planer.latency import LatencyTable, load_or_profile
 from planer.model import token_nll
 from planer.supernet import SuperNet, warm_start
-from planer.train import WeightTrainer, autocast, prepare_out_dir, resolve_device, seed_everything
+from planer.train import (WeightTrainer, autocast, open_log, open_out_dir, restore_rank_state, save_training_state,
+                          seed_everything)
 
 
 def latency_loss(sampled_ms: torch.Tensor, baseline_ms: float, target: float, current_ms: float) -> tuple[torch.Tensor, float]:
@@ -43,21 +47,30 @@ def latency_loss(sampled_ms: torch.Tensor, baseline_ms: float, target: float, cu
 
 def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path | None = None,
            force: bool = False, corpus: Corpus | None = None, quiet: bool = False,
-           init_from: str | Path | None = None) -> Arch:
-    """Run phase 1 and write ``search.jsonl`` and ``arch.json`` into ``out_dir``; returns the found arch.
+           init_from: str | Path | None = None, resume: bool = False) -> Arch:
+    """Run phase 1 and write ``search.jsonl``, ``arch.json`` and the trained ``supernet.safetensors`` into
+    ``out_dir``; returns the found arch.
 
     ``init_from``: a trained baseline checkpoint to start the supernet's options from (see ``warm_start``).
+    ``resume``: continue from the newest state in ``out_dir/resume`` (written every ``train.ckpt_every`` weight
+    steps). Under torchrun every rank draws the same paths and the same Gumbel noise, from one generator seeded
+    alike, and the gradients of weights and alpha are summed over ranks.
     """
     check_target(target)
     sc = cfg.search
     corpus = corpus or load_corpus(cfg.data)
     cfg.model.vocab_size = len(corpus.vocab)
-    segments = Segments(corpus.train, cfg.train.batch_size, cfg.model.tgt_len)
-    out_dir = prepare_out_dir(out_dir, force)
-    table = load_or_profile(cfg, lut_path or out_dir / "lut.json")
+    env, device = distributed.setup(cfg.train.device)
+    segments = Segments(corpus.train, cfg.train.batch_size, cfg.model.tgt_len, rank=env.rank, world=env.world)
+    out_dir, state = open_out_dir(out_dir, cfg, force, resume, env)
+    lut_path = Path(lut_path or out_dir / "lut.json")
+    if env.main:
+        load_or_profile(cfg, lut_path)
+    distributed.barrier(env)
+    table = load_or_profile(cfg, lut_path)
     baseline_ms = table.baseline(cfg)
-    device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
+    gumbel = torch.Generator().manual_seed(cfg.train.seed)
 
     positions = 2 * cfg.model.n_layer
     net = SuperNet(cfg.model, sc.space, positions)
@@ -67,21 +80,47 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
             raise PlanerError(f"{init_from} was trained on another vocabulary than this config's data")
         warm_start(net, baseline)
     net.to(device)
+    net.use_generator(gumbel)
+    distributed.broadcast_module(net, env)
+    torch.manual_seed(cfg.train.seed + env.rank)  # dropout masks differ between ranks
     weight_cfg = dataclasses.replace(cfg.train, steps=sc.epochs * sc.steps_per_epoch)
-    weights = WeightTrainer(net.weights(), weight_cfg, device)
+    weights = WeightTrainer(net.weights(), weight_cfg, device, env, segments.share)
     alpha_opt = torch.optim.Adam(net.alphas(), lr=sc.alpha_lr)
     frozen_epochs = math.ceil(sc.freeze_fraction * sc.epochs)
     arch_steps = max(1, round(sc.arch_fraction * sc.steps_per_epoch))
     rng = random.Random(cfg.train.seed)
 
-    tau, position, mems = sc.tau0, 0, None
-    log = open(out_dir / "search.jsonl", "w", buffering=1)
-    bar = tqdm(range(sc.epochs), desc=f"search t={target:g}", disable=quiet, dynamic_ncols=True)
+    at = {"epoch": 0, "in_epoch": 0, "position": 0, "epoch_start": 0, "tau": sc.tau0, "ce_sum": 0.0, "log_bytes": 0}
+    mems = None
+    if state is not None:
+        tensors, meta = state
+        resume_lib.load_module(net, tensors, "net", out_dir)
+        weights.load_state(tensors, meta["optimizer"])
+        resume_lib.load_optimizer(alpha_opt, tensors, meta["alpha_optimizer"], "alpha_optim")
+        gumbel.set_state(tensors["gumbel"])
+        resume_lib.restore_python_rng(meta["arch_rng"], rng)
+        mems = restore_rank_state(tensors, meta, env, device, cfg.train.batch_size)
+        at = meta["progress"]
+    log = open_log(out_dir / "search.jsonl", at["log_bytes"], env)
+
+    def save(progress: dict) -> None:
+        log.flush()
+        tensors, alpha_meta = resume_lib.optimizer_state(alpha_opt, "alpha_optim")
+        save_training_state(out_dir, env, device, cfg.train.batch_size, {"net": net}, weights, mems, None,
+                            {"progress": {**progress, "log_bytes": log.tell()}, "alpha_optimizer": alpha_meta,
+                             "arch_rng": resume_lib.python_rng(rng)},
+                            extra={**tensors, "gumbel": gumbel.get_state()})
+
+    tau, position = at["tau"], at["position"]
+    bar = tqdm(range(at["epoch"], sc.epochs), desc=f"search t={target:g}", disable=quiet or not env.main,
+               dynamic_ncols=True, initial=at["epoch"], total=sc.epochs)
     try:
         for epoch in bar:
             net.set_mode("hard")
-            epoch_start, ce_sum, tic = position, 0.0, time.perf_counter()
-            for _ in range(sc.steps_per_epoch):
+            resumed = epoch == at["epoch"] and at["in_epoch"] > 0
+            epoch_start, ce_sum = (at["epoch_start"], at["ce_sum"]) if resumed else (position, 0.0)
+            tic = time.perf_counter()
+            for i in range(at["in_epoch"] if resumed else 0, sc.steps_per_epoch):
                 k = position % len(segments)
                 if k == 0:
                     mems = None
@@ -91,12 +130,15 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
                 ce, mems = weights.step(net, x, y, mems)
                 ce_sum += ce
                 position += 1
+                if cfg.train.ckpt_every and weights.step_count % cfg.train.ckpt_every == 0:
+                    save({"epoch": epoch, "in_epoch": i + 1, "position": position, "epoch_start": epoch_start,
+                          "tau": tau, "ce_sum": ce_sum})
             record = {"epoch": epoch + 1, "tau": tau, "weight_ce": ce_sum / sc.steps_per_epoch,
                       "weight_step_ms": 1000 * (time.perf_counter() - tic) / sc.steps_per_epoch}
             if epoch >= frozen_epochs:
                 start = epoch_start + rng.randrange(max(1, sc.steps_per_epoch - arch_steps + 1))
                 record.update(arch_epoch(net, alpha_opt, segments, start, arch_steps, tau, table, baseline_ms,
-                                         target, cfg, device))
+                                         target, cfg, device, env=env, share=segments.share))
                 tau *= sc.tau_decay
             record.update(architecture_state(net, table, baseline_ms, target))
             log.write(json.dumps(record) + "\n")
@@ -105,7 +147,7 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
             # The last architecture step can tip the argmax over the target with no step left to pull it back.
             start = rng.randrange(len(segments))
             fix = arch_epoch(net, alpha_opt, segments, start, arch_steps, tau, table, baseline_ms, target, cfg,
-                             device, until_met=True)
+                             device, until_met=True, env=env, share=segments.share)
             log.write(json.dumps({"epoch": sc.epochs, "tau": tau, "correction": True, **fix,
                                   **architecture_state(net, table, baseline_ms, target)}) + "\n")
     finally:
@@ -113,9 +155,13 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
 
     found = net.derive()
     estimated = table.estimate(found)
-    found.save(out_dir / "arch.json", target=target, estimated_ms=estimated, baseline_ms=baseline_ms,
-               estimated_ratio=estimated / baseline_ms, space=net.space,
-               init_from=str(init_from) if init_from is not None else None)
+    if env.main:
+        found.save(out_dir / "arch.json", target=target, estimated_ms=estimated, baseline_ms=baseline_ms,
+                   estimated_ratio=estimated / baseline_ms, space=net.space,
+                   init_from=str(init_from) if init_from is not None else None)
+        save_weights(out_dir / "supernet.safetensors", net)
+        resume_lib.clear_states(out_dir)
+    distributed.barrier(env)
     return found
 
 
@@ -131,10 +177,11 @@ def architecture_state(net: SuperNet, table: LatencyTable, baseline_ms: float, t
 
 def arch_epoch(net: SuperNet, opt: torch.optim.Optimizer, segments: Segments, start: int, steps: int, tau: float,
                table: LatencyTable, baseline_ms: float, target: float, cfg: Config, device,
-               until_met: bool = False) -> dict:
+               until_met: bool = False, env: Env = Env(), share: float = 1.0) -> dict:
     """Soft-sampled steps on alpha alone over a contiguous run of segments (memory carried, weights frozen).
 
-    With ``until_met`` the steps stop as soon as the arch the search would return meets the target.
+    With ``until_met`` the steps stop as soon as the arch the search would return meets the target. Under data
+    parallelism each rank's loss counts by its ``share`` of the batch and alpha's gradients are summed.
     """
     net.set_mode("soft", tau)
     weights = net.weights()
@@ -151,9 +198,10 @@ def arch_epoch(net: SuperNet, opt: torch.optim.Optimizer, segments: Segments, st
             lat_loss, beta = latency_loss(table.expected(net.sampled_probs(), net.space), baseline_ms, target,
                                           table.estimate(net.derive()))
             opt.zero_grad(set_to_none=True)
-            (ce + lat_loss).backward()
+            ((ce + lat_loss) * share).backward()
+            distributed.average_grads(net.alphas(), env)
             opt.step()
-            ce_sum += ce.item()
+            ce_sum += distributed.all_sum(ce.item() * share, env, device)
             betas.append(beta)
             if until_met and table.estimate(net.derive()) <= baseline_ms * target:
                 break

@@ -31,11 +31,20 @@ class SuperBlock(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(len(self.options)))
         self.uses_memory = any(c.uses_memory for c in self.candidates)
         self.mode, self.tau, self.choice = "argmax", 1.0, 0
+        self.generator: torch.Generator | None = None  # the Gumbel noise's source (the same on every rank)
         self.probs: torch.Tensor | None = None  # the P of the last soft forward, for the latency estimate
+
+    def gumbel_softmax(self, tau: float) -> torch.Tensor:
+        """Softmax((alpha + Gumbel noise) / tau), the noise drawn from this block's generator."""
+        u = torch.rand(self.alpha.shape, generator=self.generator).to(self.alpha.device)
+        exponential = (-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)
+        noise = -torch.log(exponential)
+        return F.softmax((self.alpha + noise) / tau, dim=-1)
 
     def sample(self, tau: float) -> int:
         """Draw the option a hard step runs: the argmax of a Gumbel-softmax sample of alpha."""
-        self.choice = int(F.gumbel_softmax(self.alpha.detach(), tau=tau).argmax())
+        with torch.no_grad():
+            self.choice = int(self.gumbel_softmax(tau).argmax())
         return self.choice
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,7 +52,7 @@ class SuperBlock(nn.Module):
             return self.candidates[self.choice](x, mem)
         if self.mode == "argmax":
             return self.candidates[int(self.alpha.argmax())](x, mem)
-        self.probs = F.gumbel_softmax(self.alpha, tau=self.tau)
+        self.probs = self.gumbel_softmax(self.tau)
         return sum(p * c(x, mem) for p, c in zip(self.probs, self.candidates))
 
 
@@ -58,6 +67,11 @@ class SuperNet(TransformerXL):
     def set_mode(self, mode: str, tau: float = 1.0) -> None:
         for block in self.blocks:
             block.mode, block.tau = mode, tau
+
+    def use_generator(self, generator: torch.Generator) -> None:
+        """Draw all Gumbel noise from ``generator``: ranks seeded alike sample the same paths in every step."""
+        for block in self.blocks:
+            block.generator = generator
 
     def sample(self, tau: float) -> list[int]:
         return [block.sample(tau) for block in self.blocks]

@@ -1,0 +1,128 @@
+"""Resume: a training and a search killed part-way by a real SIGKILL finish like uninterrupted runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from planer.config import load_config
+from planer.latency import profile_dir
+
+TINY = ["model.d_model=32", "model.n_head=4", "model.d_inner=64", "model.n_layer=2", "model.tgt_len=16",
+        "model.mem_len=16", "model.dropout=0.1", "train.batch_size=8", "train.lr=0.02", "train.warmup=10",
+        "train.eval_batches=4", "train.ckpt_every=10", "latency.repeats=3", "latency.warmup=1",
+        "latency.batch_size=2"]
+
+
+def command(sub: str, config, out, *extra) -> list[str]:
+    sets = [a for s in TINY for a in ("--set", s)]
+    return [sys.executable, "-m", "planer", sub, "--config", str(config), "--out", str(out), *sets, *extra]
+
+
+def kill_after_state(cmd: list[str], out, min_step: int) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as it has written a resume state at ``min_step`` or later."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        states = sorted((out / "resume").glob("step-*")) if (out / "resume").is_dir() else []
+        if states and int(states[-1].name.split("-")[1]) >= min_step:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("no resume state appeared")
+
+
+def run(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def same_tensors(a, b) -> bool:
+    a, b = load_file(str(a)), load_file(str(b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def without_timings(path) -> list[dict]:
+    drop = {"tok_s", "weight_step_ms"}
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
+
+
+def test_killed_training_resumes_to_the_same_weights(tiny_text, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  path: {tiny_text}\ntrain:\n  steps: 400\n  eval_every: 100\n")
+    arch = ["--arch", "attn:2 moe:top1 attn:4 ffl"]
+    run(command("train", config, tmp_path / "full", *arch))
+    kill_after_state(command("train", config, tmp_path / "cut", *arch), tmp_path / "cut", 150)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    run(command("train", config, tmp_path / "cut", *arch, "--resume"))
+    assert same_tensors(tmp_path / "full" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
+    assert without_timings(tmp_path / "full" / "metrics.jsonl") == without_timings(tmp_path / "cut" / "metrics.jsonl")
+    assert not (tmp_path / "cut" / "resume").exists()  # states are removed once the run has finished
+
+
+def test_killed_search_resumes_to_the_same_weights_and_alpha(tiny_text, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  path: {tiny_text}\nsearch:\n  epochs: 6\n  steps_per_epoch: 40\n"
+                      "  freeze_fraction: 0.2\n  space: [skip, attn:1, attn:4, ffl, moe:top1]\n")
+    profile_dir(load_config(config, TINY), tmp_path / "lut")
+    lut = ["--target", "0.6", "--lut", str(tmp_path / "lut" / "lut.json")]
+    run(command("search", config, tmp_path / "full", *lut))
+    kill_after_state(command("search", config, tmp_path / "cut", *lut), tmp_path / "cut", 130)
+    assert not (tmp_path / "cut" / "arch.json").exists()
+    run(command("search", config, tmp_path / "cut", *lut, "--resume"))
+    assert same_tensors(tmp_path / "full" / "supernet.safetensors", tmp_path / "cut" / "supernet.safetensors")
+    full, cut = without_timings(tmp_path / "full" / "search.jsonl"), without_timings(tmp_path / "cut" / "search.jsonl")
+    assert full == cut and len(full) >= 6  # every epoch's alpha, probabilities and losses
+    assert all(torch.isfinite(torch.tensor(r["alpha"])).all() and r.get("arch_ce", 0) == r.get("arch_ce", 0)
+               for r in full)
+    assert (tmp_path / "full" / "arch.json").read_text() == (tmp_path / "cut" / "arch.json").read_text()
+
+
+def test_resume_refuses_another_config(tiny_text, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  path: {tiny_text}\ntrain:\n  steps: 20\n  eval_every: 20\n")
+    run(command("train", config, tmp_path / "run"))
+    result = subprocess.run(command("train", config, tmp_path / "run", "--set", "train.lr=0.5", "--resume"),
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "different config" in result.stderr
+    result = subprocess.run(command("train", config, tmp_path / "run", "--resume"), capture_output=True, text=True)
+    assert result.returncode == 2 and "has finished" in result.stderr
+
+
+def test_divergence_stops_and_keeps_the_last_good_state(tiny_cfg, tmp_path, monkeypatch):
+    """A weight turned NaN at step 26 makes the loss non-finite: training stops with a clear error, and the best
+    checkpoint and the step-20 resume state (finite) are kept as they were."""
+    import pytest
+
+    from planer.arch import Arch
+    from planer.errors import PlanerError
+    from planer.resume import load_state, newest_state
+    from planer.train import WeightTrainer, train
+
+    step = WeightTrainer.step
+
+    def poisoned(self, model, x, y, mems):
+        if self.step_count == 25:
+            with torch.no_grad():
+                model.embed.weight[0, 0] = float("nan")
+                model.embed.weight[x.flatten()] = float("nan")
+        return step(self, model, x, y, mems)
+
+    monkeypatch.setattr(WeightTrainer, "step", poisoned)
+    cfg = tiny_cfg("train.steps=60", "train.eval_every=10", "train.ckpt_every=10")
+    with pytest.raises(PlanerError, match="training diverged at step 26"):
+        train(cfg, tmp_path / "run", Arch.parse("attn:2 ffl attn:4 ffl"), quiet=True)
+    tensors, meta = load_state(newest_state(tmp_path / "run"))
+    assert meta["progress"]["step"] == 20 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    best = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in best.values())
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["step"] <= 20
