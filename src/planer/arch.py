@@ -99,6 +99,8 @@ class Arch:
             text = path.read_text()
         except OSError as e:
             raise PlanerError(f"cannot read architecture file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise PlanerError(f"architecture file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
         if path.suffix == ".json":
             try:
                 data = json.loads(text)

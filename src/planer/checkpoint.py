@@ -29,12 +29,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object a stage wrote ({} when it is not there); a damaged one is refused rather than overwritten."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise PlanerError(f"{path} is damaged (not a JSON object); move it away and run the stage again")
+    return data
+
+
+def save_weights(path: Path, module: torch.nn.Module) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
 def save_checkpoint(out_dir: str | Path, model: TransformerXL, cfg: Config, vocab: Vocab, **extra) -> None:
     out_dir = Path(out_dir)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out_dir / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out_dir / WEIGHTS)
+    save_weights(out_dir / WEIGHTS, model)
     meta = {"config": cfg.to_dict(), "arch": model.arch.specs(),
             "vocab": {"level": vocab.level, "symbols": vocab.symbols}, **extra}
     atomic_write_text(out_dir / CONFIG, json.dumps(meta, indent=1) + "\n")
@@ -57,12 +74,16 @@ def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     """Rebuild the model from config.json and fill it from model.safetensors; any mismatch is a PlanerError."""
     run_dir = Path(run_dir)
     meta = load_meta(run_dir)
-    cfg = config_from_dict(meta["config"])
     try:
+        cfg = config_from_dict(meta["config"])
         arch = Arch.parse(" ".join(meta["arch"]))
         vocab = Vocab(list(meta["vocab"]["symbols"]), meta["vocab"]["level"])
+    except PlanerError as e:  # say which file holds the bad value
+        raise PlanerError(f"checkpoint config {run_dir / CONFIG}: {e}") from None
     except (TypeError, KeyError):
         raise PlanerError(f"checkpoint config {run_dir / CONFIG} has a malformed arch or vocab") from None
+    if vocab.level not in ("char", "word"):
+        raise PlanerError(f"checkpoint config {run_dir / CONFIG}: unknown vocabulary level '{vocab.level}'")
     if len(vocab) != cfg.model.vocab_size:
         raise PlanerError(f"checkpoint {run_dir}: vocabulary size {len(vocab)} != model.vocab_size {cfg.model.vocab_size}")
     path = run_dir / WEIGHTS

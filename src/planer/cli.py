@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,15 +28,21 @@ def _arch(value: str | None, cfg):
     return Arch.parse(value)
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints results."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def cmd_train(args) -> None:
     from planer.config import load_config
     from planer.train import train
 
     cfg = load_config(args.config, args.set)
     arch = _arch(args.arch, cfg)
-    summary = train(cfg, args.out, arch, force=args.force)
-    print(f"trained {arch.short()} ({summary['params']:,} parameters) in {summary['seconds']:.0f} s: "
-          f"best valid loss {summary['best_valid_loss']:.4f} -> {args.out}")
+    summary = train(cfg, args.out, arch, force=args.force, resume=args.resume)
+    if _rank() == 0:
+        print(f"trained {arch.short()} ({summary['params']:,} parameters) in {summary['seconds']:.0f} s: "
+              f"best valid loss {summary['best_valid_loss']:.4f} -> {args.out}")
 
 
 def cmd_evaluate(args) -> None:
@@ -102,7 +109,10 @@ def cmd_search(args) -> None:
     cfg = load_config(args.config, args.set)
     if args.space == "iso":
         cfg.search.space = iso_space(cfg.search.space, cfg.model.n_experts)
-    arch = search(cfg, args.out, args.target, lut_path=args.lut, force=args.force, init_from=args.init_from)
+    arch = search(cfg, args.out, args.target, lut_path=args.lut, force=args.force, init_from=args.init_from,
+                  resume=args.resume)
+    if _rank() > 0:
+        return
     meta = json.loads((Path(args.out) / "arch.json").read_text())
     print(f"found {arch.short()}: estimated {meta['estimated_ratio']:.3f} of the baseline's latency "
           f"(target {args.target:g}) -> {args.out}/arch.json")
@@ -126,6 +136,13 @@ def cmd_report(args) -> None:
     print(f"wrote {write_report(args.run)}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one ``planer: error:`` line every other bad input gets."""
+
+    def error(self, message: str):
+        self.exit(2, f"planer: error: {self.prog}: {message}\n")
+
+
 def _config_command(sub, name: str, help: str, out_help: str, force_help: str, func) -> argparse.ArgumentParser:
     """A sub-command that reads a config (with overrides) and writes into an output directory."""
     p = sub.add_parser(name, help=help)
@@ -138,12 +155,13 @@ def _config_command(sub, name: str, help: str, out_help: str, force_help: str, f
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="planer", description="Latency-aware sparsely activated Transformers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="planer", description="Latency-aware sparsely activated Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = _config_command(sub, "train", "train an architecture from scratch", "output directory",
                         "overwrite a non-empty output directory", cmd_train)
     p.add_argument("--arch", help="baseline (default), sandwich:K, par, a list of block specs, or an arch.json file")
+    p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split or a text file")
     p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
@@ -174,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, type=float, help="latency target, a fraction of the baseline's in (0, 1]")
     p.add_argument("--lut", help="latency table to use (default: OUT/lut.json, profiled if absent)")
     p.add_argument("--init-from", help="trained baseline checkpoint to start the supernet's options from")
+    p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
     p.add_argument("--space", choices=["config", "iso"], default="config",
                    help="iso: the config's space with every MoE option replaced by an FFL of as many parameters")
 
@@ -191,9 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DATA_PARALLEL = {"train", "search"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a malformed command line (already reported in one line)
+        return e.code
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DATA_PARALLEL:
+            raise PlanerError(f"'planer {args.command}' runs in one process; only train and search run under "
+                              "torchrun with several")
         args.func(args)
     except PlanerError as e:
         print(f"planer: error: {e}", file=sys.stderr)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from planer.checkpoint import load_checkpoint
+from planer.checkpoint import load_checkpoint, read_json_object
 from planer.data import load_corpus, read_text, tokenize
+from planer.distributed import resolve_device
 from planer.errors import PlanerError
 from planer.model import TransformerXL, token_nll
 
@@ -61,7 +62,7 @@ def summarize(result: dict, level: str, unk: int) -> dict:
 def evaluate_run(run_dir: str | Path, split: str = "valid", text_file: str | Path | None = None,
                  device: str = "cpu") -> dict:
     """Evaluate a checkpoint on a split of its corpus, or on any text file; split results go to eval.json."""
-    model, cfg, vocab = load_checkpoint(run_dir, device)
+    model, cfg, vocab = load_checkpoint(run_dir, resolve_device(str(device)))
     tgt_len = cfg.eval.tgt_len or cfg.model.tgt_len
     mem_len = cfg.eval.mem_len or cfg.model.mem_len
     if text_file is not None:
@@ -69,11 +70,11 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", text_file: str | Pat
         if len(ids) < 2:
             raise PlanerError(f"text file {text_file} has {len(ids)} tokens, too few to score")
         return summarize(evaluate_ids(model, ids, cfg.eval.batch_size, tgt_len, mem_len), vocab.level, unk)
+    path = Path(run_dir) / "eval.json"
+    saved = read_json_object(path)
     corpus = load_corpus(cfg.data, vocab)
     result = summarize(evaluate_ids(model, corpus.split(split), cfg.eval.batch_size, tgt_len, mem_len),
                        vocab.level, corpus.unseen[split])
-    path = Path(run_dir) / "eval.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
     saved[split] = result
     path.write_text(json.dumps(saved, indent=2) + "\n")
     return result

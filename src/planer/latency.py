@@ -39,7 +39,7 @@ from planer.checkpoint import atomic_write_text, load_checkpoint
 from planer.config import Config, LatencyConfig, validate
 from planer.errors import PlanerError
 from planer.model import TransformerXL, build_block
-from planer.train import resolve_device
+from planer.distributed import resolve_device
 
 TABLE_FORMAT = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -244,6 +244,13 @@ def _check_stats(value, where: str) -> dict:
     return value
 
 
+def _table_spec(spec: str, path: Path) -> str:
+    try:
+        return str(BlockSpec.parse(spec))
+    except PlanerError:
+        raise PlanerError(f"latency table {path} holds an unknown block '{spec}'; profile again with --force") from None
+
+
 @dataclasses.dataclass
 class LatencyTable:
     fingerprint: dict
@@ -279,7 +286,7 @@ class LatencyTable:
             raise PlanerError(f"latency table {path} was edited or is corrupt (checksum mismatch); "
                               "profile again with --force")
         try:
-            blocks = {str(BlockSpec.parse(spec)): _check_stats(stats, f"{path}: block {spec}")
+            blocks = {_table_spec(spec, path): _check_stats(stats, f"{path}: block {spec}")
                       for spec, stats in data["blocks"].items()}
             table = LatencyTable(dict(data["fingerprint"]), _check_stats(data["fixed"], f"{path}: fixed"), blocks,
                                  dict(data["settings"]))

@@ -15,11 +15,8 @@ import torch
 
 from planer import plots
 from planer.arch import Arch
+from planer.checkpoint import read_json_object
 from planer.errors import PlanerError
-
-
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 DESIGN_ORDER = ("baseline", "planer", "iso", "sandwich", "par")
@@ -38,16 +35,16 @@ def search_dir_name(model_name: str) -> str:
 def collect(run_dir: Path) -> list[dict]:
     """One row per trained model in the run directory: the baseline, then PLANER, iso, Sandwich and PAR."""
     dirs = [p for p in run_dir.iterdir() if p.is_dir() and (p / "summary.json").exists()]
-    chosen = _read(run_dir / "sandwich.json").get("chosen")
+    chosen = read_json_object(run_dir / "sandwich.json").get("chosen")
     rows = []
     for d in dirs:
-        summary = _read(d / "summary.json")
+        summary = read_json_object(d / "summary.json")
         design = design_of(d.name)
-        search = _read(run_dir / search_dir_name(d.name) / "arch.json") if design in ("planer", "iso") else {}
+        search = read_json_object(run_dir / search_dir_name(d.name) / "arch.json") if design in ("planer", "iso") else {}
         seed = re.search(r"-s(\d+)$", d.name)
         rows.append({"name": d.name, "design": design, "seed": int(seed.group(1)) if seed else 1, "chosen": d.name == chosen,
                      "arch": Arch.parse(" ".join(summary["arch"])), "params": summary["params"],
-                     "eval": _read(d / "eval.json"), "bench": _read(d / "bench.json"),
+                     "eval": read_json_object(d / "eval.json"), "bench": read_json_object(d / "bench.json"),
                      "target": search.get("target"), "estimated_ratio": search.get("estimated_ratio")})
     rows.sort(key=lambda r: (DESIGN_ORDER.index(r["design"]) if r["design"] in DESIGN_ORDER else len(DESIGN_ORDER),
                              r["target"] or 0.0, r["seed"], r["name"]))
@@ -112,11 +109,11 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "baseline" / "summary.json").exists():
         raise PlanerError(f"{run_dir} holds no finished baseline: nothing to report")
-    meta = _read(run_dir / "baseline" / "config.json")
+    meta = read_json_object(run_dir / "baseline" / "config.json")
     level_char = meta.get("vocab", {}).get("level") == "char"
     rows = collect(run_dir)
-    sweep = _read(run_dir / "sandwich.json").get("valid_loss", {})
-    lut = _read(run_dir / "lut.json")
+    sweep = read_json_object(run_dir / "sandwich.json").get("valid_loss", {})
+    lut = read_json_object(run_dir / "lut.json")
     text = [f"# planer report: {run_dir.name}", "", _settings(lut, rows), "",
             results_table(rows, level_char), "",
             "Architectures, block by block (s skip, aH attention with H heads, f feed-forward, m1/m2 MoE top-1/top-2):", ""]
@@ -177,7 +174,7 @@ def figures(run_dir: Path, rows: list[dict], lut: dict, metric: str) -> list[str
         add("blocks.png", "block latencies")
     for search_dir in sorted(run_dir.glob("search-*")):
         log = search_dir / "search.jsonl"
-        found = _read(search_dir / "arch.json")
+        found = read_json_object(search_dir / "arch.json")
         if log.exists() and found:
             records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             name = f"{search_dir.name}.png"
