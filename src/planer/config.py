@@ -185,6 +185,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def saved_config_matches(path: Path, cfg: Config) -> bool:
+    """Whether the config a run directory saved (``config.yaml``) is ``cfg``; a damaged one is refused."""
+    try:
+        return yaml.safe_load(path.read_text()) == cfg.to_dict()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise PlanerError(f"{path} is damaged; use another --out or --force") from None
+
+
 def config_from_dict(values: dict) -> Config:
     cfg = _build(Config, values, "")
     validate(cfg)

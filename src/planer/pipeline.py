@@ -13,11 +13,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-import yaml
-
 from planer.arch import Arch
 from planer.checkpoint import atomic_write_text, read_json_object
-from planer.config import Config, check_target
+from planer.config import Config, check_target, saved_config_matches
 from planer.data import load_corpus
 from planer.designs import iso_space, named_arch, sandwich_sweep
 from planer.errors import PlanerError
@@ -135,11 +133,7 @@ def _claim_run_dir(out: Path, cfg: Config, force: bool) -> None:
     if (out / "model.safetensors").exists():
         raise PlanerError(f"{out} holds a trained model, not a planer run directory; use another --out")
     if resolved.exists() and not force:
-        try:
-            previous = yaml.safe_load(resolved.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            raise PlanerError(f"{resolved} is damaged; use another --out or --force") from None
-        if previous != cfg.to_dict():
+        if not saved_config_matches(resolved, cfg):
             raise PlanerError(f"run directory {out} was made with a different config; use another --out or --force")
     else:
         out.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
     cfg.model.vocab_size = len(corpus.vocab)
     env, device = distributed.setup(cfg.train.device)
     segments = Segments(corpus.train, cfg.train.batch_size, cfg.model.tgt_len, rank=env.rank, world=env.world)
-    out_dir, state = open_out_dir(out_dir, cfg, force, resume, env)
+    out_dir, state = open_out_dir(out_dir, cfg, force, resume, env, done="arch.json")
     lut_path = Path(lut_path or out_dir / "lut.json")
     if env.main:
         load_or_profile(cfg, lut_path)

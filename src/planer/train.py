@@ -15,14 +15,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from planer import distributed
 from planer import resume as resume_lib
 from planer.arch import Arch
 from planer.checkpoint import atomic_write_text, save_checkpoint
-from planer.config import Config, TrainConfig
+from planer.config import Config, TrainConfig, saved_config_matches
 from planer.distributed import Env
 from planer.data import Corpus, Segments, load_corpus
 from planer.errors import PlanerError
@@ -45,8 +44,10 @@ def prepare_out_dir(path: str | Path, force: bool, create: bool = True) -> Path:
     return path
 
 
-def open_out_dir(path: str | Path, cfg: Config, force: bool, resume: bool, env: Env):
+def open_out_dir(path: str | Path, cfg: Config, force: bool, resume: bool, env: Env, done: str):
     """The output directory and, with ``resume``, the newest state in it (None to start afresh).
+
+    ``done`` names the file that marks a finished run (there is nothing to resume in one).
 
     Resuming checks that the directory was made with this config: continuing another run's state would mix two
     runs. Every rank checks before rank 0 writes anything, so all of them refuse the same input.
@@ -55,9 +56,9 @@ def open_out_dir(path: str | Path, cfg: Config, force: bool, resume: bool, env: 
     state = None
     ours = (path / "config.yaml").exists()
     if resume and ours:
-        if yaml.safe_load((path / "config.yaml").read_text()) != cfg.to_dict():
+        if not saved_config_matches(path / "config.yaml", cfg):
             raise PlanerError(f"cannot resume in {path}: it was made with a different config")
-        if (path / "summary.json").exists() and resume_lib.newest_state(path) is None:
+        if (path / done).exists() and resume_lib.newest_state(path) is None:
             raise PlanerError(f"nothing to resume in {path}: the run there has finished")
         newest = resume_lib.newest_state(path)
         state = resume_lib.load_state(newest) if newest is not None else None
@@ -237,7 +238,7 @@ def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, cor
     tc = cfg.train
     env, device = distributed.setup(tc.device)
     segments = Segments(corpus.train, tc.batch_size, cfg.model.tgt_len, rank=env.rank, world=env.world)
-    out_dir, state = open_out_dir(out_dir, cfg, force, resume, env)
+    out_dir, state = open_out_dir(out_dir, cfg, force, resume, env, done="summary.json")
     seed_everything(tc.seed)
     model = TransformerXL(cfg.model, arch).to(device)
     trainer = WeightTrainer(model.parameters(), tc, device, env, segments.share)
