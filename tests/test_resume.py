@@ -85,6 +85,8 @@ def test_killed_search_resumes_to_the_same_weights_and_alpha(tiny_text, tmp_path
     assert all(torch.isfinite(torch.tensor(r["alpha"])).all() and r.get("arch_ce", 0) == r.get("arch_ce", 0)
                for r in full)
     assert (tmp_path / "full" / "arch.json").read_text() == (tmp_path / "cut" / "arch.json").read_text()
+    again = subprocess.run(command("search", config, tmp_path / "full", *lut, "--resume"), capture_output=True, text=True)
+    assert again.returncode == 2 and "has finished" in again.stderr
 
 
 def test_resume_refuses_another_config(tiny_text, tmp_path):
