@@ -32,20 +32,40 @@ def search_dir_name(model_name: str) -> str:
     return "search-" + model_name.removeprefix("planer-")
 
 
+def _estimator(lut: dict, baseline: Arch | None):
+    """The latency table's estimate of an arch as a fraction of the baseline's (None where the table cannot say)."""
+    blocks, fixed = lut.get("blocks", {}), lut.get("fixed", {}).get("median")
+
+    def ms(arch: Arch) -> float | None:
+        specs = [str(b) for b in arch]
+        return fixed + sum(blocks[s]["median"] for s in specs) if all(s in blocks for s in specs) else None
+
+    def estimate(arch: Arch) -> float | None:
+        if fixed is None or baseline is None or ms(arch) is None or ms(baseline) is None:
+            return None
+        return ms(arch) / ms(baseline)
+
+    return estimate
+
+
 def collect(run_dir: Path) -> list[dict]:
     """One row per trained model in the run directory: the baseline, then PLANER, iso, Sandwich and PAR."""
     dirs = [p for p in run_dir.iterdir() if p.is_dir() and (p / "summary.json").exists()]
     chosen = read_json_object(run_dir / "sandwich.json").get("chosen")
+    base = read_json_object(run_dir / "baseline" / "summary.json").get("arch")
+    estimate = _estimator(read_json_object(run_dir / "lut.json"), Arch.parse(" ".join(base)) if base else None)
     rows = []
     for d in dirs:
         summary = read_json_object(d / "summary.json")
         design = design_of(d.name)
         search = read_json_object(run_dir / search_dir_name(d.name) / "arch.json") if design in ("planer", "iso") else {}
         seed = re.search(r"-s(\d+)$", d.name)
+        arch = Arch.parse(" ".join(summary["arch"]))
         rows.append({"name": d.name, "design": design, "seed": int(seed.group(1)) if seed else 1, "chosen": d.name == chosen,
-                     "arch": Arch.parse(" ".join(summary["arch"])), "params": summary["params"],
+                     "arch": arch, "params": summary["params"],
                      "eval": read_json_object(d / "eval.json"), "bench": read_json_object(d / "bench.json"),
-                     "target": search.get("target"), "estimated_ratio": search.get("estimated_ratio")})
+                     "target": search.get("target"),
+                     "estimated_ratio": search.get("estimated_ratio") or estimate(arch)})
     rows.sort(key=lambda r: (DESIGN_ORDER.index(r["design"]) if r["design"] in DESIGN_ORDER else len(DESIGN_ORDER),
                              r["target"] or 0.0, r["seed"], r["name"]))
     return rows
@@ -65,7 +85,8 @@ def results_table(rows: list[dict], level_char: bool) -> str:
     for r in rows:
         per_batch = {row["batch"]: row for row in r["bench"].get("batches", [])}
         speedups = [f"{per_batch[b]['speedup']:.2f}x" if b in per_batch else "–" for b in batches]
-        est = f"{r['estimated_ratio']:.2f} (target {r['target']:.2f})" if r["estimated_ratio"] else "1.00"
+        est = "–" if r["estimated_ratio"] is None else f"{r['estimated_ratio']:.2f}" + (
+            f" (target {r['target']:.2f})" if r["target"] is not None else "")
         name = r["name"] + (" (chosen K)" if r["chosen"] else "")
         lines.append("| " + " | ".join([name, f"`{r['arch'].short()}`", f"{r['params'] / 1e6:.2f}M",
                                         _score(r["eval"].get("valid"), level_char),
@@ -164,7 +185,7 @@ def figures(run_dir: Path, rows: list[dict], lut: dict, metric: str) -> list[str
         plots.pareto(rows, batch, metric, run_dir / "pareto.png")
         add("pareto.png", "accuracy against latency")
         points = [(r, r["estimated_ratio"], 1.0 / per[batch]["speedup"])
-                  for r in rows if r["estimated_ratio"]
+                  for r in rows if r["estimated_ratio"] and r["design"] != "baseline"
                   for per in [{b["batch"]: b for b in r["bench"].get("batches", [])}] if batch in per]
         if points:
             plots.estimate_vs_measured(points, batch, run_dir / "latency_estimate.png")
