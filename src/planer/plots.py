@@ -84,7 +84,7 @@ def speedups(rows: list[dict], path: Path) -> None:
 def pareto(rows: list[dict], batch: int, metric: str, path: Path) -> None:
     """Accuracy against measured latency (relative to the baseline), one colour and marker per design."""
     fig, ax = plt.subplots(figsize=(6.0, 4.4))
-    labelled, tags = set(), {}
+    labelled, tags = set(), []
     for r in rows:
         valid = r["eval"].get("valid")
         per = {b["batch"]: b for b in r["bench"].get("batches", [])}
@@ -96,11 +96,8 @@ def pareto(rows: list[dict], batch: int, metric: str, path: Path) -> None:
         ax.scatter([latency], [score], marker=marker, color=color, s=150 if marker == "*" else 45, zorder=3,
                    label=None if r["design"] in labelled else r["design"])
         labelled.add(r["design"])
-        if point_tag(r):  # models that land on the same spot share one label
-            tags.setdefault((round(latency, 2), round(score, 3), color), []).append(point_tag(r))
-    for (latency, score, color), names in tags.items():
-        ax.annotate(", ".join(names), (latency, score), textcoords="offset points", xytext=(5, 3), fontsize=6,
-                    color=color)
+        tags.append((latency, score, color, point_tag(r)))
+    label_points(ax, tags)
     ax.set_xlabel(f"measured latency relative to the baseline (batch {batch})")
     ax.set_ylabel(f"validation {metric} (lower is better)")
     ax.set_title("Accuracy against latency (labels: latency target, or Sandwich K)")
@@ -152,6 +149,25 @@ def search_evolution(records: list[dict], space: list[str], title: str, path: Pa
     plt.close(fig)
 
 
+def label_points(ax, points: list[tuple[float, float, str, str]]) -> None:
+    """Label scatter points (x, y, colour, text); points of one colour closer than 3% of the axes share one label,
+    so that a cluster of models does not print its labels over each other."""
+    ax.figure.canvas.draw()  # settle the axes limits
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    groups: list[list] = []
+    for x, y, color, text in points:
+        if not text:
+            continue
+        near = next((g for g in groups if g[2] == color and abs(g[0] - x) < 0.03 * (x1 - x0)
+                     and abs(g[1] - y) < 0.03 * (y1 - y0)), None)
+        if near is None:
+            groups.append([x, y, color, [text]])
+        else:
+            near[3].append(text)
+    for x, y, color, texts in groups:
+        ax.annotate(", ".join(texts), (x, y), textcoords="offset points", xytext=(5, 3), fontsize=6, color=color)
+
+
 def point_tag(row: dict) -> str:
     """The short label of a model in a scatter plot: its latency target (and seed), or Sandwich's K."""
     if row["target"] is not None:
@@ -164,13 +180,14 @@ def estimate_vs_measured(points: list[tuple[dict, float, float]], batch: int, pa
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     top = max(1.05, *[max(e, m) for _, e, m in points]) * 1.05
     ax.plot([0, top], [0, top], color="grey", ls="--", lw=0.8, label="y = x")
-    labelled = set()
+    labelled, tags = set(), []
     for row, est, meas in points:
         color, marker = DESIGN_STYLE.get(row["design"], DESIGN_STYLE["other"])
         ax.scatter([est], [meas], color=color, marker=marker, zorder=3,
                    label=None if row["design"] in labelled else row["design"])
         labelled.add(row["design"])
-        ax.annotate(point_tag(row), (est, meas), textcoords="offset points", xytext=(5, 3), fontsize=6, color=color)
+        tags.append((est, meas, color, point_tag(row)))
+    label_points(ax, tags)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_xlabel("estimated latency / baseline (latency table)")
