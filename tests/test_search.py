@@ -157,3 +157,4 @@ def test_search_over_target_at_the_end_gets_a_correction(tiny_cfg, tmp_path):
     assert records[-1]["correction"] is True and len(records[-1]["probs"]) == 4
     saved = json.loads((tmp_path / "s" / "arch.json").read_text())
     assert saved["estimated_ms"] == records[-1]["arch_estimated_ms"]
+    assert saved["meets_target"] == (saved["estimated_ratio"] <= 0.05)

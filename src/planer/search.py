@@ -33,6 +33,9 @@ from planer.train import (WeightTrainer, autocast, open_log, open_out_dir, resto
                           seed_everything)
 
 
+CORRECTION_EPOCHS = 10  # at most this many architecture epochs of steps after the last epoch, to meet the target
+
+
 def latency_loss(sampled_ms: torch.Tensor, baseline_ms: float, target: float, current_ms: float) -> tuple[torch.Tensor, float]:
     """Eq. 3: Lat / (Lat_baseline * target), switched on (beta = 1) only while the architecture is over target.
 
@@ -144,9 +147,10 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
             log.write(json.dumps(record) + "\n")
             bar.set_postfix(ce=f"{record['weight_ce']:.3f}", lat=f"{record['ratio_to_target']:.2f}xT")
         if table.estimate(net.derive()) > baseline_ms * target:
-            # The last architecture step can tip the argmax over the target with no step left to pull it back.
+            # The last architecture step can tip the argmax over the target with no step left to pull it back; a
+            # few epochs' worth of steps, stopping as soon as the target is met, bring it back.
             start = rng.randrange(len(segments))
-            fix = arch_epoch(net, alpha_opt, segments, start, arch_steps, tau, table, baseline_ms, target, cfg,
+            fix = arch_epoch(net, alpha_opt, segments, start, CORRECTION_EPOCHS * arch_steps, tau, table, baseline_ms, target, cfg,
                              device, until_met=True, env=env, share=segments.share)
             log.write(json.dumps({"epoch": sc.epochs, "tau": tau, "correction": True, **fix,
                                   **architecture_state(net, table, baseline_ms, target)}) + "\n")
@@ -157,7 +161,8 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
     estimated = table.estimate(found)
     if env.main:
         found.save(out_dir / "arch.json", target=target, estimated_ms=estimated, baseline_ms=baseline_ms,
-                   estimated_ratio=estimated / baseline_ms, space=net.space,
+                   estimated_ratio=estimated / baseline_ms, meets_target=estimated <= baseline_ms * target,
+                   space=net.space,
                    init_from=str(init_from) if init_from is not None else None)
         save_weights(out_dir / "supernet.safetensors", net)
         resume_lib.clear_states(out_dir)
