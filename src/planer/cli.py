@@ -102,9 +102,8 @@ def _ints(text: str, what: str) -> list[int]:
 
 def cmd_search(args) -> None:
     from planer.config import load_config
-    from planer.search import search
-
     from planer.designs import iso_space
+    from planer.search import search
 
     cfg = load_config(args.config, args.set)
     if args.space == "iso":
@@ -120,9 +119,7 @@ def cmd_search(args) -> None:
 
 def cmd_run(args) -> None:
     from planer.config import load_config
-    from planer.pipeline import run_pipeline
-
-    from planer.pipeline import parse_designs
+    from planer.pipeline import parse_designs, run_pipeline
 
     cfg = load_config(args.config, args.set)
     out = run_pipeline(cfg, args.out, _floats(args.targets, "--targets"), designs=parse_designs(args.designs),

@@ -114,6 +114,11 @@ def load_corpus(cfg: DataConfig, vocab: Vocab | None = None) -> Corpus:
     return Corpus(vocab, train, valid, test, {"train": unk_train, "valid": unk_valid, "test": unk_test})
 
 
+def stream_share(batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """The streams [lo, hi) of a batch that ``rank`` of ``world`` processes holds; sizes differ by at most one."""
+    return rank * batch_size // world, (rank + 1) * batch_size // world
+
+
 class Segments:
     """The token stream cut into ``batch_size`` parallel streams, served as consecutive (x, y) segments.
 
@@ -137,7 +142,7 @@ class Segments:
         if world > batch_size:
             raise PlanerError(f"{world} processes cannot share a batch of {batch_size} streams; "
                               "use a batch size of at least the number of processes")
-        lo, hi = rank * batch_size // world, (rank + 1) * batch_size // world
+        lo, hi = stream_share(batch_size, rank, world)
         self.data = ids[: n * batch_size].view(batch_size, n)[lo:hi]
         self.share = (hi - lo) / batch_size  # this rank's fraction of every step's tokens
         self.tgt_len = tgt_len

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from planer.data import stream_share
 from planer.errors import PlanerError
 
 BUCKET = 1 << 24  # elements per all-reduce
@@ -34,7 +35,7 @@ class Env:
 
     def rows(self, batch_size: int) -> list[int]:
         """How many of the batch's streams each rank holds (Segments' split)."""
-        return [(r + 1) * batch_size // self.world - r * batch_size // self.world for r in range(self.world)]
+        return [hi - lo for lo, hi in (stream_share(batch_size, r, self.world) for r in range(self.world))]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -122,7 +122,7 @@ def _with_seed(cfg: Config, seed: int) -> Config:
 
 def _choose_sandwich(out: Path, runs: list[Path]) -> None:
     """Record the sweep over K and the K with the lowest valid loss, the Sandwich design the report compares."""
-    sweep = {run.name: json.loads((run / "eval.json").read_text())["valid"]["loss"] for run in runs}
+    sweep = {run.name: read_json_object(run / "eval.json")["valid"]["loss"] for run in runs}
     chosen = min(sweep, key=sweep.get)
     atomic_write_text(out / "sandwich.json", json.dumps({"valid_loss": sweep, "chosen": chosen}, indent=1) + "\n")
 

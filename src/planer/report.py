@@ -17,6 +17,7 @@ from planer import plots
 from planer.arch import Arch
 from planer.checkpoint import read_json_object
 from planer.errors import PlanerError
+from planer.latency import LatencyTable
 
 
 DESIGN_ORDER = ("baseline", "planer", "iso", "sandwich", "par")
@@ -34,16 +35,18 @@ def search_dir_name(model_name: str) -> str:
 
 def _estimator(lut: dict, baseline: Arch | None):
     """The latency table's estimate of an arch as a fraction of the baseline's (None where the table cannot say)."""
-    blocks, fixed = lut.get("blocks", {}), lut.get("fixed", {}).get("median")
-
-    def ms(arch: Arch) -> float | None:
-        specs = [str(b) for b in arch]
-        return fixed + sum(blocks[s]["median"] for s in specs) if all(s in blocks for s in specs) else None
+    try:
+        table = LatencyTable(lut["fingerprint"], lut["fixed"], lut["blocks"], lut.get("settings", {}))
+    except KeyError:
+        table = None
 
     def estimate(arch: Arch) -> float | None:
-        if fixed is None or baseline is None or ms(arch) is None or ms(baseline) is None:
+        if table is None or baseline is None:
             return None
-        return ms(arch) / ms(baseline)
+        try:
+            return table.estimate(arch) / table.estimate(baseline)
+        except PlanerError:  # a block the table does not hold
+            return None
 
     return estimate
 

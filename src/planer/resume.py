@@ -110,11 +110,13 @@ def rng_tensors(prefix: str, device: torch.device) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], prefix: str, device: torch.device) -> None:
-    if f"{prefix}.cpu" in tensors:
-        torch.set_rng_state(tensors[f"{prefix}.cpu"])
-    if device.type == "cuda" and f"{prefix}.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors[f"{prefix}.cuda"], device)
+def restore_rng(tensors: dict[str, torch.Tensor], prefix: str, device: torch.device, row: int) -> None:
+    """Row ``row`` of the states ``rng_tensors`` saved, one row per rank (a rank the state lacks keeps its own)."""
+    cpu, cuda = tensors.get(f"{prefix}.cpu"), tensors.get(f"{prefix}.cuda")
+    if cpu is not None and row < len(cpu):
+        torch.set_rng_state(cpu[row].contiguous())
+    if device.type == "cuda" and cuda is not None and row < len(cuda):
+        torch.cuda.set_rng_state(cuda[row].contiguous(), device)
 
 
 def python_rng(rng: random.Random | None = None) -> list:

@@ -67,10 +67,10 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
     segments = Segments(corpus.train, cfg.train.batch_size, cfg.model.tgt_len, rank=env.rank, world=env.world)
     out_dir, state = open_out_dir(out_dir, cfg, force, resume, env, done="arch.json")
     lut_path = Path(lut_path or out_dir / "lut.json")
-    if env.main:
-        load_or_profile(cfg, lut_path)
+    table = load_or_profile(cfg, lut_path) if env.main else None  # rank 0 profiles when there is no table yet
     distributed.barrier(env)
-    table = load_or_profile(cfg, lut_path)
+    if table is None:
+        table = load_or_profile(cfg, lut_path)
     baseline_ms = table.baseline(cfg)
     seed_everything(cfg.train.seed)
     gumbel = torch.Generator().manual_seed(cfg.train.seed)

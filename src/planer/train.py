@@ -23,7 +23,7 @@ from planer.arch import Arch
 from planer.checkpoint import atomic_write_text, save_checkpoint
 from planer.config import Config, TrainConfig, saved_config_matches
 from planer.distributed import Env
-from planer.data import Corpus, Segments, load_corpus
+from planer.data import Corpus, Segments, load_corpus, stream_share
 from planer.errors import PlanerError
 from planer.evaluate import evaluate_ids
 from planer.model import TransformerXL, token_nll
@@ -58,9 +58,9 @@ def open_out_dir(path: str | Path, cfg: Config, force: bool, resume: bool, env: 
     if resume and ours:
         if not saved_config_matches(path / "config.yaml", cfg):
             raise PlanerError(f"cannot resume in {path}: it was made with a different config")
-        if (path / done).exists() and resume_lib.newest_state(path) is None:
-            raise PlanerError(f"nothing to resume in {path}: the run there has finished")
         newest = resume_lib.newest_state(path)
+        if (path / done).exists() and newest is None:
+            raise PlanerError(f"nothing to resume in {path}: the run there has finished")
         state = resume_lib.load_state(newest) if newest is not None else None
     path = prepare_out_dir(path, force or (resume and ours), create=env.main)
     distributed.barrier(env)
@@ -210,16 +210,13 @@ def save_training_state(out_dir: Path, env: Env, device: torch.device, batch_siz
 def restore_rank_state(tensors: dict[str, torch.Tensor], meta: dict, env: Env, device: torch.device,
                        batch_size: int) -> list | None:
     """This rank's memories and random generators from a resume state; returns the memories."""
-    for name in ("rng.cpu", "rng.cuda"):
-        if name in tensors and env.rank < tensors[name].size(0):
-            (torch.set_rng_state if name == "rng.cpu" else lambda t: torch.cuda.set_rng_state(t, device))(
-                tensors[name][env.rank].contiguous())
+    resume_lib.restore_rng(tensors, "rng", device, env.rank)
     resume_lib.restore_python_rng(meta["python_rng"])
     mems = resume_lib.load_mems(tensors, meta["mems"], "mems", device)
     if mems is None:
         return None
-    lo = sum(env.rows(batch_size)[: env.rank])
-    return [None if m is None else m[lo:lo + env.rows(batch_size)[env.rank]] for m in mems]
+    lo, hi = stream_share(batch_size, env.rank, env.world)
+    return [None if m is None else m[lo:hi] for m in mems]
 
 
 def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, corpus: Corpus | None = None,
