@@ -4,10 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare-char.yaml
 RUN ?= runs/demo
-# glibc returns freed memory to the OS after every training step by default; the page faults that follow
-# dominate small steps on CPU. Keeping it mapped is safe and faster.
-export MALLOC_MMAP_MAX_ ?= 0
-export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
 
 .PHONY: setup demo test clean
 

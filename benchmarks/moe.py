@@ -1,12 +1,13 @@
 """Latency of the MoE block against the dense FFL of the same active width, and against the paper's sequential MoE.
 
-    PYTHONPATH=src python benchmarks/moe.py            # both shape sets, batch 1, 8 and 64 segments (~2 min)
-    PYTHONPATH=src python benchmarks/moe.py --quick    # batch 1 and 8, 3 rounds
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 PYTHONPATH=src python benchmarks/moe.py
+    PYTHONPATH=src python benchmarks/moe.py                    # both shape sets, batch 1, 8 and 64 (~2 min)
+    PYTHONPATH=src python benchmarks/moe.py --quick            # batch 1 and 8, 3 rounds
+    PYTHONPATH=src python benchmarks/moe.py --glibc-defaults   # without the allocator setting planer applies
 
-Run it with the glibc settings of the last line, as training should: by default glibc serves every allocation of
-32 MiB or more (an MoE block's stacked weight gradient at d_model 512) with fresh pages from mmap and hands freed
-heap memory back to the system, so every training step page-faults its gradients in again.
+By default the benchmark keeps freed memory in glibc's heap, as the ``planer`` command does (planer/allocator.py):
+with glibc's defaults every allocation of 32 MiB or more (an MoE block's stacked weight gradient at d_model 512)
+gets fresh pages from mmap and freed heap memory goes back to the system, so every training step page-faults its
+gradients in again. ``--glibc-defaults`` measures that cost.
 
 Every candidate is a whole block (residual and LayerNorm included) built in one process and timed in interleaved
 rounds (A B C A B C ...), so drift in clock speed or background load hits all of them alike; a block's time is the
@@ -28,6 +29,7 @@ import time
 
 import torch
 
+from planer.allocator import keep_freed_memory
 from planer.blocks import FeedForward
 from planer.moe import MoEFeedForward, PackedWeights, packed_linear
 
@@ -110,6 +112,8 @@ def main() -> None:
                         help="seconds of timed rounds per (shape, mode, batch), after at least 3 rounds")
     parser.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
     parser.add_argument("--quick", action="store_true", help="a smoke run: batch 1 and 8, 3 rounds")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's allocator as it is instead of keeping freed memory, as planer does")
     args = parser.parse_args()
     if "custom" in args.shapes and None in (args.d_model, args.d_inner, args.tgt_len):
         parser.error("--shapes custom needs --d-model, --d-inner and --tgt-len")
@@ -120,8 +124,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, {args.experts} experts; "
           f"median of up to {repeats} interleaved rounds (at least 3, {args.budget:g} s budget each) "
           f"after {args.warmup} warm-up; times in ms, ratios to the best dense")
-    allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
-    print(f"allocator settings: {allocator or 'glibc defaults'}\n")
+    kept = not args.glibc_defaults and keep_freed_memory()
+    env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    print(f"allocator: {'freed memory kept (planer/allocator.py)' if kept else env or 'glibc defaults'}\n")
     for shape in args.shapes:
         custom = (args.d_model, args.d_inner, args.tgt_len)
         d_model, d_inner, tgt_len = custom if shape == "custom" else SHAPES[shape]

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from planer.allocator import keep_freed_memory
 from planer.errors import PlanerError
 
 
@@ -211,6 +212,7 @@ DATA_PARALLEL = {"train", "search"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a malformed command line (already reported in one line)
