@@ -206,20 +206,25 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        token, weight, counts = self._route(flat)
-        if self.impl == "sequential":
-            y = self._sequential(flat, token, weight, counts)
-        else:
-            ys = self._experts(flat, token, counts)
-            y = ys.new_zeros(B * T, D).index_add_(0, token, ys * weight[:, None].to(ys.dtype))
+        gate, slot, token, counts = self._route(flat)
+        run = self._sequential if self.impl == "sequential" else self._experts
+        ys = run(flat, token, counts)
+        # Back to token order by gathers: each token reads its K expert rows, weighted by its gates.
+        gate = gate.to(ys.dtype)[..., None]
+        y = ys.index_select(0, slot[0]) * gate[0]
+        for k in range(1, self.top_k):
+            y = y.addcmul(ys.index_select(0, slot[k]), gate[k])
         return self.norm(x + self.drop(y.view(B, T, D)))
 
-    def _route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Expert-sorted assignments: the token of each, its gate weight, and the number per expert.
+    def _route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each token's K gates, and where its K expert outputs will be; the assignments in expert order.
 
-        Assignments are ordered by expert, then first choices before second choices, then by token, which is also
-        the priority order under a capacity limit. Router scores are laid out (E, tokens) so that the softmax and
-        the top-k over E experts run along the long axis: over the short one they cost as much as the router itself.
+        Returns ``gate`` and ``slot``, both (K, tokens): the gate weights and the row of the experts' output that
+        holds each choice; ``token``, the token of every assignment an expert computes, ordered by expert, then
+        first choices before second choices, then by token (also the priority order under a capacity limit); and
+        the number of those assignments per expert. An assignment over capacity gets gate 0 and any valid slot.
+        Router scores are laid out (E, tokens) so that the softmax and the top-k over E experts run along the long
+        axis: over the short one they cost as much as the router itself.
         """
         N, E, K = flat.shape[0], self.n_experts, self.top_k
         logits = self.router.weight @ flat.t()
@@ -236,14 +241,17 @@ class MoEFeedForward(nn.Module):
         counts = first if K == 1 else torch.bincount(assigned, minlength=E)
         self.expert_counts = counts.detach()
         order = assigned.argsort(stable=True)
-        token = order % N if K > 1 else order
-        weight = gate.reshape(-1).index_select(0, order)
+        row = torch.arange(N * K, device=flat.device)  # the output row of each assignment, in expert order
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * N * K / E)
-            rank = torch.arange(N * K, device=flat.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
-            keep = rank < capacity
-            token, weight, counts = token[keep], weight[keep], counts.clamp(max=capacity)
-        return token, weight, counts
+            keep = row - (counts.cumsum(0) - counts).repeat_interleave(counts, output_size=N * K) < capacity
+            gate = gate.reshape(-1).index_fill(0, order[~keep], 0.0).view(K, N)
+            row = (keep.cumsum(0) - 1).clamp_(min=0)
+            counts = counts.clamp(max=capacity)
+        slot = torch.empty_like(row).index_copy_(0, order, row).view(K, N)
+        if self.capacity_factor is not None:
+            order = order[keep]
+        return gate, slot, order % N if K > 1 else order, counts
 
     def _experts(self, flat: torch.Tensor, token: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The experts' outputs for the expert-sorted assignments of rows ``token`` of ``flat``."""
@@ -276,14 +284,12 @@ class MoEFeedForward(nn.Module):
         h = self.drop(F.relu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs) + b1[rows]))
         return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs) + b2[rows]
 
-    def _sequential(self, flat: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
-                    counts: torch.Tensor) -> torch.Tensor:
-        """The paper's implementation: one expert after another, each on its own tokens with its own products."""
-        y = torch.zeros_like(flat)
+    def _sequential(self, flat: torch.Tensor, token: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The paper's implementation: one expert after another, each gathering its own tokens, its own products."""
         sizes = counts.tolist()
         w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
-        for e, (tok, wt) in enumerate(zip(token.split(sizes), weight.split(sizes))):
-            if sizes[e]:
-                h = self.drop(F.relu(F.linear(flat.index_select(0, tok), w1[e], b1[e])))
-                y.index_add_(0, tok, F.linear(h, w2[e], b2[e]) * wt[:, None].to(y.dtype))
-        return y
+        ys = [
+            F.linear(self.drop(F.relu(F.linear(flat.index_select(0, tok), w1[e], b1[e]))), w2[e], b2[e])
+            for e, tok in enumerate(token.split(sizes))
+        ]
+        return torch.cat(ys)
