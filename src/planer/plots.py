@@ -49,7 +49,8 @@ def arch_strips(rows: list[dict], path: Path) -> None:
     ax.set_xticks([x + 0.475 for x in range(width)], [str(x + 1) for x in range(width)], fontsize=7)
     ax.set_xlabel("block position (input at the left)")
     ax.set_title("Architectures")
-    ax.legend(handles=legend_handles(), loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 4 else -0.2),
+    below_labels = 0.55 / (fig.get_figheight() * (fig.subplotpars.top - fig.subplotpars.bottom))  # 0.55 inch
+    ax.legend(handles=legend_handles(), loc="upper center", bbox_to_anchor=(0.5, -below_labels),
               ncol=5, fontsize=7, frameon=False)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
