@@ -17,7 +17,8 @@ median over rounds after warm-up. "Inference" is a forward under ``torch.inferen
 The dense FFL is timed twice for inference: as ``blocks.FeedForward`` and with the same oneDNN-prepacked weights the
 MoE block uses, and the ratios are to the faster of the two, so the MoE gets no trick the baseline was denied. In
 training both run the same plain PyTorch (MKL) products. Top-1 is compared with an FFL of d_inner hidden units,
-top-2 with 2 * d_inner (the same active width).
+top-2 with 2 * d_inner (the same active width). "Routing only" is the MoE block with experts that compute nothing
+(router, top-k, sort, gathers, gates, residual and LayerNorm), so MoE minus it is what the experts cost.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ class PackedFeedForward(FeedForward):
         return self.norm(x + y.view_as(x))
 
 
+class RoutingOnly(MoEFeedForward):
+    """The MoE block with experts that compute nothing: what routing, gathers, residual and LayerNorm cost."""
+
+    def _experts(self, flat: torch.Tensor, token: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        counts.tolist()  # the real path reads the sizes too
+        return flat.index_select(0, token)
+
+
 def candidates(d_model: int, d_inner: int, experts: int, training: bool) -> dict[str, torch.nn.Module]:
     blocks = {}
     for k in (1, 2):
@@ -60,6 +69,7 @@ def candidates(d_model: int, d_inner: int, experts: int, training: bool) -> dict
             blocks[f"packed{k}"] = PackedFeedForward(d_model, k * d_inner, 0.1)
         blocks[f"moe{k}"] = MoEFeedForward(d_model, d_inner, experts, k, 0.2)
         blocks[f"seq{k}"] = MoEFeedForward(d_model, d_inner, experts, k, 0.2, impl="sequential")
+        blocks[f"route{k}"] = RoutingOnly(d_model, d_inner, experts, k, 0.2)
     for block in blocks.values():
         for p in block.parameters():
             if p.dim() > 1:
@@ -132,8 +142,8 @@ def main() -> None:
         d_model, d_inner, tgt_len = custom if shape == "custom" else SHAPES[shape]
         print(f"### {shape}: d_model {d_model}, d_inner {d_inner}, tgt_len {tgt_len}\n")
         print("| mode | batch | tokens | top-k | dense FFL | dense prepacked | MoE | MoE / dense "
-              "| sequential | seq / dense | rounds |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| routing only / dense | sequential | seq / dense | rounds |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for mode in args.modes:
             training = mode == "training"
             for batch in batches:
@@ -142,7 +152,7 @@ def main() -> None:
                     dense = min(t[f"dense{k}"], t.get(f"packed{k}", float("inf")))
                     packed = f"{t[f'packed{k}']:.3f}" if not training else "-"
                     print(f"| {mode} | {batch} | {batch * tgt_len} | {k} | {t[f'dense{k}']:.3f} | {packed} "
-                          f"| {t[f'moe{k}']:.3f} | {t[f'moe{k}'] / dense:.2f} "
+                          f"| {t[f'moe{k}']:.3f} | {t[f'moe{k}'] / dense:.2f} | {t[f'route{k}'] / dense:.2f} "
                           f"| {t[f'seq{k}']:.3f} | {t[f'seq{k}'] / dense:.2f} | {t['rounds']} |", flush=True)
         print()
 
