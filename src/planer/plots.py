@@ -140,9 +140,13 @@ def search_evolution(records: list[dict], space: list[str], title: str, path: Pa
             ax.text(x + 0.47, y + 0.5, f"{probs[best]:.2f}", ha="center", va="center", fontsize=5)
     ax.set_xlim(0, epochs)
     ax.set_ylim(positions, 0)
-    ax.set_xticks([x + 0.47 for x in range(epochs)], [str(r["epoch"]) for r in records], fontsize=7)
+    labels, corrections = [], 0
+    for r in records:  # the end-of-search correction's epochs all carry the last epoch's number
+        corrections += bool(r.get("correction"))
+        labels.append(f"c{corrections}" if r.get("correction") else str(r["epoch"]))
+    ax.set_xticks([x + 0.47 for x in range(epochs)], labels, fontsize=7)
     ax.set_yticks([y + 0.45 for y in range(positions)], [str(y + 1) for y in range(positions)], fontsize=7)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch" + (" (c1, c2, ...: end-of-search latency correction)" if corrections else ""))
     ax.set_ylabel("block position")
     ax.set_title(title)
     ax.legend(handles=legend_handles(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
