@@ -11,7 +11,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from planer.arch import BlockSpec  # noqa: E402
 
@@ -60,15 +62,28 @@ DESIGN_STYLE = {"baseline": ("black", "*"), "planer": ("#d62728", "o"), "iso": (
                 "sandwich": ("#1f77b4", "^"), "par": ("#2ca02c", "D"), "other": ("grey", "x")}
 
 
+SEED_LINES = ("-", "--", ":", "-.")
+
+
+def lighter(color: str, amount: float) -> tuple[float, float, float]:
+    """``color`` mixed with white: 0 keeps it, 1 is white."""
+    return tuple(c + (1.0 - c) * amount for c in to_rgb(color))
+
+
 def speedups(rows: list[dict], path: Path) -> None:
-    """Measured end-to-end speed-up over the baseline against batch size, one line per model (paper Figure 4)."""
+    """Measured end-to-end speed-up over the baseline against batch size, one line per model (paper Figure 4).
+
+    Each design has its colour, darker for tighter latency targets; repeats with other seeds are dashed or dotted.
+    """
     benched = [r for r in rows if r["bench"]]
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for r in benched:
         color, marker = DESIGN_STYLE.get(r["design"], DESIGN_STYLE["other"])
+        siblings = sorted({(m["target"] or 0.0, m["name"].split("-s")[0]) for m in benched if m["design"] == r["design"]})
+        shade = siblings.index((r["target"] or 0.0, r["name"].split("-s")[0])) / max(1, len(siblings) - 1)
         points = sorted((b["batch"], b["speedup"]) for b in r["bench"]["batches"])
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, lw=1.0, alpha=0.85,
-                label=r["name"])
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=lighter(color, 0.6 * shade),
+                ls=SEED_LINES[(r["seed"] - 1) % len(SEED_LINES)], lw=1.0, label=r["name"])
     ax.axhline(1.0, color="black", lw=0.8, ls="--", label="baseline")
     batches = sorted({b["batch"] for r in benched for b in r["bench"]["batches"]})
     ax.set_xscale("log", base=2)
@@ -155,8 +170,12 @@ def search_evolution(records: list[dict], space: list[str], title: str, path: Pa
 
 
 def label_points(ax, points: list[tuple[float, float, str, str]]) -> None:
-    """Label scatter points (x, y, colour, text); points of one colour closer than 3% of the axes share one label,
-    so that a cluster of models does not print its labels over each other."""
+    """Label scatter points (x, y, colour, text) without labels covering each other or the points.
+
+    Points of one colour closer than 3% of the axes share one label, so that a cluster of models reads as one.
+    Each label takes the first of four places around its point (right above, right below, left above, left below)
+    that overlaps no marker and no label placed before it; where none is free, the first.
+    """
     ax.figure.canvas.draw()  # settle the axes limits
     (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
     groups: list[list] = []
@@ -169,8 +188,28 @@ def label_points(ax, points: list[tuple[float, float, str, str]]) -> None:
             groups.append([x, y, color, [text]])
         else:
             near[3].append(text)
+    renderer = ax.figure.canvas.get_renderer()
+    marker = 4 * ax.figure.dpi / 72  # about a marker's radius, in pixels
+    taken = []
+    for x, y, _, _ in points:
+        px, py = ax.transData.transform((x, y))
+        taken.append(Bbox.from_extents(px - marker, py - marker, px + marker, py + marker))
+    places = [((5, 3), "left", "bottom"), ((5, -3), "left", "top"), ((-5, 3), "right", "bottom"),
+              ((-5, -3), "right", "top")]
     for x, y, color, texts in groups:
-        ax.annotate(", ".join(texts), (x, y), textcoords="offset points", xytext=(5, 3), fontsize=6, color=color)
+        def place(offset, ha, va):
+            label = ax.annotate(", ".join(texts), (x, y), textcoords="offset points", xytext=offset, ha=ha, va=va,
+                                fontsize=6, color=color)
+            return label, label.get_window_extent(renderer)
+
+        for spot in places:
+            label, box = place(*spot)
+            if not any(box.overlaps(t) for t in taken):
+                break
+            label.remove()
+        else:
+            label, box = place(*places[0])
+        taken.append(box)
 
 
 def point_tag(row: dict) -> str:

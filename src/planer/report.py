@@ -202,7 +202,7 @@ def figures(run_dir: Path, rows: list[dict], lut: dict, metric: str) -> list[str
         if log.exists() and found:
             records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             name = f"{search_dir.name}.png"
-            plots.search_evolution(records, found["space"], f"Search {search_dir.name}: most probable option",
+            plots.search_evolution(records, found["space"], f"{search_dir.name}: most probable option per block",
                                    run_dir / name)
             add(name, f"architecture probabilities during {search_dir.name}")
     return shown
