@@ -143,16 +143,26 @@ def block_latencies(lut: dict, path: Path) -> None:
 
 
 def search_evolution(records: list[dict], space: list[str], title: str, path: Path) -> None:
-    """Per position and epoch, the most probable option (colour) and its probability (shade)."""
+    """Per position and epoch, the most probable option (colour) and its probability (the number in the cell).
+
+    Colours stay unshaded: attention widths are shades of one blue, so shading by probability would blur them.
+    """
     epochs, positions = len(records), len(records[0]["probs"])
     specs = [BlockSpec.parse(s) for s in space]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * epochs + 3), 0.3 * positions + 1.8))
+    undecided = Patch(facecolor="white", edgecolor="#c8c8c8", hatch="//", label="all options equal")
+    ties = False
     for x, rec in enumerate(records):
         for y, probs in enumerate(rec["probs"]):
             best = max(range(len(probs)), key=probs.__getitem__)
-            ax.add_patch(plt.Rectangle((x, y), 0.95, 0.9, facecolor=block_color(specs[best]),
-                                       alpha=0.25 + 0.75 * probs[best], edgecolor="grey", lw=0.4))
-            ax.text(x + 0.47, y + 0.5, f"{probs[best]:.2f}", ha="center", va="center", fontsize=5)
+            tie = max(probs) - min(probs) < 1e-6  # the first epoch: no option leads yet, whatever argmax says
+            ties |= tie
+            color = "white" if tie else block_color(specs[best])
+            ax.add_patch(plt.Rectangle((x, y), 0.95, 0.9, facecolor=color, hatch="//" if tie else None,
+                                       edgecolor="#c8c8c8" if tie else "grey", lw=0.4))
+            dark = sum(to_rgb(color)) < 1.5
+            ax.text(x + 0.47, y + 0.5, f"{probs[best]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if dark else "black")
     ax.set_xlim(0, epochs)
     ax.set_ylim(positions, 0)
     labels, corrections = [], 0
@@ -164,7 +174,8 @@ def search_evolution(records: list[dict], space: list[str], title: str, path: Pa
     ax.set_xlabel("epoch" + (" (c1, c2, ...: end-of-search latency correction)" if corrections else ""))
     ax.set_ylabel("block position")
     ax.set_title(title)
-    ax.legend(handles=legend_handles(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    ax.legend(handles=legend_handles() + [undecided] * ties, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              fontsize=7, frameon=False)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
