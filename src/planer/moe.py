@@ -242,16 +242,16 @@ class MoEFeedForward(nn.Module):
         self.expert_counts = counts.detach()
         order = assigned.argsort(stable=True)
         row = torch.arange(N * K, device=flat.device)  # the output row of each assignment, in expert order
+        kept = order
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * N * K / E)
             keep = row - (counts.cumsum(0) - counts).repeat_interleave(counts, output_size=N * K) < capacity
             gate = gate.reshape(-1).index_fill(0, order[~keep], 0.0).view(K, N)
             row = (keep.cumsum(0) - 1).clamp_(min=0)
             counts = counts.clamp(max=capacity)
+            kept = order[keep]
         slot = torch.empty_like(row).index_copy_(0, order, row).view(K, N)
-        if self.capacity_factor is not None:
-            order = order[keep]
-        return gate, slot, order % N if K > 1 else order, counts
+        return gate, slot, kept % N if K > 1 else kept, counts
 
     def _experts(self, flat: torch.Tensor, token: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The experts' outputs for the expert-sorted assignments of rows ``token`` of ``flat``."""
