@@ -76,11 +76,16 @@ def speedups(rows: list[dict], path: Path) -> None:
     Each design has its colour, darker for tighter latency targets; repeats with other seeds are dashed or dotted.
     """
     benched = [r for r in rows if r["bench"]]
+
+    def variant(r: dict) -> tuple[float, str]:  # seeds of one target share a shade; fixed designs go by name
+        return (r["target"], "") if r["target"] is not None else (0.0, r["name"])
+
+    variants = {d: sorted({variant(r) for r in benched if r["design"] == d}) for d in {r["design"] for r in benched}}
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for r in benched:
         color, marker = DESIGN_STYLE.get(r["design"], DESIGN_STYLE["other"])
-        siblings = sorted({(m["target"] or 0.0, m["name"].split("-s")[0]) for m in benched if m["design"] == r["design"]})
-        shade = siblings.index((r["target"] or 0.0, r["name"].split("-s")[0])) / max(1, len(siblings) - 1)
+        siblings = variants[r["design"]]
+        shade = siblings.index(variant(r)) / max(1, len(siblings) - 1)
         points = sorted((b["batch"], b["speedup"]) for b in r["bench"]["batches"])
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=lighter(color, 0.6 * shade),
                 ls=SEED_LINES[(r["seed"] - 1) % len(SEED_LINES)], lw=1.0, label=r["name"])
