@@ -30,8 +30,16 @@ from planer.arch import Arch, BlockSpec  # noqa: E402
 from planer.config import load_config  # noqa: E402
 from planer.errors import PlanerError  # noqa: E402
 from planer.latency import (  # noqa: E402
-    DTYPES, LatencyTable, latency_device, private_rng, probe_models, profiled_specs, sample_models, summarize,
-    table_from_samples, with_vocab_size,
+    DTYPES,
+    LatencyTable,
+    latency_device,
+    private_rng,
+    probe_models,
+    profiled_specs,
+    sample_models,
+    summarize,
+    table_from_samples,
+    with_vocab_size,
 )
 from planer.model import TransformerXL  # noqa: E402
 
@@ -60,8 +68,10 @@ def measure(cfg, archs: dict[str, Arch], lut: Path | None) -> tuple[LatencyTable
     lc = cfg.latency
     device = latency_device(lc)
     with private_rng(device, seed=1):
-        models = {name: TransformerXL(cfg.model, arch).to(device=device, dtype=DTYPES[lc.dtype])
-                  for name, arch in archs.items()}
+        models = {
+            name: TransformerXL(cfg.model, arch).to(device=device, dtype=DTYPES[lc.dtype])
+            for name, arch in archs.items()
+        }
     if lut is not None:
         table = LatencyTable.load(lut)
         table.check(cfg, where=str(lut))
@@ -77,27 +87,46 @@ def compare(table: LatencyTable, archs: dict[str, Arch], samples: dict[str, np.n
     for name, arch in archs.items():
         measured = summarize(samples[name])
         estimated = table.estimate(arch)
-        rows.append({"name": name, "arch": str(arch), "estimated": round(estimated, 4), "measured": measured,
-                     "error": round((estimated - measured["median"]) / measured["median"], 4)})
+        rows.append(
+            {
+                "name": name,
+                "arch": str(arch),
+                "estimated": round(estimated, 4),
+                "measured": measured,
+                "error": round((estimated - measured["median"]) / measured["median"], 4),
+            }
+        )
     est = np.array([r["estimated"] for r in rows])
     meas = np.array([r["measured"]["median"] for r in rows])
-    summary = {"archs": len(rows), "pearson_r": round(float(np.corrcoef(est, meas)[0, 1]), 4),
-               "median_abs_rel_error": round(float(np.median(np.abs(est - meas) / meas)), 4)}
+    summary = {
+        "archs": len(rows),
+        "pearson_r": round(float(np.corrcoef(est, meas)[0, 1]), 4),
+        "median_abs_rel_error": round(float(np.median(np.abs(est - meas) / meas)), 4),
+    }
     return rows, summary
 
 
 def markdown(cfg, table: LatencyTable, rows: list[dict], summary: dict, shared_rounds: bool) -> str:
     fp = table.fingerprint
-    lines = [f"Latency fidelity on {fp['device']}, {fp['dtype']}, {fp['threads']} thread(s), batch {fp['batch']}, "
-             f"tgt_len {fp['tgt_len']}, mem_len {fp['mem_len']}, {cfg.latency.repeats} rounds; table "
-             + ("profiled in the same rounds" if shared_rounds else f"from {table.settings.get('created')}"),
-             "", "| arch | estimated ms | measured ms (p10-p90) | error |", "|---|---:|---:|---:|"]
+    lines = [
+        f"Latency fidelity on {fp['device']}, {fp['dtype']}, {fp['threads']} thread(s), batch {fp['batch']}, "
+        f"tgt_len {fp['tgt_len']}, mem_len {fp['mem_len']}, {cfg.latency.repeats} rounds; table "
+        + ("profiled in the same rounds" if shared_rounds else f"from {table.settings.get('created')}"),
+        "",
+        "| arch | estimated ms | measured ms (p10-p90) | error |",
+        "|---|---:|---:|---:|",
+    ]
     for r in rows:
         m = r["measured"]
-        lines.append(f"| {r['name']} | {r['estimated']:.3f} | {m['median']:.3f} ({m['p10']:.3f}-{m['p90']:.3f}) "
-                     f"| {100 * r['error']:+.1f}% |")
-    lines += ["", f"Pearson r = {summary['pearson_r']:.4f} over {summary['archs']} architectures; "
-              f"median absolute relative error = {100 * summary['median_abs_rel_error']:.1f}%"]
+        lines.append(
+            f"| {r['name']} | {r['estimated']:.3f} | {m['median']:.3f} ({m['p10']:.3f}-{m['p90']:.3f}) "
+            f"| {100 * r['error']:+.1f}% |"
+        )
+    lines += [
+        "",
+        f"Pearson r = {summary['pearson_r']:.4f} over {summary['archs']} architectures; "
+        f"median absolute relative error = {100 * summary['median_abs_rel_error']:.1f}%",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -110,8 +139,13 @@ def scatter(rows: list[dict], summary: dict, path: Path) -> None:
     ax.scatter([base["estimated"]], [base["measured"]["median"]], s=40, marker="*", color="C3", label="baseline")
     hi = 1.05 * max(est + meas)
     ax.plot([0, hi], [0, hi], "k--", lw=1, label="y = x")
-    ax.set(xlim=(0, hi), ylim=(0, hi), xlabel="estimated latency (ms)", ylabel="measured end-to-end latency (ms)",
-           title=f"Estimated vs measured (r = {summary['pearson_r']:.3f})")
+    ax.set(
+        xlim=(0, hi),
+        ylim=(0, hi),
+        xlabel="estimated latency (ms)",
+        ylabel="measured end-to-end latency (ms)",
+        title=f"Estimated vs measured (r = {summary['pearson_r']:.3f})",
+    )
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -129,8 +163,11 @@ def block_bars(cfg, table: LatencyTable, path: Path) -> None:
     ax.bar(names, med, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], capsize=3, color="C0")
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     fp = table.fingerprint
-    ax.set(ylabel=f"latency relative to {ref}", xlabel="block",
-           title=f"Block latency, {fp['device']}, batch {fp['batch']}, d_model {fp['d_model']}")
+    ax.set(
+        ylabel=f"latency relative to {ref}",
+        xlabel="block",
+        title=f"Block latency, {fp['device']}, batch {fp['batch']}, d_model {fp['d_model']}",
+    )
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -139,6 +176,7 @@ def block_bars(cfg, table: LatencyTable, path: Path) -> None:
 
 def repeatability(a: LatencyTable, b: LatencyTable) -> str:
     """How far two profiles of the same fingerprint lie apart, block by block, as |a - b| / mean."""
+
     def rel(x, y):
         return abs(x - y) / max((x + y) / 2, 1e-9)
 
@@ -147,10 +185,14 @@ def repeatability(a: LatencyTable, b: LatencyTable) -> str:
     for spec in a.blocks:
         for q in diffs:
             diffs[q].append(rel(a.blocks[spec][q], b.blocks[spec][q]))
-        lines.append(f"| {spec} | {a.blocks[spec]['median']:.3f} | {b.blocks[spec]['median']:.3f} "
-                     f"| {100 * diffs['median'][-1]:.1f}% | {100 * diffs['p10'][-1]:.1f}% |")
-    lines.append(f"\nmedian over blocks: {100 * np.median(diffs['median']):.1f}% (medians), "
-                 f"{100 * np.median(diffs['p10']):.1f}% (p10s)")
+        lines.append(
+            f"| {spec} | {a.blocks[spec]['median']:.3f} | {b.blocks[spec]['median']:.3f} "
+            f"| {100 * diffs['median'][-1]:.1f}% | {100 * diffs['p10'][-1]:.1f}% |"
+        )
+    lines.append(
+        f"\nmedian over blocks: {100 * np.median(diffs['median']):.1f}% (medians), "
+        f"{100 * np.median(diffs['p10']):.1f}% (p10s)"
+    )
     return "\n".join(lines)
 
 
@@ -184,8 +226,9 @@ def main(argv=None) -> int:
         (out / ".gitignore").write_text("*\n")  # results of this machine, never committed
     text = markdown(cfg, table, rows, summary, shared_rounds=args.lut is None)
     (out / "fidelity.md").write_text(text)
-    (out / "fidelity.json").write_text(json.dumps({"summary": summary, "rows": rows, "table": table.to_dict()},
-                                                  indent=1) + "\n")
+    (out / "fidelity.json").write_text(
+        json.dumps({"summary": summary, "rows": rows, "table": table.to_dict()}, indent=1) + "\n"
+    )
     scatter(rows, summary, out / "fidelity_scatter.png")
     block_bars(cfg, table, out / "block_latency.png")
     print(text + f"wrote {out}/fidelity.md, fidelity.json, fidelity_scatter.png, block_latency.png")

@@ -108,8 +108,13 @@ def measure(d_model, d_inner, tgt_len, batch, experts, training, warmup, repeats
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES) + ["custom"],
-                        help="shape sets: default (d_model 128, d_inner 512, tgt_len 64), paper (512, 2048, 192)")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=list(SHAPES),
+        choices=list(SHAPES) + ["custom"],
+        help="shape sets: default (d_model 128, d_inner 512, tgt_len 64), paper (512, 2048, 192)",
+    )
     parser.add_argument("--d-model", type=int, help="with --shapes custom")
     parser.add_argument("--d-inner", type=int, help="with --shapes custom")
     parser.add_argument("--tgt-len", type=int, help="with --shapes custom")
@@ -118,12 +123,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, help="timed rounds (default 9; --quick 3)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--budget", type=float, default=8.0,
-                        help="seconds of timed rounds per (shape, mode, batch), after at least 3 rounds")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=8.0,
+        help="seconds of timed rounds per (shape, mode, batch), after at least 3 rounds",
+    )
     parser.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
     parser.add_argument("--quick", action="store_true", help="a smoke run: batch 1 and 8, 3 rounds")
-    parser.add_argument("--glibc-defaults", action="store_true",
-                        help="leave glibc's allocator as it is instead of keeping freed memory, as planer does")
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="leave glibc's allocator as it is instead of keeping freed memory, as planer does",
+    )
     args = parser.parse_args()
     if "custom" in args.shapes and None in (args.d_model, args.d_inner, args.tgt_len):
         parser.error("--shapes custom needs --d-model, --d-inner and --tgt-len")
@@ -131,9 +143,11 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 9)
     torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, {args.experts} experts; "
-          f"median of up to {repeats} interleaved rounds (at least 3, {args.budget:g} s budget each) "
-          f"after {args.warmup} warm-up; times in ms, ratios to the best dense")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, {args.experts} experts; "
+        f"median of up to {repeats} interleaved rounds (at least 3, {args.budget:g} s budget each) "
+        f"after {args.warmup} warm-up; times in ms, ratios to the best dense"
+    )
     kept = not args.glibc_defaults and keep_freed_memory()
     env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
     print(f"allocator: {'freed memory kept (planer/allocator.py)' if kept else env or 'glibc defaults'}\n")
@@ -141,8 +155,10 @@ def main() -> None:
         custom = (args.d_model, args.d_inner, args.tgt_len)
         d_model, d_inner, tgt_len = custom if shape == "custom" else SHAPES[shape]
         print(f"### {shape}: d_model {d_model}, d_inner {d_inner}, tgt_len {tgt_len}\n")
-        print("| mode | batch | tokens | top-k | dense FFL | dense prepacked | MoE | MoE / dense "
-              "| routing only / dense | sequential | seq / dense | rounds |")
+        print(
+            "| mode | batch | tokens | top-k | dense FFL | dense prepacked | MoE | MoE / dense "
+            "| routing only / dense | sequential | seq / dense | rounds |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for mode in args.modes:
             training = mode == "training"
@@ -151,9 +167,12 @@ def main() -> None:
                 for k in (1, 2):
                     dense = min(t[f"dense{k}"], t.get(f"packed{k}", float("inf")))
                     packed = f"{t[f'packed{k}']:.3f}" if not training else "-"
-                    print(f"| {mode} | {batch} | {batch * tgt_len} | {k} | {t[f'dense{k}']:.3f} | {packed} "
-                          f"| {t[f'moe{k}']:.3f} | {t[f'moe{k}'] / dense:.2f} | {t[f'route{k}'] / dense:.2f} "
-                          f"| {t[f'seq{k}']:.3f} | {t[f'seq{k}'] / dense:.2f} | {t['rounds']} |", flush=True)
+                    print(
+                        f"| {mode} | {batch} | {batch * tgt_len} | {k} | {t[f'dense{k}']:.3f} | {packed} "
+                        f"| {t[f'moe{k}']:.3f} | {t[f'moe{k}'] / dense:.2f} | {t[f'route{k}'] / dense:.2f} "
+                        f"| {t[f'seq{k}']:.3f} | {t[f'seq{k}'] / dense:.2f} | {t['rounds']} |",
+                        flush=True,
+                    )
         print()
 
 

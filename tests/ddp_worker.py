@@ -43,5 +43,7 @@ planer.train.train(cfg, out / "train", Arch.parse("attn:4 ffl attn:2 moe:top2"),
 planer.search.search(cfg, out / "search", 0.6, lut_path=lut, quiet=True)
 rank = os.environ.get("RANK", "0")
 for stage, models in built.items():
-    save_file({k: v.detach().contiguous() for k, v in models[-1].state_dict().items()},
-              str(out / f"{stage}-rank{rank}.safetensors"))
+    save_file(
+        {k: v.detach().contiguous() for k, v in models[-1].state_dict().items()},
+        str(out / f"{stage}-rank{rank}.safetensors"),
+    )

@@ -26,8 +26,9 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settin
 
 def probe(mode: str, **env) -> tuple[str, int]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=clean | env, capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], env=clean | env, capture_output=True, text=True, check=True
+    ).stdout.split()
     return out[0], int(out[1])
 
 

@@ -18,9 +18,30 @@ def assert_user_error(result, fragment):
     assert fragment in lines[0], lines[0]
 
 
-TINY = ["--set", "model.d_model=32", "--set", "model.n_head=4", "--set", "model.d_inner=64", "--set", "model.n_layer=1",
-        "--set", "model.tgt_len=16", "--set", "model.mem_len=16", "--set", "train.steps=30", "--set", "train.batch_size=4",
-        "--set", "train.eval_every=30", "--set", "train.eval_batches=2", "--set", "train.warmup=5"]
+TINY = [
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.n_head=4",
+    "--set",
+    "model.d_inner=64",
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.tgt_len=16",
+    "--set",
+    "model.mem_len=16",
+    "--set",
+    "train.steps=30",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.eval_every=30",
+    "--set",
+    "train.eval_batches=2",
+    "--set",
+    "train.warmup=5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +75,21 @@ def test_existing_output_is_not_overwritten(trained):
     assert (root / "run" / "model.safetensors").read_bytes() == before
 
 
-@pytest.mark.parametrize("make_case, fragment", [
-    (lambda r: ["--config", r / "none.yaml"], "cannot read config"),
-    (lambda r: ["--config", r / "c.yaml", "--set", "model.d_model=0"], "model.d_model must be positive"),
-    (lambda r: ["--config", r / "c.yaml", "--set", "model.nope=3"], "unknown config key 'model.nope'"),
-    (lambda r: ["--config", r / "c.yaml", "--set", "model.d_model=abc"], "expected int"),
-    (lambda r: ["--config", r / "c.yaml", "--set", "model.n_head=3"], "must divide"),
-    (lambda r: ["--config", r / "c.yaml", "--arch", "attn:8 conv"], "unknown block 'conv'"),
-    (lambda r: ["--config", r / "c.yaml", "--set", "data.path=/nonexistent.txt"], "data file not found"),
-    (lambda r: ["--config", r / "empty.yaml", "--set", f"data.path={r / 'empty.txt'}"], "is empty"),
-    (lambda r: ["--config", r / "c.yaml", "--set", f"data.path={r / 'short.txt'}"], "fewer than one segment"),
-    (lambda r: ["--config", r / "c.yaml", "--set", "search.target=1.5"], "in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "make_case, fragment",
+    [
+        (lambda r: ["--config", r / "none.yaml"], "cannot read config"),
+        (lambda r: ["--config", r / "c.yaml", "--set", "model.d_model=0"], "model.d_model must be positive"),
+        (lambda r: ["--config", r / "c.yaml", "--set", "model.nope=3"], "unknown config key 'model.nope'"),
+        (lambda r: ["--config", r / "c.yaml", "--set", "model.d_model=abc"], "expected int"),
+        (lambda r: ["--config", r / "c.yaml", "--set", "model.n_head=3"], "must divide"),
+        (lambda r: ["--config", r / "c.yaml", "--arch", "attn:8 conv"], "unknown block 'conv'"),
+        (lambda r: ["--config", r / "c.yaml", "--set", "data.path=/nonexistent.txt"], "data file not found"),
+        (lambda r: ["--config", r / "empty.yaml", "--set", f"data.path={r / 'empty.txt'}"], "is empty"),
+        (lambda r: ["--config", r / "c.yaml", "--set", f"data.path={r / 'short.txt'}"], "fewer than one segment"),
+        (lambda r: ["--config", r / "c.yaml", "--set", "search.target=1.5"], "in (0, 1]"),
+    ],
+)
 def test_bad_train_input(trained, tmp_path, make_case, fragment):
     root, _ = trained
     (root / "empty.txt").write_text("")

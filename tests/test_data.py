@@ -13,7 +13,7 @@ def test_char_split_is_contiguous_90_5_5(tiny_text):
     assert len(corpus.train) == int(n * 0.9)
     text = tiny_text.read_text()
     assert corpus.vocab.decode(corpus.train[:50].tolist()) == text[:50]
-    assert corpus.vocab.decode(corpus.valid[:20].tolist()) == text[int(n * 0.9):int(n * 0.9) + 20]
+    assert corpus.vocab.decode(corpus.valid[:20].tolist()) == text[int(n * 0.9) : int(n * 0.9) + 20]
 
 
 def test_word_level_eos_and_unk(tmp_path):

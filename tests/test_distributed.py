@@ -11,18 +11,36 @@ import subprocess
 import sys
 
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
 from planer.config import load_config
 from planer.latency import profile_dir
 
-from conftest import ROOT
-
-SETTINGS = ["model.d_model=32", "model.n_head=4", "model.d_inner=64", "model.n_layer=2", "model.tgt_len=16",
-            "model.mem_len=16", "model.dropout=0.0", "model.moe_dropout=0.0", "train.batch_size=7", "train.steps=12",
-            "train.eval_every=6", "train.eval_batches=2", "train.warmup=3", "train.lr=0.02", "train.balance_coef=0.0",
-            "train.device=cpu", "search.epochs=3", "search.steps_per_epoch=6", "search.freeze_fraction=0.3",
-            "latency.repeats=3", "latency.warmup=1", "latency.batch_size=2"]
+SETTINGS = [
+    "model.d_model=32",
+    "model.n_head=4",
+    "model.d_inner=64",
+    "model.n_layer=2",
+    "model.tgt_len=16",
+    "model.mem_len=16",
+    "model.dropout=0.0",
+    "model.moe_dropout=0.0",
+    "train.batch_size=7",
+    "train.steps=12",
+    "train.eval_every=6",
+    "train.eval_batches=2",
+    "train.warmup=3",
+    "train.lr=0.02",
+    "train.balance_coef=0.0",
+    "train.device=cpu",
+    "search.epochs=3",
+    "search.steps_per_epoch=6",
+    "search.freeze_fraction=0.3",
+    "latency.repeats=3",
+    "latency.warmup=1",
+    "latency.batch_size=2",
+]
 
 
 def worker(launcher: list[str], config, lut, out) -> None:
@@ -38,8 +56,12 @@ def test_two_ranks_agree_with_each_other_and_with_one_process(tiny_text, tmp_pat
     lut, _ = profile_dir(load_config(config, SETTINGS), tmp_path / "lut")
     lut = tmp_path / "lut" / "lut.json"
     worker([sys.executable], config, lut, tmp_path / "single")
-    worker([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"], config, lut,
-           tmp_path / "ddp")
+    worker(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+        config,
+        lut,
+        tmp_path / "ddp",
+    )
     for stage in ("train", "search"):
         one = load_file(str(tmp_path / "single" / f"{stage}-rank0.safetensors"))
         r0 = load_file(str(tmp_path / "ddp" / f"{stage}-rank0.safetensors"))
@@ -51,4 +73,6 @@ def test_two_ranks_agree_with_each_other_and_with_one_process(tiny_text, tmp_pat
         alphas = [k for k in r0 if k.endswith("alpha")]
         assert stage == "train" or (alphas and any(r0[k].abs().sum() > 0 for k in alphas))  # alpha was trained
     # rank 0 alone wrote the outputs, and they are complete
-    assert (tmp_path / "ddp" / "train" / "summary.json").exists() and (tmp_path / "ddp" / "search" / "arch.json").exists()
+    assert (tmp_path / "ddp" / "train" / "summary.json").exists() and (
+        tmp_path / "ddp" / "search" / "arch.json"
+    ).exists()

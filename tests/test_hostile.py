@@ -37,10 +37,36 @@ from safetensors.torch import load_file, save_file
 
 from planer.cli import main
 
-TINY = ["--set", "model.d_model=32", "--set", "model.n_head=4", "--set", "model.d_inner=64", "--set", "model.n_layer=1",
-        "--set", "model.tgt_len=16", "--set", "model.mem_len=16", "--set", "train.steps=30", "--set", "train.batch_size=4",
-        "--set", "train.eval_every=30", "--set", "train.eval_batches=2", "--set", "train.warmup=5",
-        "--set", "latency.repeats=3", "--set", "latency.warmup=1", "--set", "latency.batch_size=2"]
+TINY = [
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.n_head=4",
+    "--set",
+    "model.d_inner=64",
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.tgt_len=16",
+    "--set",
+    "model.mem_len=16",
+    "--set",
+    "train.steps=30",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.eval_every=30",
+    "--set",
+    "train.eval_batches=2",
+    "--set",
+    "train.warmup=5",
+    "--set",
+    "latency.repeats=3",
+    "--set",
+    "latency.warmup=1",
+    "--set",
+    "latency.batch_size=2",
+]
 TEXT = "To be, or not to be, that is the question:\n" * 400
 
 
@@ -86,6 +112,7 @@ def before(world) -> dict:
 @pytest.fixture(autouse=True)
 def no_unpickling(monkeypatch):
     """Anything that unpickles during a case fails the test, whatever the code does with the exception."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("something was unpickled")
 
@@ -113,13 +140,25 @@ def train(*extra: str):
 
 def train_with_config(text: str | bytes):
     """``train`` with a config file of its own (data.path given with --set, so only the file is at fault)."""
-    return lambda w, t: ["train", "--config", write(t / "bad.yaml", text), *TINY,
-                         "--set", f"data.path={w.root / 'text.txt'}", "--out", t / "out"]
+    return lambda w, t: [
+        "train",
+        "--config",
+        write(t / "bad.yaml", text),
+        *TINY,
+        "--set",
+        f"data.path={w.root / 'text.txt'}",
+        "--out",
+        t / "out",
+    ]
 
 
 def train_on_data(content: str | bytes, *extra: str):
-    return lambda w, t: ["train", *cfg_args(w, "--set", f"data.path={write(t / 'data.txt', content)}", *extra),
-                         "--out", t / "out"]
+    return lambda w, t: [
+        "train",
+        *cfg_args(w, "--set", f"data.path={write(t / 'data.txt', content)}", *extra),
+        "--out",
+        t / "out",
+    ]
 
 
 def train_with_arch(text: str | bytes):
@@ -134,6 +173,7 @@ def random_bytes(n: int) -> bytes:
 
 def broken_checkpoint(edit):
     """``evaluate`` of a copy of the earlier run whose files ``edit(dir)`` has damaged."""
+
     def build(w, t):
         ckpt = t / "ckpt"
         ckpt.mkdir()
@@ -141,6 +181,7 @@ def broken_checkpoint(edit):
             shutil.copy(w.run / name, ckpt / name)
         edit(ckpt)
         return ["evaluate", "--run", ckpt]
+
     return build
 
 
@@ -149,6 +190,7 @@ def edit_meta(change):
         meta = json.loads((ckpt / "config.json").read_text())
         change(meta)
         (ckpt / "config.json").write_text(json.dumps(meta))
+
     return edit
 
 
@@ -157,6 +199,7 @@ def edit_tensors(change):
         tensors = load_file(str(ckpt / "model.safetensors"))
         change(tensors)
         save_file(tensors, str(ckpt / "model.safetensors"))
+
     return edit
 
 
@@ -164,6 +207,7 @@ def truncate(name: str, keep: float = 0.5):
     def edit(ckpt):
         data = (ckpt / name).read_bytes()
         (ckpt / name).write_bytes(data[: int(len(data) * keep)])
+
     return edit
 
 
@@ -193,6 +237,7 @@ def broken_lut(change, resign: bool = True, command: str = "profile"):
 
     ``resign``: recompute the checksum, as a table written by another planer (or a careful forger) would carry.
     """
+
     def build(w, t):
         data = json.loads((w.lut / "lut.json").read_text())
         change(data)
@@ -201,6 +246,7 @@ def broken_lut(change, resign: bool = True, command: str = "profile"):
         if command == "search":
             return ["search", *cfg_args(w), "--out", t / "out", "--target", "0.5", "--lut", t / "lut" / "lut.json"]
         return ["profile", *cfg_args(w), "--out", t / "lut"]
+
     return build
 
 
@@ -263,6 +309,7 @@ def bench_against(edit):
     def build(w, t):
         baseline = broken_checkpoint(edit)(w, t)[-1]
         return ["bench", "--run", w.run, "--baseline", baseline, "--batch", "1", "--repeats", "1"]
+
     return build
 
 
@@ -273,145 +320,278 @@ CASES = [
     # -- configs: wrong types, unknown keys, bad sizes, bad targets, bad search spaces ------------------------
     pytest.param(train_with_config("- model\n- train\n"), "expected a mapping of sections", id="config-yaml-is-a-list"),
     pytest.param(train_with_config("model: [d_model: 3\n"), "is not valid YAML", id="config-invalid-yaml"),
-    pytest.param(train_with_config("model: !!python/object/apply:os.system ['touch PWNED']\n"), "is not valid YAML",
-                 id="config-python-tag"),
+    pytest.param(
+        train_with_config("model: !!python/object/apply:os.system ['touch PWNED']\n"),
+        "is not valid YAML",
+        id="config-python-tag",
+    ),
     pytest.param(train_with_config(b"# caf\xe9\nmodel:\n  d_model: 32\n"), "is not UTF-8", id="config-not-utf8"),
     pytest.param(train_with_config("eval: 5\n"), "config eval: expected a mapping", id="config-section-not-mapping"),
-    pytest.param(train("--set", "model.d_model=abc"), "config model.d_model: expected int, got 'abc'",
-                 id="config-string-for-int"),
-    pytest.param(train("--set", "model.n_layer=1.5"), "config model.n_layer: expected int, got 1.5",
-                 id="config-float-for-int"),
-    pytest.param(train("--set", "model.dropout=true"), "config model.dropout: expected float, got True",
-                 id="config-bool-for-float"),
-    pytest.param(train("--set", "train.lr=.nan"), "config train.lr: expected a finite number, got nan",
-                 id="config-nan-for-float"),
+    pytest.param(
+        train("--set", "model.d_model=abc"), "config model.d_model: expected int, got 'abc'", id="config-string-for-int"
+    ),
+    pytest.param(
+        train("--set", "model.n_layer=1.5"), "config model.n_layer: expected int, got 1.5", id="config-float-for-int"
+    ),
+    pytest.param(
+        train("--set", "model.dropout=true"),
+        "config model.dropout: expected float, got True",
+        id="config-bool-for-float",
+    ),
+    pytest.param(
+        train("--set", "train.lr=.nan"), "config train.lr: expected a finite number, got nan", id="config-nan-for-float"
+    ),
     pytest.param(train("--set", "optimizer.lr=0.1"), "unknown config key 'optimizer'", id="config-unknown-section"),
     pytest.param(train("--set", "model.n_heads=4"), "unknown config key 'model.n_heads'", id="config-unknown-key"),
     pytest.param(train("--set", "model"), "--set expects section.key=value", id="config-set-without-value"),
     pytest.param(train("--set", "model.d_model=0"), "model.d_model must be positive, got 0", id="config-zero-d_model"),
-    pytest.param(train("--set", "model.tgt_len=-16"), "model.tgt_len must be positive, got -16",
-                 id="config-negative-tgt_len"),
-    pytest.param(train("--set", "train.batch_size=0"), "train.batch_size must be positive, got 0",
-                 id="config-zero-batch_size"),
-    pytest.param(train("--set", "model.mem_len=-1"), "model.mem_len must not be negative", id="config-negative-mem_len"),
-    pytest.param(train("--set", "model.dropout=1.0"), "model.dropout must be in [0, 1), got 1.0", id="config-dropout-one"),
+    pytest.param(
+        train("--set", "model.tgt_len=-16"), "model.tgt_len must be positive, got -16", id="config-negative-tgt_len"
+    ),
+    pytest.param(
+        train("--set", "train.batch_size=0"), "train.batch_size must be positive, got 0", id="config-zero-batch_size"
+    ),
+    pytest.param(
+        train("--set", "model.mem_len=-1"), "model.mem_len must not be negative", id="config-negative-mem_len"
+    ),
+    pytest.param(
+        train("--set", "model.dropout=1.0"), "model.dropout must be in [0, 1), got 1.0", id="config-dropout-one"
+    ),
     pytest.param(train("--set", "search.target=0"), "in (0, 1], got 0.0", id="config-target-zero"),
     pytest.param(train("--set", "search.target=-0.5"), "in (0, 1], got -0.5", id="config-target-negative"),
     pytest.param(train("--set", "search.target=1.01"), "in (0, 1], got 1.01", id="config-target-above-one"),
-    pytest.param(train("--set", "model.n_head=3"), "model.n_head (3) must divide model.d_model (32)",
-                 id="config-n_head-not-dividing-d_model"),
-    pytest.param(train("--set", "model.n_experts=2", "--set", "search.space=[skip, moe:top3]"),
-                 "unknown block 'moe:top3'", id="config-top_k-above-experts"),
-    pytest.param(train("--set", "search.space=[skip, attn:4, conv]"), "unknown block 'conv'",
-                 id="config-unknown-block-in-space"),
-    pytest.param(train("--set", "search.space=attn:4"), "config search.space: expected a list",
-                 id="config-space-not-a-list"),
+    pytest.param(
+        train("--set", "model.n_head=3"),
+        "model.n_head (3) must divide model.d_model (32)",
+        id="config-n_head-not-dividing-d_model",
+    ),
+    pytest.param(
+        train("--set", "model.n_experts=2", "--set", "search.space=[skip, moe:top3]"),
+        "unknown block 'moe:top3'",
+        id="config-top_k-above-experts",
+    ),
+    pytest.param(
+        train("--set", "search.space=[skip, attn:4, conv]"), "unknown block 'conv'", id="config-unknown-block-in-space"
+    ),
+    pytest.param(
+        train("--set", "search.space=attn:4"), "config search.space: expected a list", id="config-space-not-a-list"
+    ),
     pytest.param(train("--set", "train.device=tpu"), "train.device must be auto, cpu or cuda", id="config-bad-device"),
     # -- data: empty, binary, not UTF-8, one line, shorter than a segment, not a file -------------------------
     pytest.param(train_on_data(""), "is empty", id="data-empty"),
     pytest.param(train_on_data(random_bytes(4096)), "is not UTF-8 text", id="data-binary-random"),
-    pytest.param(train_on_data(TEXT.encode().replace(b"q", b"\x00")), "looks binary (it contains NUL bytes)",
-                 id="data-nul-bytes"),
+    pytest.param(
+        train_on_data(TEXT.encode().replace(b"q", b"\x00")), "looks binary (it contains NUL bytes)", id="data-nul-bytes"
+    ),
     pytest.param(train_on_data(LATIN1), f"bad byte at offset {LATIN1.index(0xE9)}", id="data-latin1"),
-    pytest.param(train_on_data("to be or not to be\n", "--set", "data.level=word"),
-                 "the validation split has 0 tokens", id="data-one-line"),
+    pytest.param(
+        train_on_data("to be or not to be\n", "--set", "data.level=word"),
+        "the validation split has 0 tokens",
+        id="data-one-line",
+    ),
     pytest.param(train_on_data(TEXT[:70]), "fewer than one segment", id="data-shorter-than-a-segment"),
-    pytest.param(lambda w, t: ["train", *cfg_args(w, "--set", f"data.path={t}"), "--out", t / "out"],
-                 "cannot read data file", id="data-is-a-directory"),
-    pytest.param(lambda w, t: ["evaluate", "--run", w.run, "--text", write(t / "image.png", PNG)],
-                 "is not UTF-8 text (bad byte at offset 0)", id="evaluate-text-binary"),
-    pytest.param(lambda w, t: ["evaluate", "--run", w.run, "--text", write(t / "one.txt", "T")],
-                 "has 1 tokens, too few to score", id="evaluate-text-one-char"),
-    pytest.param(lambda w, t: ["evaluate", "--run", w.run, "--device", "tpu"], "unknown device 'tpu'",
-                 id="evaluate-unknown-device"),
+    pytest.param(
+        lambda w, t: ["train", *cfg_args(w, "--set", f"data.path={t}"), "--out", t / "out"],
+        "cannot read data file",
+        id="data-is-a-directory",
+    ),
+    pytest.param(
+        lambda w, t: ["evaluate", "--run", w.run, "--text", write(t / "image.png", PNG)],
+        "is not UTF-8 text (bad byte at offset 0)",
+        id="evaluate-text-binary",
+    ),
+    pytest.param(
+        lambda w, t: ["evaluate", "--run", w.run, "--text", write(t / "one.txt", "T")],
+        "has 1 tokens, too few to score",
+        id="evaluate-text-one-char",
+    ),
+    pytest.param(
+        lambda w, t: ["evaluate", "--run", w.run, "--device", "tpu"],
+        "unknown device 'tpu'",
+        id="evaluate-unknown-device",
+    ),
     # -- checkpoints: damaged weights, a config that does not match them, a pickle in disguise ----------------
-    pytest.param(broken_checkpoint(truncate("model.safetensors")), "model.safetensors is corrupt",
-                 id="ckpt-truncated-safetensors"),
-    pytest.param(broken_checkpoint(lambda c: write(c / "model.safetensors", random_bytes(4096))),
-                 "model.safetensors is corrupt", id="ckpt-garbage-safetensors"),
-    pytest.param(broken_checkpoint(pickle_as_safetensors), "model.safetensors is corrupt",
-                 id="ckpt-pickle-as-safetensors"),
-    pytest.param(broken_checkpoint(lambda c: (c / "model.safetensors").unlink()), "model.safetensors is missing",
-                 id="ckpt-weights-missing"),
+    pytest.param(
+        broken_checkpoint(truncate("model.safetensors")),
+        "model.safetensors is corrupt",
+        id="ckpt-truncated-safetensors",
+    ),
+    pytest.param(
+        broken_checkpoint(lambda c: write(c / "model.safetensors", random_bytes(4096))),
+        "model.safetensors is corrupt",
+        id="ckpt-garbage-safetensors",
+    ),
+    pytest.param(
+        broken_checkpoint(pickle_as_safetensors), "model.safetensors is corrupt", id="ckpt-pickle-as-safetensors"
+    ),
+    pytest.param(
+        broken_checkpoint(lambda c: (c / "model.safetensors").unlink()),
+        "model.safetensors is missing",
+        id="ckpt-weights-missing",
+    ),
     pytest.param(broken_checkpoint(truncate("config.json")), "is unreadable or not JSON", id="ckpt-config-not-json"),
-    pytest.param(broken_checkpoint(edit_meta(widen_model)), "has shape (32,), expected (64,)",
-                 id="ckpt-config-does-not-match-tensors"),
-    pytest.param(broken_checkpoint(edit_tensors(drop_tensor)), "does not match its config: missing",
-                 id="ckpt-missing-tensor"),
+    pytest.param(
+        broken_checkpoint(edit_meta(widen_model)),
+        "has shape (32,), expected (64,)",
+        id="ckpt-config-does-not-match-tensors",
+    ),
+    pytest.param(
+        broken_checkpoint(edit_tensors(drop_tensor)), "does not match its config: missing", id="ckpt-missing-tensor"
+    ),
     pytest.param(broken_checkpoint(edit_meta(drop_symbol)), "vocabulary size", id="ckpt-vocab-does-not-match"),
-    pytest.param(broken_checkpoint(edit_meta(unknown_arch_block)), "config.json: unknown block 'mamba:2'",
-                 id="ckpt-unknown-block-in-arch"),
-    pytest.param(broken_checkpoint(edit_meta(bad_n_head)), "config.json: config model.n_head (3) must divide",
-                 id="ckpt-config-invalid"),
-    pytest.param(broken_checkpoint(edit_meta(byte_level)), "unknown vocabulary level 'byte'",
-                 id="ckpt-vocab-level-unknown"),
-    pytest.param(broken_checkpoint(lambda c: write(c / "eval.json", '{"valid": {"loss": 1.')),
-                 "eval.json is damaged", id="ckpt-eval-json-damaged"),
+    pytest.param(
+        broken_checkpoint(edit_meta(unknown_arch_block)),
+        "config.json: unknown block 'mamba:2'",
+        id="ckpt-unknown-block-in-arch",
+    ),
+    pytest.param(
+        broken_checkpoint(edit_meta(bad_n_head)),
+        "config.json: config model.n_head (3) must divide",
+        id="ckpt-config-invalid",
+    ),
+    pytest.param(
+        broken_checkpoint(edit_meta(byte_level)), "unknown vocabulary level 'byte'", id="ckpt-vocab-level-unknown"
+    ),
+    pytest.param(
+        broken_checkpoint(lambda c: write(c / "eval.json", '{"valid": {"loss": 1.')),
+        "eval.json is damaged",
+        id="ckpt-eval-json-damaged",
+    ),
     pytest.param(bench_against(other_tgt_len), "their latencies do not compare", id="bench-baseline-other-tgt_len"),
     # -- latency tables: edited, from another device, damaged, or for another config ---------------------------
     pytest.param(broken_lut(set_median, resign=False), "checksum mismatch", id="lut-edited-by-hand"),
     pytest.param(broken_lut(set_device), "device='cuda: NVIDIA A100-SXM4-80GB'", id="lut-from-another-device"),
-    pytest.param(broken_lut(set_device, command="search"), "device='cuda: NVIDIA A100-SXM4-80GB'",
-                 id="search-lut-from-another-device"),
+    pytest.param(
+        broken_lut(set_device, command="search"),
+        "device='cuda: NVIDIA A100-SXM4-80GB'",
+        id="search-lut-from-another-device",
+    ),
     pytest.param(truncated_lut, "is not valid JSON", id="lut-truncated"),
     pytest.param(broken_lut(bad_stats), "block ffl: expected median, p10 and p90 in ms", id="lut-negative-median"),
     pytest.param(broken_lut(drop_block), "lacks the blocks ffl", id="lut-missing-block"),
     pytest.param(broken_lut(add_unknown_block), "holds an unknown block 'conv:3'", id="lut-unknown-block"),
     # -- architecture files ------------------------------------------------------------------------------------
     pytest.param(train_with_arch('{"arch": ["attn:4", "mamba"]}'), "unknown block 'mamba'", id="arch-unknown-block"),
-    pytest.param(train_with_arch('{"arch": ["attn:4", "ffl", "ffl"]}'),
-                 "has 3 blocks, but model.n_layer=1 means 2", id="arch-wrong-length"),
-    pytest.param(train_with_arch('{"arch": "attn:4 ffl"}'), "expected a JSON object with an 'arch' list",
-                 id="arch-not-a-list"),
+    pytest.param(
+        train_with_arch('{"arch": ["attn:4", "ffl", "ffl"]}'),
+        "has 3 blocks, but model.n_layer=1 means 2",
+        id="arch-wrong-length",
+    ),
+    pytest.param(
+        train_with_arch('{"arch": "attn:4 ffl"}'), "expected a JSON object with an 'arch' list", id="arch-not-a-list"
+    ),
     pytest.param(train_with_arch('{"arch": []}'), "the architecture is empty", id="arch-empty"),
     pytest.param(train_with_arch(b'{"arch": ["attn:4", "ffl"]} \xff'), "is not UTF-8", id="arch-not-utf8"),
     pytest.param(train("--arch", "sandwich:5"), "sandwich:K needs 0 <= K <= n_layer (1), got 5", id="arch-sandwich-k"),
     # -- output aimed at the earlier run, and bad command-line values ------------------------------------------
-    pytest.param(lambda w, t: ["train", *cfg_args(w), "--out", w.run], "is not empty; pass --force",
-                 id="train-into-earlier-run"),
-    pytest.param(lambda w, t: ["search", *cfg_args(w), "--out", w.run, "--target", "0.5"], "is not empty; pass --force",
-                 id="search-into-earlier-run"),
-    pytest.param(lambda w, t: ["run", *cfg_args(w, "--set", "model.d_inner=128"), "--out", w.run],
-                 "holds a trained model, not a planer run directory", id="run-into-earlier-run"),
-    pytest.param(lambda w, t: ["run", *cfg_args(w), "--out", w.run],
-                 "holds a trained model, not a planer run directory", id="run-into-earlier-run-same-config"),
-    pytest.param(lambda w, t: ["run", *cfg_args(w), "--out", write(t / "r" / "config.yaml", "model: [\n").parent],
-                 "config.yaml is damaged", id="run-config-yaml-damaged"),
-    pytest.param(lambda w, t: ["train", *cfg_args(w), "--out", write(t / "r" / "config.yaml", b"\xff\xfe").parent,
-                               "--resume"], "config.yaml is damaged", id="resume-config-yaml-damaged"),
-    pytest.param(lambda w, t: ["profile", *cfg_args(w, "--set", "model.d_inner=128"), "--out", w.lut],
-                 "was profiled for d_inner=64", id="profile-over-earlier-lut"),
-    pytest.param(lambda w, t: ["profile", *cfg_args(w), "--out", write(t / "file", "x")], "is not a directory",
-                 id="profile-out-is-a-file"),
-    pytest.param(lambda w, t: ["profile", *cfg_args(w, "--set", "latency.dtype=fp16"), "--out", t / "lut"],
-                 "fp16 needs a CUDA device", id="profile-fp16-on-cpu"),
-    pytest.param(lambda w, t: ["bench", "--run", w.run, "--batch", "0"], "batch sizes must be positive integers",
-                 id="bench-batch-zero"),
-    pytest.param(lambda w, t: ["bench", "--run", w.run, "--threads", "0"], "latency.threads must be positive",
-                 id="bench-threads-zero"),
-    pytest.param(lambda w, t: ["search", *cfg_args(w), "--out", t / "out", "--target", "0"], "in (0, 1], got 0.0",
-                 id="search-target-zero"),
-    pytest.param(lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--targets", "2"], "in (0, 1], got 2.0",
-                 id="run-targets-two"),
-    pytest.param(lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--targets", "half"],
-                 "--targets expects comma-separated numbers", id="run-targets-not-numbers"),
-    pytest.param(lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--designs", "foo"], "unknown design 'foo'",
-                 id="run-designs-foo"),
-    pytest.param(lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--seeds", "0"],
-                 "--seeds must be a positive integer, got 0", id="run-seeds-zero"),
+    pytest.param(
+        lambda w, t: ["train", *cfg_args(w), "--out", w.run], "is not empty; pass --force", id="train-into-earlier-run"
+    ),
+    pytest.param(
+        lambda w, t: ["search", *cfg_args(w), "--out", w.run, "--target", "0.5"],
+        "is not empty; pass --force",
+        id="search-into-earlier-run",
+    ),
+    pytest.param(
+        lambda w, t: ["run", *cfg_args(w, "--set", "model.d_inner=128"), "--out", w.run],
+        "holds a trained model, not a planer run directory",
+        id="run-into-earlier-run",
+    ),
+    pytest.param(
+        lambda w, t: ["run", *cfg_args(w), "--out", w.run],
+        "holds a trained model, not a planer run directory",
+        id="run-into-earlier-run-same-config",
+    ),
+    pytest.param(
+        lambda w, t: ["run", *cfg_args(w), "--out", write(t / "r" / "config.yaml", "model: [\n").parent],
+        "config.yaml is damaged",
+        id="run-config-yaml-damaged",
+    ),
+    pytest.param(
+        lambda w, t: ["train", *cfg_args(w), "--out", write(t / "r" / "config.yaml", b"\xff\xfe").parent, "--resume"],
+        "config.yaml is damaged",
+        id="resume-config-yaml-damaged",
+    ),
+    pytest.param(
+        lambda w, t: ["profile", *cfg_args(w, "--set", "model.d_inner=128"), "--out", w.lut],
+        "was profiled for d_inner=64",
+        id="profile-over-earlier-lut",
+    ),
+    pytest.param(
+        lambda w, t: ["profile", *cfg_args(w), "--out", write(t / "file", "x")],
+        "is not a directory",
+        id="profile-out-is-a-file",
+    ),
+    pytest.param(
+        lambda w, t: ["profile", *cfg_args(w, "--set", "latency.dtype=fp16"), "--out", t / "lut"],
+        "fp16 needs a CUDA device",
+        id="profile-fp16-on-cpu",
+    ),
+    pytest.param(
+        lambda w, t: ["bench", "--run", w.run, "--batch", "0"],
+        "batch sizes must be positive integers",
+        id="bench-batch-zero",
+    ),
+    pytest.param(
+        lambda w, t: ["bench", "--run", w.run, "--threads", "0"],
+        "latency.threads must be positive",
+        id="bench-threads-zero",
+    ),
+    pytest.param(
+        lambda w, t: ["search", *cfg_args(w), "--out", t / "out", "--target", "0"],
+        "in (0, 1], got 0.0",
+        id="search-target-zero",
+    ),
+    pytest.param(
+        lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--targets", "2"],
+        "in (0, 1], got 2.0",
+        id="run-targets-two",
+    ),
+    pytest.param(
+        lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--targets", "half"],
+        "--targets expects comma-separated numbers",
+        id="run-targets-not-numbers",
+    ),
+    pytest.param(
+        lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--designs", "foo"],
+        "unknown design 'foo'",
+        id="run-designs-foo",
+    ),
+    pytest.param(
+        lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--seeds", "0"],
+        "--seeds must be a positive integer, got 0",
+        id="run-seeds-zero",
+    ),
     pytest.param(lambda w, t: ["report", "--run", w.run], "holds no finished baseline", id="report-on-a-train-run"),
-    pytest.param(lambda w, t: ["report", "--run", write(t / "r" / "baseline" / "summary.json", "{").parents[1]],
-                 "summary.json is damaged", id="report-summary-damaged"),
-    pytest.param(lambda w, t: ["search", *cfg_args(w), "--out", t / "out", "--target", "half"],
-                 "planer search: argument --target: invalid float value: 'half'", id="argument-not-a-number"),
-    pytest.param(lambda w, t: ["evaluate", "--run", w.run, "--split", "dev"],
-                 "argument --split: invalid choice: 'dev'", id="argument-invalid-choice"),
-    pytest.param(lambda w, t: ["train", "--out", t / "out"], "the following arguments are required: --config",
-                 id="argument-missing"),
+    pytest.param(
+        lambda w, t: ["report", "--run", write(t / "r" / "baseline" / "summary.json", "{").parents[1]],
+        "summary.json is damaged",
+        id="report-summary-damaged",
+    ),
+    pytest.param(
+        lambda w, t: ["search", *cfg_args(w), "--out", t / "out", "--target", "half"],
+        "planer search: argument --target: invalid float value: 'half'",
+        id="argument-not-a-number",
+    ),
+    pytest.param(
+        lambda w, t: ["evaluate", "--run", w.run, "--split", "dev"],
+        "argument --split: invalid choice: 'dev'",
+        id="argument-invalid-choice",
+    ),
+    pytest.param(
+        lambda w, t: ["train", "--out", t / "out"],
+        "the following arguments are required: --config",
+        id="argument-missing",
+    ),
 ]
 
-IN_A_PROCESS = ["config-yaml-is-a-list", "data-binary-random", "ckpt-pickle-as-safetensors", "lut-edited-by-hand",
-                "argument-not-a-number"]
+IN_A_PROCESS = [
+    "config-yaml-is-a-list",
+    "data-binary-random",
+    "ckpt-pickle-as-safetensors",
+    "lut-edited-by-hand",
+    "argument-not-a-number",
+]
 
 
 def assert_refused(code: int, out: str, err: str, fragment: str) -> None:

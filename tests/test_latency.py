@@ -20,9 +20,17 @@ FAST = ["latency.repeats=3", "latency.warmup=1"]
 
 
 def test_attention_cost_grows_with_heads(tiny_cfg):
-    cfg = tiny_cfg("model.d_model=128", "model.n_head=8", "model.tgt_len=64", "model.mem_len=64",
-                   "latency.batch_size=4", "latency.threads=1", "latency.repeats=60", "latency.warmup=5",
-                   "search.space=[skip, attn:1, attn:2, attn:4, attn:8]")
+    cfg = tiny_cfg(
+        "model.d_model=128",
+        "model.n_head=8",
+        "model.tgt_len=64",
+        "model.mem_len=64",
+        "latency.batch_size=4",
+        "latency.threads=1",
+        "latency.repeats=60",
+        "latency.warmup=5",
+        "search.space=[skip, attn:1, attn:2, attn:4, attn:8]",
+    )
     table = profile(cfg)
     lat = [table.latency(s) for s in ("skip", "attn:1", "attn:2", "attn:4", "attn:8")]
     assert lat == sorted(lat) and len(set(lat)) == len(lat), table.blocks
@@ -64,12 +72,15 @@ def test_matching_table_is_reused_and_another_fingerprint_refused(tiny_cfg, tmp_
     assert forced.fingerprint["batch"] == 3 and LatencyTable.load(path).fingerprint["batch"] == 3
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (lambda text: text[: len(text) // 2], "not valid JSON"),
-    (lambda text: text.replace('"median": ', '"median": 1', 1), "checksum"),
-    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "checksum"}), "checksum"),
-    (lambda text: "[1, 2]", "not a planer latency table"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda text: text[: len(text) // 2], "not valid JSON"),
+        (lambda text: text.replace('"median": ', '"median": 1', 1), "checksum"),
+        (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "checksum"}), "checksum"),
+        (lambda text: "[1, 2]", "not a planer latency table"),
+    ],
+)
 def test_edited_or_corrupt_table_is_refused(tiny_cfg, tmp_path, damage, fragment):
     path = tmp_path / "lut.json"
     cfg = tiny_cfg(*FAST)
@@ -124,13 +135,24 @@ def test_measurement_leaves_model_and_process_state_untouched(tiny_cfg):
 # ---------------------------------------------------------------------------------------------------------------
 # The command line, on a checkpoint trained in a few steps
 
+
 def sets(*items):
     return [arg for item in items for arg in ("--set", item)]
 
 
-TINY = sets("model.d_model=32", "model.n_head=4", "model.d_inner=64", "model.n_layer=1", "model.tgt_len=16",
-            "model.mem_len=16", "train.steps=4", "train.batch_size=4", "train.eval_every=4", "train.eval_batches=1",
-            "train.warmup=1")
+TINY = sets(
+    "model.d_model=32",
+    "model.n_head=4",
+    "model.d_inner=64",
+    "model.n_layer=1",
+    "model.tgt_len=16",
+    "model.mem_len=16",
+    "train.steps=4",
+    "train.batch_size=4",
+    "train.eval_every=4",
+    "train.eval_batches=1",
+    "train.warmup=1",
+)
 LAT = sets(*FAST)
 
 
@@ -160,16 +182,25 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("latency")
     (root / "text.txt").write_text("Now is the winter of our discontent made glorious summer.\n" * 300)
     (root / "c.yaml").write_text(f"data:\n  path: {root / 'text.txt'}\n")
-    result = planer_process("train", "--config", root / "c.yaml", "--out", root / "run", "--arch", "attn:2 ffl",
-                            *TINY, *LAT)
+    result = planer_process(
+        "train", "--config", root / "c.yaml", "--out", root / "run", "--arch", "attn:2 ffl", *TINY, *LAT
+    )
     assert result.returncode == 0, result.stderr
     return root
 
 
 def test_cli_profile_writes_reuses_and_refuses(trained):
     root = trained
-    args = ["profile", "--config", root / "c.yaml", "--out", root / "prof", *TINY, *LAT,
-            *sets("search.space=[skip, attn:1, ffl]")]
+    args = [
+        "profile",
+        "--config",
+        root / "c.yaml",
+        "--out",
+        root / "prof",
+        *TINY,
+        *LAT,
+        *sets("search.space=[skip, attn:1, ffl]"),
+    ]
     result = planer_process(*args)
     assert result.returncode == 0, result.stderr
     table = LatencyTable.load(root / "prof" / "lut.json")
@@ -181,8 +212,9 @@ def test_cli_profile_writes_reuses_and_refuses(trained):
     assert result.returncode == 0 and LatencyTable.load(root / "prof" / "lut.json").fingerprint["batch"] == 3
     (root / "prof" / "lut.json").write_text("{}")
     assert_user_error(planer(*args), "not a planer latency table")
-    assert_user_error(planer("profile", "--config", root / "c.yaml", "--out", root / "text.txt", *TINY),
-                      "not a directory")
+    assert_user_error(
+        planer("profile", "--config", root / "c.yaml", "--out", root / "text.txt", *TINY), "not a directory"
+    )
 
 
 def test_cli_bench(trained):

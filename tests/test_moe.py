@@ -142,11 +142,14 @@ def test_balance_loss():
 
 
 @pytest.mark.parametrize("impl", ["grouped", "sequential"])
-@pytest.mark.parametrize("top_k, capacity_factor, kept", [
-    (1, 1.0, {(t, 2) for t in range(5)}),  # capacity ceil(1.0 * 18 / 4) = 5 on expert 2
-    (2, 0.5, {(t, e) for t in range(5) for e in (0, 2)}),  # capacity 5 on experts 2 and 0
-    (2, 2.0, {(t, e) for t in range(18) for e in (0, 2)}),  # capacity 18: nothing dropped
-])
+@pytest.mark.parametrize(
+    "top_k, capacity_factor, kept",
+    [
+        (1, 1.0, {(t, 2) for t in range(5)}),  # capacity ceil(1.0 * 18 / 4) = 5 on expert 2
+        (2, 0.5, {(t, e) for t in range(5) for e in (0, 2)}),  # capacity 5 on experts 2 and 0
+        (2, 2.0, {(t, e) for t in range(18) for e in (0, 2)}),  # capacity 18: nothing dropped
+    ],
+)
 def test_capacity_drops_overflow_to_the_residual(impl, top_k, capacity_factor, kept):
     """Every token wants expert 2, then expert 0; an expert keeps its first tokens up to its capacity."""
     block, x = make(top_k, "one", impl=impl, capacity_factor=capacity_factor)

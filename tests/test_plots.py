@@ -9,8 +9,13 @@ from planer.plots import label_points
 
 def test_labels_of_nearby_points_of_other_designs_do_not_overlap():
     fig, ax = plt.subplots(figsize=(6.0, 4.4))
-    points = [(0.45, 2.414, "red", "0.50"), (0.452, 2.415, "purple", "0.50"), (0.455, 2.409, "green", "par"),
-              (0.8, 2.30, "red", "0.90"), (0.805, 2.298, "purple", "0.90")]
+    points = [
+        (0.45, 2.414, "red", "0.50"),
+        (0.452, 2.415, "purple", "0.50"),
+        (0.455, 2.409, "green", "par"),
+        (0.8, 2.30, "red", "0.90"),
+        (0.805, 2.298, "purple", "0.90"),
+    ]
     for x, y, color, _ in points:
         ax.scatter([x], [y], color=color)
     label_points(ax, points)

@@ -13,10 +13,23 @@ from safetensors.torch import load_file
 from planer.config import load_config
 from planer.latency import profile_dir
 
-TINY = ["model.d_model=32", "model.n_head=4", "model.d_inner=64", "model.n_layer=2", "model.tgt_len=16",
-        "model.mem_len=16", "model.dropout=0.1", "train.batch_size=8", "train.lr=0.02", "train.warmup=10",
-        "train.eval_batches=4", "train.ckpt_every=10", "latency.repeats=3", "latency.warmup=1",
-        "latency.batch_size=2"]
+TINY = [
+    "model.d_model=32",
+    "model.n_head=4",
+    "model.d_inner=64",
+    "model.n_layer=2",
+    "model.tgt_len=16",
+    "model.mem_len=16",
+    "model.dropout=0.1",
+    "train.batch_size=8",
+    "train.lr=0.02",
+    "train.warmup=10",
+    "train.eval_batches=4",
+    "train.ckpt_every=10",
+    "latency.repeats=3",
+    "latency.warmup=1",
+    "latency.batch_size=2",
+]
 
 
 def command(sub: str, config, out, *extra) -> list[str]:
@@ -26,8 +39,9 @@ def command(sub: str, config, out, *extra) -> list[str]:
 
 def kill_after_state(cmd: list[str], out, min_step: int) -> None:
     """Start ``cmd`` and SIGKILL it as soon as it has written a resume state at ``min_step`` or later."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         states = sorted((out / "resume").glob("step-*")) if (out / "resume").is_dir() else []
@@ -71,8 +85,10 @@ def test_killed_training_resumes_to_the_same_weights(tiny_text, tmp_path):
 
 def test_killed_search_resumes_to_the_same_weights_and_alpha(tiny_text, tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(f"data:\n  path: {tiny_text}\nsearch:\n  epochs: 6\n  steps_per_epoch: 40\n"
-                      "  freeze_fraction: 0.2\n  space: [skip, attn:1, attn:4, ffl, moe:top1]\n")
+    config.write_text(
+        f"data:\n  path: {tiny_text}\nsearch:\n  epochs: 6\n  steps_per_epoch: 40\n"
+        "  freeze_fraction: 0.2\n  space: [skip, attn:1, attn:4, ffl, moe:top1]\n"
+    )
     profile_dir(load_config(config, TINY), tmp_path / "lut")
     lut = ["--target", "0.6", "--lut", str(tmp_path / "lut" / "lut.json")]
     run(command("search", config, tmp_path / "full", *lut))
@@ -82,10 +98,13 @@ def test_killed_search_resumes_to_the_same_weights_and_alpha(tiny_text, tmp_path
     assert same_tensors(tmp_path / "full" / "supernet.safetensors", tmp_path / "cut" / "supernet.safetensors")
     full, cut = without_timings(tmp_path / "full" / "search.jsonl"), without_timings(tmp_path / "cut" / "search.jsonl")
     assert full == cut and len(full) >= 6  # every epoch's alpha, probabilities and losses
-    assert all(torch.isfinite(torch.tensor(r["alpha"])).all() and r.get("arch_ce", 0) == r.get("arch_ce", 0)
-               for r in full)
+    assert all(
+        torch.isfinite(torch.tensor(r["alpha"])).all() and r.get("arch_ce", 0) == r.get("arch_ce", 0) for r in full
+    )
     assert (tmp_path / "full" / "arch.json").read_text() == (tmp_path / "cut" / "arch.json").read_text()
-    again = subprocess.run(command("search", config, tmp_path / "full", *lut, "--resume"), capture_output=True, text=True)
+    again = subprocess.run(
+        command("search", config, tmp_path / "full", *lut, "--resume"), capture_output=True, text=True
+    )
     assert again.returncode == 2 and "has finished" in again.stderr
 
 
@@ -93,8 +112,9 @@ def test_resume_refuses_another_config(tiny_text, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  path: {tiny_text}\ntrain:\n  steps: 20\n  eval_every: 20\n")
     run(command("train", config, tmp_path / "run"))
-    result = subprocess.run(command("train", config, tmp_path / "run", "--set", "train.lr=0.5", "--resume"),
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        command("train", config, tmp_path / "run", "--set", "train.lr=0.5", "--resume"), capture_output=True, text=True
+    )
     assert result.returncode == 2 and "different config" in result.stderr
     result = subprocess.run(command("train", config, tmp_path / "run", "--resume"), capture_output=True, text=True)
     assert result.returncode == 2 and "has finished" in result.stderr
@@ -124,7 +144,9 @@ def test_divergence_stops_and_keeps_the_last_good_state(tiny_cfg, tmp_path, monk
     with pytest.raises(PlanerError, match="training diverged at step 26"):
         train(cfg, tmp_path / "run", Arch.parse("attn:2 ffl attn:4 ffl"), quiet=True)
     tensors, meta = load_state(newest_state(tmp_path / "run"))
-    assert meta["progress"]["step"] == 20 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    assert meta["progress"]["step"] == 20 and all(
+        torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()
+    )
     best = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in best.values())
     assert json.loads((tmp_path / "run" / "config.json").read_text())["step"] <= 20

@@ -15,8 +15,9 @@ SPACE = ["skip", "attn:1", "attn:2", "attn:4", "ffl", "moe:top1", "moe:top2"]
 
 
 def test_one_hot_supernet_equals_standalone_model():
-    cfg = ModelConfig(d_model=32, n_head=4, d_inner=64, n_layer=3, tgt_len=8, mem_len=8, dropout=0.0,
-                      n_experts=4, vocab_size=40)
+    cfg = ModelConfig(
+        d_model=32, n_head=4, d_inner=64, n_layer=3, tgt_len=8, mem_len=8, dropout=0.0, n_experts=4, vocab_size=40
+    )
     arch = Arch.parse("attn:2 moe:top1 skip ffl attn:4 moe:top2")
     torch.manual_seed(0)
     net = SuperNet(cfg, SPACE, len(arch)).eval()
@@ -55,7 +56,7 @@ def test_memory_is_kept_at_the_super_block_input():
             block.choice = choice
         with torch.no_grad():
             _, mems = net(x)
-        h = net.embed(x) * 32 ** 0.5
+        h = net.embed(x) * 32**0.5
         torch.testing.assert_close(mems[0], h)
 
 
@@ -99,8 +100,13 @@ def test_latency_loss_drives_estimate_to_target_and_stops():
 
 
 def test_tiny_search_writes_arch_and_log(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("search.epochs=4", "search.steps_per_epoch=10", "search.freeze_fraction=0.25",
-                   "latency.batch_size=2", "model.n_layer=2")
+    cfg = tiny_cfg(
+        "search.epochs=4",
+        "search.steps_per_epoch=10",
+        "search.freeze_fraction=0.25",
+        "latency.batch_size=2",
+        "model.n_layer=2",
+    )
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl"]
     arch = search(cfg, tmp_path / "s", target=0.5, quiet=True)
     assert len(arch) == 4
@@ -119,8 +125,9 @@ def test_warm_start_reproduces_the_baseline():
     top-2 MoE of upcycled experts computes what the feed-forward block it came from computes."""
     from planer.supernet import warm_start
 
-    cfg = ModelConfig(d_model=32, n_head=4, d_inner=64, n_layer=2, tgt_len=8, mem_len=8, dropout=0.0,
-                      n_experts=4, vocab_size=40)
+    cfg = ModelConfig(
+        d_model=32, n_head=4, d_inner=64, n_layer=2, tgt_len=8, mem_len=8, dropout=0.0, n_experts=4, vocab_size=40
+    )
     torch.manual_seed(1)
     baseline = TransformerXL(cfg, Arch.baseline(2, 4)).eval()
     net = SuperNet(cfg, SPACE, 4).eval()
@@ -141,7 +148,7 @@ def test_warm_start_reproduces_the_baseline():
         full = baseline.blocks[0]
         h = torch.randn(2, 8, 32)
         masked = full.out.weight.clone()
-        full.out.weight[:, 2 * 8:] = 0.0  # silence heads 3 and 4
+        full.out.weight[:, 2 * 8 :] = 0.0  # silence heads 3 and 4
         torch.testing.assert_close(attn2(h), full(h), atol=1e-5, rtol=1e-5)
         full.out.weight.copy_(masked)
 
@@ -149,8 +156,13 @@ def test_warm_start_reproduces_the_baseline():
 def test_search_over_target_at_the_end_gets_a_correction(tiny_cfg, tmp_path):
     """Too few architecture steps to reach a tight target: the search keeps stepping alpha after the last epoch,
     logs it, and arch.json states the estimate honestly."""
-    cfg = tiny_cfg("search.epochs=2", "search.steps_per_epoch=10", "search.freeze_fraction=0.5",
-                   "latency.batch_size=2", "model.n_layer=2")
+    cfg = tiny_cfg(
+        "search.epochs=2",
+        "search.steps_per_epoch=10",
+        "search.freeze_fraction=0.5",
+        "latency.batch_size=2",
+        "model.n_layer=2",
+    )
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl"]
     search(cfg, tmp_path / "s", target=0.05, quiet=True)
     records = [json.loads(l) for l in (tmp_path / "s" / "search.jsonl").read_text().splitlines()]

@@ -131,7 +131,10 @@ class Arch:
 
     def short(self) -> str:
         """A compact form for tables: s=skip, aH=attention, f=ffl, fxM=wide ffl, m1/m2=moe."""
-        codes = {"skip": lambda b: "s", "attn": lambda b: f"a{b.heads}",
-                 "ffl": lambda b: "f" if b.width == 1 else f"fx{b.width}",
-                 "moe": lambda b: f"m{b.top_k}" + (f"e{b.experts}" if b.experts else "")}
+        codes = {
+            "skip": lambda b: "s",
+            "attn": lambda b: f"a{b.heads}",
+            "ffl": lambda b: "f" if b.width == 1 else f"fx{b.width}",
+            "moe": lambda b: f"m{b.top_k}" + (f"e{b.experts}" if b.experts else ""),
+        }
         return "".join(codes[b.kind](b) for b in self.blocks)

@@ -94,8 +94,12 @@ class RelAttention(nn.Module):
         causal = torch.ones(T, K, dtype=torch.bool, device=x.device).triu(1 + M)
         bias = pos.masked_fill(causal, float("-inf"))
         att = F.scaled_dot_product_attention(
-            q + self.r_w_bias[:, None], k, v, attn_mask=bias,
-            dropout_p=self.dropatt if self.training else 0.0, scale=scale,
+            q + self.r_w_bias[:, None],
+            k,
+            v,
+            attn_mask=bias,
+            dropout_p=self.dropatt if self.training else 0.0,
+            scale=scale,
         )
         out = self.out(att.transpose(1, 2).reshape(B, T, H * Dh))
         return self.norm(x + self.drop(out))

@@ -52,8 +52,12 @@ def save_weights(path: Path, module: torch.nn.Module) -> None:
 def save_checkpoint(out_dir: str | Path, model: TransformerXL, cfg: Config, vocab: Vocab, **extra) -> None:
     out_dir = Path(out_dir)
     save_weights(out_dir / WEIGHTS, model)
-    meta = {"config": cfg.to_dict(), "arch": model.arch.specs(),
-            "vocab": {"level": vocab.level, "symbols": vocab.symbols}, **extra}
+    meta = {
+        "config": cfg.to_dict(),
+        "arch": model.arch.specs(),
+        "vocab": {"level": vocab.level, "symbols": vocab.symbols},
+        **extra,
+    }
     atomic_write_text(out_dir / CONFIG, json.dumps(meta, indent=1) + "\n")
 
 
@@ -85,7 +89,9 @@ def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     if vocab.level not in ("char", "word"):
         raise PlanerError(f"checkpoint config {run_dir / CONFIG}: unknown vocabulary level '{vocab.level}'")
     if len(vocab) != cfg.model.vocab_size:
-        raise PlanerError(f"checkpoint {run_dir}: vocabulary size {len(vocab)} != model.vocab_size {cfg.model.vocab_size}")
+        raise PlanerError(
+            f"checkpoint {run_dir}: vocabulary size {len(vocab)} != model.vocab_size {cfg.model.vocab_size}"
+        )
     path = run_dir / WEIGHTS
     if not path.exists():
         raise PlanerError(f"no checkpoint in {run_dir}: {WEIGHTS} is missing")

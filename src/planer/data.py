@@ -130,8 +130,9 @@ class Segments:
     all ranks together are exactly the single-process batch (sizes differ by at most one stream).
     """
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, tgt_len: int, drop_last: bool = True,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self, ids: torch.Tensor, batch_size: int, tgt_len: int, drop_last: bool = True, rank: int = 0, world: int = 1
+    ):
         n = len(ids) // batch_size
         if n < 2 or (drop_last and n < tgt_len + 1):
             need = batch_size * ((tgt_len if drop_last else 1) + 1)
@@ -140,8 +141,10 @@ class Segments:
                 f"{'(tgt_len ' + str(tgt_len) + ' + 1)' if drop_last else '2'})"
             )
         if world > batch_size:
-            raise PlanerError(f"{world} processes cannot share a batch of {batch_size} streams; "
-                              "use a batch size of at least the number of processes")
+            raise PlanerError(
+                f"{world} processes cannot share a batch of {batch_size} streams; "
+                "use a batch size of at least the number of processes"
+            )
         lo, hi = stream_share(batch_size, rank, world)
         self.data = ids[: n * batch_size].view(batch_size, n)[lo:hi]
         self.share = (hi - lo) / batch_size  # this rank's fraction of every step's tokens

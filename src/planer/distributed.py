@@ -91,7 +91,7 @@ def average_grads(params: list[torch.Tensor], env: Env) -> None:
         dist.all_reduce(flat)
         offset = 0
         for p in bucket:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
 

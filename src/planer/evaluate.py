@@ -21,8 +21,9 @@ from planer.model import TransformerXL, token_nll
 
 
 @torch.no_grad()
-def evaluate_ids(model: TransformerXL, ids: torch.Tensor, batch_size: int, tgt_len: int, mem_len: int,
-                 max_segments: int = 0) -> dict:
+def evaluate_ids(
+    model: TransformerXL, ids: torch.Tensor, batch_size: int, tgt_len: int, mem_len: int, max_segments: int = 0
+) -> dict:
     """Mean loss over the scored tokens of ``ids``; ``max_segments`` > 0 scores only that many segments."""
     was_training, saved_mem_len = model.training, model.mem_len
     model.eval()
@@ -55,12 +56,18 @@ def evaluate_ids(model: TransformerXL, ids: torch.Tensor, batch_size: int, tgt_l
 
 def summarize(result: dict, level: str, unk: int) -> dict:
     loss = result["loss"]
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpc": loss / math.log(2) if level == "char" else None,
-            "tokens": result["tokens"], "unk": unk}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "bpc": loss / math.log(2) if level == "char" else None,
+        "tokens": result["tokens"],
+        "unk": unk,
+    }
 
 
-def evaluate_run(run_dir: str | Path, split: str = "valid", text_file: str | Path | None = None,
-                 device: str = "cpu") -> dict:
+def evaluate_run(
+    run_dir: str | Path, split: str = "valid", text_file: str | Path | None = None, device: str = "cpu"
+) -> dict:
     """Evaluate a checkpoint on a split of its corpus, or on any text file; split results go to eval.json."""
     model, cfg, vocab = load_checkpoint(run_dir, resolve_device(str(device)))
     tgt_len = cfg.eval.tgt_len or cfg.model.tgt_len
@@ -73,8 +80,11 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", text_file: str | Pat
     path = Path(run_dir) / "eval.json"
     saved = read_json_object(path)
     corpus = load_corpus(cfg.data, vocab)
-    result = summarize(evaluate_ids(model, corpus.split(split), cfg.eval.batch_size, tgt_len, mem_len),
-                       vocab.level, corpus.unseen[split])
+    result = summarize(
+        evaluate_ids(model, corpus.split(split), cfg.eval.batch_size, tgt_len, mem_len),
+        vocab.level,
+        corpus.unseen[split],
+    )
     saved[split] = result
     path.write_text(json.dumps(saved, indent=2) + "\n")
     return result

@@ -26,10 +26,10 @@ import json
 import platform
 import random
 import time
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -37,9 +37,9 @@ import torch
 from planer.arch import Arch, BlockSpec
 from planer.checkpoint import atomic_write_text, load_checkpoint
 from planer.config import Config, LatencyConfig, validate
+from planer.distributed import resolve_device
 from planer.errors import PlanerError
 from planer.model import TransformerXL, build_block
-from planer.distributed import resolve_device
 
 TABLE_FORMAT = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,14 +104,19 @@ def segment_forward(model: TransformerXL, batch: int, device: torch.device) -> C
     dtype = model.embed.weight.dtype
     gen = torch.Generator(device=device).manual_seed(0)
     idx = torch.randint(0, cfg.vocab_size, (batch, cfg.tgt_len), device=device, generator=gen)
-    mems = [torch.randn(batch, model.mem_len, cfg.d_model, device=device, generator=gen).to(dtype)
-            if block.uses_memory and model.mem_len else None for block in model.blocks]
+    mems = [
+        torch.randn(batch, model.mem_len, cfg.d_model, device=device, generator=gen).to(dtype)
+        if block.uses_memory and model.mem_len
+        else None
+        for block in model.blocks
+    ]
     return lambda: model(idx, mems)
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     """Milliseconds of one call: CUDA events around a synchronised call on GPU, the wall clock on CPU."""
     if device.type == "cuda":
+
         def timed(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)
@@ -120,17 +125,20 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
             end.record()
             end.synchronize()
             return start.elapsed_time(end)
+
         return timed
 
     def timed(fn):
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
+
     return timed
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device,
-                     seed: int = 0) -> dict[str, np.ndarray]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Per-round milliseconds of every callable: ``warmup`` untimed rounds, then ``repeats`` timed ones.
 
     Every round calls each candidate once, in a new random order, so that slow drift and bursts of load from
@@ -148,12 +156,16 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats:
 
 
 def summarize(ms: np.ndarray) -> dict:
-    return {"median": round(float(np.median(ms)), 6), "p10": round(float(np.percentile(ms, 10)), 6),
-            "p90": round(float(np.percentile(ms, 90)), 6)}
+    return {
+        "median": round(float(np.median(ms)), 6),
+        "p10": round(float(np.percentile(ms, 10)), 6),
+        "p90": round(float(np.percentile(ms, 90)), 6),
+    }
 
 
-def sample_models(models: dict[str, TransformerXL], batch: int, lc: LatencyConfig,
-                  device: torch.device) -> dict[str, np.ndarray]:
+def sample_models(
+    models: dict[str, TransformerXL], batch: int, lc: LatencyConfig, device: torch.device
+) -> dict[str, np.ndarray]:
     """Per-round milliseconds of each model's segment forward, all models interleaved in the same rounds."""
     with measuring(models.values(), lc.threads):
         fns = {name: segment_forward(model, batch, device) for name, model in models.items()}
@@ -185,9 +197,17 @@ def environment(lc: LatencyConfig) -> dict:
 def fingerprint(cfg: Config) -> dict:
     """Everything a block's latency depends on; a table holds only where all of it is the same."""
     m, lc = cfg.model, cfg.latency
-    return {**environment(lc), "batch": lc.batch_size, "tgt_len": m.tgt_len, "mem_len": m.mem_len,
-            "d_model": m.d_model, "d_head": m.d_head, "d_inner": m.d_inner, "n_experts": m.n_experts,
-            "vocab_size": m.vocab_size}
+    return {
+        **environment(lc),
+        "batch": lc.batch_size,
+        "tgt_len": m.tgt_len,
+        "mem_len": m.mem_len,
+        "d_model": m.d_model,
+        "d_head": m.d_head,
+        "d_inner": m.d_inner,
+        "n_experts": m.n_experts,
+        "vocab_size": m.vocab_size,
+    }
 
 
 def with_vocab_size(cfg: Config) -> Config:
@@ -219,8 +239,12 @@ def table_from_samples(cfg: Config, samples: dict[str, np.ndarray], seconds: flo
     """
     fixed = samples[FIXED]
     blocks = {spec: summarize(np.maximum(ms - fixed, 0.0)) for spec, ms in samples.items() if spec != FIXED}
-    settings = {"warmup": cfg.latency.warmup, "repeats": cfg.latency.repeats, "seconds": round(seconds, 1),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    settings = {
+        "warmup": cfg.latency.warmup,
+        "repeats": cfg.latency.repeats,
+        "seconds": round(seconds, 1),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     return LatencyTable(fingerprint(cfg), summarize(fixed), blocks, settings)
 
 
@@ -238,8 +262,11 @@ def _checksum(body: dict) -> str:
 
 
 def _check_stats(value, where: str) -> dict:
-    if not isinstance(value, dict) or set(value) != {"median", "p10", "p90"} or not all(
-            isinstance(v, (int, float)) and 0.0 <= v < float("inf") for v in value.values()):
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"median", "p10", "p90"}
+        or not all(isinstance(v, (int, float)) and 0.0 <= v < float("inf") for v in value.values())
+    ):
         raise PlanerError(f"{where}: expected median, p10 and p90 in ms")
     return value
 
@@ -260,8 +287,14 @@ class LatencyTable:
     reused: bool = False  # loaded from an existing file rather than profiled now
 
     def to_dict(self) -> dict:
-        body = {"format": TABLE_FORMAT, "unit": "ms", "fingerprint": self.fingerprint, "settings": self.settings,
-                "fixed": self.fixed, "blocks": self.blocks}
+        body = {
+            "format": TABLE_FORMAT,
+            "unit": "ms",
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "fixed": self.fixed,
+            "blocks": self.blocks,
+        }
         return {**body, "checksum": _checksum(body)}
 
     def save(self, path: str | Path) -> None:
@@ -283,13 +316,17 @@ class LatencyTable:
             raise PlanerError(f"latency table {path} is not a planer latency table (format {TABLE_FORMAT})")
         body = {k: v for k, v in data.items() if k != "checksum"}
         if data.get("checksum") != _checksum(body):
-            raise PlanerError(f"latency table {path} was edited or is corrupt (checksum mismatch); "
-                              "profile again with --force")
+            raise PlanerError(
+                f"latency table {path} was edited or is corrupt (checksum mismatch); profile again with --force"
+            )
         try:
-            blocks = {_table_spec(spec, path): _check_stats(stats, f"{path}: block {spec}")
-                      for spec, stats in data["blocks"].items()}
-            table = LatencyTable(dict(data["fingerprint"]), _check_stats(data["fixed"], f"{path}: fixed"), blocks,
-                                 dict(data["settings"]))
+            blocks = {
+                _table_spec(spec, path): _check_stats(stats, f"{path}: block {spec}")
+                for spec, stats in data["blocks"].items()
+            }
+            table = LatencyTable(
+                dict(data["fingerprint"]), _check_stats(data["fixed"], f"{path}: fixed"), blocks, dict(data["settings"])
+            )
         except (KeyError, TypeError, AttributeError, ValueError):
             raise PlanerError(f"latency table {path} is malformed; profile again with --force") from None
         return table
@@ -297,13 +334,11 @@ class LatencyTable:
     def check(self, cfg: Config, where: str = "the latency table") -> None:
         """Refuse a table measured for another device, precision, thread count or shape, or lacking blocks."""
         wanted = fingerprint(cfg)
-        diff = [k for k in sorted(wanted.keys() | self.fingerprint.keys())
-                if wanted.get(k) != self.fingerprint.get(k)]
+        diff = [k for k in sorted(wanted.keys() | self.fingerprint.keys()) if wanted.get(k) != self.fingerprint.get(k)]
         if diff:
             held = ", ".join(f"{k}={self.fingerprint.get(k)!r}" for k in diff)
             need = ", ".join(f"{k}={wanted.get(k)!r}" for k in diff)
-            raise PlanerError(f"{where} was profiled for {held}, but this run needs {need}; "
-                              "profile again with --force")
+            raise PlanerError(f"{where} was profiled for {held}, but this run needs {need}; profile again with --force")
         missing = [s for s in profiled_specs(cfg) if s not in self.blocks]
         if missing:
             raise PlanerError(f"{where} lacks the blocks {', '.join(missing)}; profile again with --force")
@@ -315,8 +350,10 @@ class LatencyTable:
     def latency(self, spec: str | BlockSpec) -> float:
         key = str(BlockSpec.parse(spec) if isinstance(spec, str) else spec)
         if key not in self.blocks:
-            raise PlanerError(f"block '{key}' is not in the latency table (it holds {', '.join(self.blocks)}); "
-                              "profile again with this search space")
+            raise PlanerError(
+                f"block '{key}' is not in the latency table (it holds {', '.join(self.blocks)}); "
+                "profile again with this search space"
+            )
         return self.blocks[key]["median"]
 
     def estimate(self, arch: Arch | Iterable[str | BlockSpec]) -> float:
@@ -375,8 +412,14 @@ def _bench_settings(cfg: Config, device: str | None, threads: int | None, repeat
     return cfg.latency
 
 
-def bench(run_dir: str | Path, baseline_dir: str | Path | None = None, batches: Iterable[int] = (1, 8, 64),
-          device: str | None = None, threads: int | None = None, repeats: int | None = None) -> dict:
+def bench(
+    run_dir: str | Path,
+    baseline_dir: str | Path | None = None,
+    batches: Iterable[int] = (1, 8, 64),
+    device: str | None = None,
+    threads: int | None = None,
+    repeats: int | None = None,
+) -> dict:
     """End-to-end latency of a checkpoint and a baseline at several batch sizes; writes RUN/bench.json.
 
     Both models run in the same rounds (A B, B A, ...), so the speed-up is a ratio taken under the same
@@ -393,8 +436,10 @@ def bench(run_dir: str | Path, baseline_dir: str | Path | None = None, batches: 
         base, base_cfg, _ = load_checkpoint(baseline_dir)
         for key in ("vocab_size", "tgt_len", "mem_len"):
             if getattr(base_cfg.model, key) != getattr(cfg.model, key):
-                raise PlanerError(f"baseline {baseline_dir} has model.{key}={getattr(base_cfg.model, key)}, "
-                                  f"but {run_dir} has {getattr(cfg.model, key)}; their latencies do not compare")
+                raise PlanerError(
+                    f"baseline {baseline_dir} has model.{key}={getattr(base_cfg.model, key)}, "
+                    f"but {run_dir} has {getattr(cfg.model, key)}; their latencies do not compare"
+                )
         source = str(baseline_dir)
     else:
         with private_rng(torch.device("cpu")):
@@ -405,11 +450,25 @@ def bench(run_dir: str | Path, baseline_dir: str | Path | None = None, batches: 
     rows = []
     for batch in batches:
         stats = measure_models(models, batch, lc)
-        rows.append({"batch": batch, "model": stats["model"], "baseline": stats["baseline"],
-                     "speedup": round(stats["baseline"]["median"] / stats["model"]["median"], 4)})
-    result = {"run": str(run_dir), "arch": model.arch.specs(), "baseline": source,
-              "baseline_arch": base.arch.specs(), "environment": environment(lc),
-              "tgt_len": cfg.model.tgt_len, "mem_len": cfg.model.mem_len,
-              "settings": {"warmup": lc.warmup, "repeats": lc.repeats}, "unit": "ms", "batches": rows}
+        rows.append(
+            {
+                "batch": batch,
+                "model": stats["model"],
+                "baseline": stats["baseline"],
+                "speedup": round(stats["baseline"]["median"] / stats["model"]["median"], 4),
+            }
+        )
+    result = {
+        "run": str(run_dir),
+        "arch": model.arch.specs(),
+        "baseline": source,
+        "baseline_arch": base.arch.specs(),
+        "environment": environment(lc),
+        "tgt_len": cfg.model.tgt_len,
+        "mem_len": cfg.model.mem_len,
+        "settings": {"warmup": lc.warmup, "repeats": lc.repeats},
+        "unit": "ms",
+        "batches": rows,
+    }
     atomic_write_text(run_dir / "bench.json", json.dumps(result, indent=1) + "\n")
     return result

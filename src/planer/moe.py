@@ -165,8 +165,16 @@ class MoEFeedForward(nn.Module):
 
     uses_memory = False
 
-    def __init__(self, d_model: int, d_inner: int, n_experts: int = 8, top_k: int = 1, dropout: float = 0.2,
-                 capacity_factor: float | None = None, impl: str = "grouped"):
+    def __init__(
+        self,
+        d_model: int,
+        d_inner: int,
+        n_experts: int = 8,
+        top_k: int = 1,
+        dropout: float = 0.2,
+        capacity_factor: float | None = None,
+        impl: str = "grouped",
+    ):
         super().__init__()
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k must be between 1 and n_experts ({n_experts}), got {top_k}")

@@ -47,8 +47,15 @@ def parse_designs(text: str) -> list[str]:
     return designs
 
 
-def run_pipeline(cfg: Config, out: str | Path, targets: list[float], designs: list[str] = (), seeds: int = 1,
-                 force: bool = False, batches: tuple[int, ...] = BENCH_BATCHES) -> Path:
+def run_pipeline(
+    cfg: Config,
+    out: str | Path,
+    targets: list[float],
+    designs: list[str] = (),
+    seeds: int = 1,
+    force: bool = False,
+    batches: tuple[int, ...] = BENCH_BATCHES,
+) -> Path:
     """Every stage into ``out``; ``designs`` adds the comparisons, ``seeds`` repeats every search with other seeds."""
     for t in targets:
         check_target(t)
@@ -70,8 +77,9 @@ def run_pipeline(cfg: Config, out: str | Path, targets: list[float], designs: li
 
     def trained(name: str, arch_of, run_cfg: Config = cfg) -> Path:
         path = out / name
-        stage(path / "summary.json",
-              lambda: train(run_cfg, path, arch_of(), force=True, corpus=corpus, resume=not force))
+        stage(
+            path / "summary.json", lambda: train(run_cfg, path, arch_of(), force=True, corpus=corpus, resume=not force)
+        )
         return path
 
     baseline = trained("baseline", lambda: Arch.baseline(cfg.model.n_layer, cfg.model.n_head))
@@ -88,12 +96,18 @@ def run_pipeline(cfg: Config, out: str | Path, targets: list[float], designs: li
             for t in targets:
                 name = searched_name(design, t, seed)
                 found = out / search_dir_name(name)
-                stage(found / "arch.json", lambda: search(run_cfg, found, t, lut_path=lut, force=True, corpus=corpus,
-                                                          init_from=baseline, resume=not force))
+                stage(
+                    found / "arch.json",
+                    lambda: search(
+                        run_cfg, found, t, lut_path=lut, force=True, corpus=corpus, init_from=baseline, resume=not force
+                    ),
+                )
                 models.append(trained(name, lambda: Arch.load(found / "arch.json"), run_cfg))
 
-    ks = sorted({int(d.split(":")[1]) for d in designs if d.startswith("sandwich:")}
-                | (set(sandwich_sweep(cfg.model.n_layer)) if "sandwich" in designs else set()))
+    ks = sorted(
+        {int(d.split(":")[1]) for d in designs if d.startswith("sandwich:")}
+        | (set(sandwich_sweep(cfg.model.n_layer)) if "sandwich" in designs else set())
+    )
     sandwiches = [trained(f"sandwich-k{k}", lambda: named_arch(f"sandwich:{k}", cfg.model)) for k in ks]
     if "par" in designs:
         models.append(trained("par", lambda: named_arch("par", cfg.model)))

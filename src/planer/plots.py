@@ -32,9 +32,16 @@ def block_color(spec: BlockSpec) -> str:
 
 
 def legend_handles() -> list[Patch]:
-    handles = [Patch(facecolor=c, edgecolor="grey", label=f"attn {h} head{'s' * (h > 1)}") for h, c in ATTN_COLORS.items()]
-    labels = {"skip": "skip", "ffl": "feed-forward", "ffl-wide": "wide feed-forward", "moe1": "MoE top-1",
-              "moe2": "MoE top-2"}
+    handles = [
+        Patch(facecolor=c, edgecolor="grey", label=f"attn {h} head{'s' * (h > 1)}") for h, c in ATTN_COLORS.items()
+    ]
+    labels = {
+        "skip": "skip",
+        "ffl": "feed-forward",
+        "ffl-wide": "wide feed-forward",
+        "moe1": "MoE top-1",
+        "moe2": "MoE top-2",
+    }
     return handles + [Patch(facecolor=KIND_COLORS[k], edgecolor="grey", label=v) for k, v in labels.items()]
 
 
@@ -52,14 +59,26 @@ def arch_strips(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("block position (input at the left)")
     ax.set_title("Architectures")
     below_labels = 0.55 / (fig.get_figheight() * (fig.subplotpars.top - fig.subplotpars.bottom))  # 0.55 inch
-    ax.legend(handles=legend_handles(), loc="upper center", bbox_to_anchor=(0.5, -below_labels),
-              ncol=5, fontsize=7, frameon=False)
+    ax.legend(
+        handles=legend_handles(),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -below_labels),
+        ncol=5,
+        fontsize=7,
+        frameon=False,
+    )
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
-DESIGN_STYLE = {"baseline": ("black", "*"), "planer": ("#d62728", "o"), "iso": ("#9467bd", "s"),
-                "sandwich": ("#1f77b4", "^"), "par": ("#2ca02c", "D"), "other": ("grey", "x")}
+DESIGN_STYLE = {
+    "baseline": ("black", "*"),
+    "planer": ("#d62728", "o"),
+    "iso": ("#9467bd", "s"),
+    "sandwich": ("#1f77b4", "^"),
+    "par": ("#2ca02c", "D"),
+    "other": ("grey", "x"),
+}
 
 
 SEED_LINES = ("-", "--", ":", "-.")
@@ -87,8 +106,15 @@ def speedups(rows: list[dict], path: Path) -> None:
         siblings = variants[r["design"]]
         shade = siblings.index(variant(r)) / max(1, len(siblings) - 1)
         points = sorted((b["batch"], b["speedup"]) for b in r["bench"]["batches"])
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=lighter(color, 0.6 * shade),
-                ls=SEED_LINES[(r["seed"] - 1) % len(SEED_LINES)], lw=1.0, label=r["name"])
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker=marker,
+            color=lighter(color, 0.6 * shade),
+            ls=SEED_LINES[(r["seed"] - 1) % len(SEED_LINES)],
+            lw=1.0,
+            label=r["name"],
+        )
     ax.axhline(1.0, color="black", lw=0.8, ls="--", label="baseline")
     batches = sorted({b["batch"] for r in benched for b in r["bench"]["batches"]})
     ax.set_xscale("log", base=2)
@@ -114,8 +140,15 @@ def pareto(rows: list[dict], batch: int, metric: str, path: Path) -> None:
             continue
         score = valid["bpc"] if metric == "BPC" else valid["ppl"]
         color, marker = DESIGN_STYLE.get(r["design"], DESIGN_STYLE["other"])
-        ax.scatter([latency], [score], marker=marker, color=color, s=150 if marker == "*" else 45, zorder=3,
-                   label=None if r["design"] in labelled else r["design"])
+        ax.scatter(
+            [latency],
+            [score],
+            marker=marker,
+            color=color,
+            s=150 if marker == "*" else 45,
+            zorder=3,
+            label=None if r["design"] in labelled else r["design"],
+        )
         labelled.add(r["design"])
         tags.append((latency, score, color, point_tag(r)))
     label_points(ax, tags)
@@ -163,11 +196,27 @@ def search_evolution(records: list[dict], space: list[str], title: str, path: Pa
             tie = max(probs) - min(probs) < 1e-6  # the first epoch: no option leads yet, whatever argmax says
             ties |= tie
             color = "white" if tie else block_color(specs[best])
-            ax.add_patch(plt.Rectangle((x, y), 0.95, 0.9, facecolor=color, hatch="//" if tie else None,
-                                       edgecolor="#c8c8c8" if tie else "grey", lw=0.4))
+            ax.add_patch(
+                plt.Rectangle(
+                    (x, y),
+                    0.95,
+                    0.9,
+                    facecolor=color,
+                    hatch="//" if tie else None,
+                    edgecolor="#c8c8c8" if tie else "grey",
+                    lw=0.4,
+                )
+            )
             dark = sum(to_rgb(color)) < 1.5
-            ax.text(x + 0.47, y + 0.5, f"{probs[best]:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if dark else "black")
+            ax.text(
+                x + 0.47,
+                y + 0.5,
+                f"{probs[best]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if dark else "black",
+            )
     ax.set_xlim(0, epochs)
     ax.set_ylim(positions, 0)
     labels, corrections = [], 0
@@ -179,8 +228,13 @@ def search_evolution(records: list[dict], space: list[str], title: str, path: Pa
     ax.set_xlabel("epoch" + (" (c1, c2, ...: end-of-search latency correction)" if corrections else ""))
     ax.set_ylabel("block position")
     ax.set_title(title)
-    ax.legend(handles=legend_handles() + [undecided] * ties, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-              fontsize=7, frameon=False)
+    ax.legend(
+        handles=legend_handles() + [undecided] * ties,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=7,
+        frameon=False,
+    )
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -198,8 +252,14 @@ def label_points(ax, points: list[tuple[float, float, str, str]]) -> None:
     for x, y, color, text in points:
         if not text:
             continue
-        near = next((g for g in groups if g[2] == color and abs(g[0] - x) < 0.03 * (x1 - x0)
-                     and abs(g[1] - y) < 0.03 * (y1 - y0)), None)
+        near = next(
+            (
+                g
+                for g in groups
+                if g[2] == color and abs(g[0] - x) < 0.03 * (x1 - x0) and abs(g[1] - y) < 0.03 * (y1 - y0)
+            ),
+            None,
+        )
         if near is None:
             groups.append([x, y, color, [text]])
         else:
@@ -210,12 +270,25 @@ def label_points(ax, points: list[tuple[float, float, str, str]]) -> None:
     for x, y, _, _ in points:
         px, py = ax.transData.transform((x, y))
         taken.append(Bbox.from_extents(px - marker, py - marker, px + marker, py + marker))
-    places = [((5, 3), "left", "bottom"), ((5, -3), "left", "top"), ((-5, 3), "right", "bottom"),
-              ((-5, -3), "right", "top")]
+    places = [
+        ((5, 3), "left", "bottom"),
+        ((5, -3), "left", "top"),
+        ((-5, 3), "right", "bottom"),
+        ((-5, -3), "right", "top"),
+    ]
     for x, y, color, texts in groups:
+
         def place(offset, ha, va):
-            label = ax.annotate(", ".join(texts), (x, y), textcoords="offset points", xytext=offset, ha=ha, va=va,
-                                fontsize=6, color=color)
+            label = ax.annotate(
+                ", ".join(texts),
+                (x, y),
+                textcoords="offset points",
+                xytext=offset,
+                ha=ha,
+                va=va,
+                fontsize=6,
+                color=color,
+            )
             return label, label.get_window_extent(renderer)
 
         for spot in places:
@@ -243,8 +316,14 @@ def estimate_vs_measured(points: list[tuple[dict, float, float]], batch: int, pa
     labelled, tags = set(), []
     for row, est, meas in points:
         color, marker = DESIGN_STYLE.get(row["design"], DESIGN_STYLE["other"])
-        ax.scatter([est], [meas], color=color, marker=marker, zorder=3,
-                   label=None if row["design"] in labelled else row["design"])
+        ax.scatter(
+            [est],
+            [meas],
+            color=color,
+            marker=marker,
+            zorder=3,
+            label=None if row["design"] in labelled else row["design"],
+        )
         labelled.add(row["design"])
         tags.append((est, meas, color, point_tag(row)))
     label_points(ax, tags)

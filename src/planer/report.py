@@ -19,7 +19,6 @@ from planer.checkpoint import read_json_object
 from planer.errors import PlanerError
 from planer.latency import LatencyTable
 
-
 DESIGN_ORDER = ("baseline", "planer", "iso", "sandwich", "par")
 
 
@@ -61,16 +60,33 @@ def collect(run_dir: Path) -> list[dict]:
     for d in dirs:
         summary = read_json_object(d / "summary.json")
         design = design_of(d.name)
-        search = read_json_object(run_dir / search_dir_name(d.name) / "arch.json") if design in ("planer", "iso") else {}
+        search = (
+            read_json_object(run_dir / search_dir_name(d.name) / "arch.json") if design in ("planer", "iso") else {}
+        )
         seed = re.search(r"-s(\d+)$", d.name)
         arch = Arch.parse(" ".join(summary["arch"]))
-        rows.append({"name": d.name, "design": design, "seed": int(seed.group(1)) if seed else 1, "chosen": d.name == chosen,
-                     "arch": arch, "params": summary["params"],
-                     "eval": read_json_object(d / "eval.json"), "bench": read_json_object(d / "bench.json"),
-                     "target": search.get("target"),
-                     "estimated_ratio": search.get("estimated_ratio") or estimate(arch)})
-    rows.sort(key=lambda r: (DESIGN_ORDER.index(r["design"]) if r["design"] in DESIGN_ORDER else len(DESIGN_ORDER),
-                             r["target"] or 0.0, r["seed"], r["name"]))
+        rows.append(
+            {
+                "name": d.name,
+                "design": design,
+                "seed": int(seed.group(1)) if seed else 1,
+                "chosen": d.name == chosen,
+                "arch": arch,
+                "params": summary["params"],
+                "eval": read_json_object(d / "eval.json"),
+                "bench": read_json_object(d / "bench.json"),
+                "target": search.get("target"),
+                "estimated_ratio": search.get("estimated_ratio") or estimate(arch),
+            }
+        )
+    rows.sort(
+        key=lambda r: (
+            DESIGN_ORDER.index(r["design"]) if r["design"] in DESIGN_ORDER else len(DESIGN_ORDER),
+            r["target"] or 0.0,
+            r["seed"],
+            r["name"],
+        )
+    )
     return rows
 
 
@@ -83,17 +99,40 @@ def _score(result: dict | None, level_char: bool) -> str:
 def results_table(rows: list[dict], level_char: bool) -> str:
     batches = sorted({row["batch"] for r in rows for row in r["bench"].get("batches", [])})
     metric = "BPC" if level_char else "PPL"
-    head = ["model", "arch", "params", f"valid {metric}", f"test {metric}", "est. latency", *[f"speed-up b{b}" for b in batches]]
+    head = [
+        "model",
+        "arch",
+        "params",
+        f"valid {metric}",
+        f"test {metric}",
+        "est. latency",
+        *[f"speed-up b{b}" for b in batches],
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         per_batch = {row["batch"]: row for row in r["bench"].get("batches", [])}
         speedups = [f"{per_batch[b]['speedup']:.2f}x" if b in per_batch else "–" for b in batches]
-        est = "–" if r["estimated_ratio"] is None else f"{r['estimated_ratio']:.2f}" + (
-            f" (target {r['target']:.2f})" if r["target"] is not None else "")
+        est = (
+            "–"
+            if r["estimated_ratio"] is None
+            else f"{r['estimated_ratio']:.2f}" + (f" (target {r['target']:.2f})" if r["target"] is not None else "")
+        )
         name = r["name"] + (" (chosen K)" if r["chosen"] else "")
-        lines.append("| " + " | ".join([name, f"`{r['arch'].short()}`", f"{r['params'] / 1e6:.2f}M",
-                                        _score(r["eval"].get("valid"), level_char),
-                                        _score(r["eval"].get("test"), level_char), est, *speedups]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    f"`{r['arch'].short()}`",
+                    f"{r['params'] / 1e6:.2f}M",
+                    _score(r["eval"].get("valid"), level_char),
+                    _score(r["eval"].get("test"), level_char),
+                    est,
+                    *speedups,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -108,23 +147,35 @@ def repeatability_table(rows: list[dict], level_char: bool) -> str:
         return ""
     metric = "bpc" if level_char else "ppl"
     batches = sorted({row["batch"] for r in rows for row in r["bench"].get("batches", [])})
-    head = ["design", "target", "seeds", f"valid {metric.upper()}", f"test {metric.upper()}",
-            *[f"speed-up b{b}" for b in batches]]
+    head = [
+        "design",
+        "target",
+        "seeds",
+        f"valid {metric.upper()}",
+        f"test {metric.upper()}",
+        *[f"speed-up b{b}" for b in batches],
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def spread(values: list[float], fmt: str) -> str:
         if len(values) < 2:
             return "–"
-        return (f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}} "
-                f"({min(values):{fmt}}–{max(values):{fmt}})")
+        return (
+            f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}} "
+            f"({min(values):{fmt}}–{max(values):{fmt}})"
+        )
 
     for (design, target), members in sorted(groups.items()):
         cells = [design, f"{target:.2f}", str(len(members))]
         for split in ("valid", "test"):
             cells.append(spread([m["eval"][split][metric] for m in members if m["eval"].get(split)], ".3f"))
         for b in batches:
-            cells.append(spread([row["speedup"] for m in members for row in m["bench"].get("batches", [])
-                                 if row["batch"] == b], ".2f"))
+            cells.append(
+                spread(
+                    [row["speedup"] for m in members for row in m["bench"].get("batches", []) if row["batch"] == b],
+                    ".2f",
+                )
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -138,16 +189,27 @@ def write_report(run_dir: str | Path) -> Path:
     rows = collect(run_dir)
     sweep = read_json_object(run_dir / "sandwich.json").get("valid_loss", {})
     lut = read_json_object(run_dir / "lut.json")
-    text = [f"# planer report: {run_dir.name}", "", _settings(lut, rows), "",
-            results_table(rows, level_char), "",
-            "Architectures, block by block (s skip, aH attention with H heads, f feed-forward, m1/m2 MoE top-1/top-2):", ""]
+    text = [
+        f"# planer report: {run_dir.name}",
+        "",
+        _settings(lut, rows),
+        "",
+        results_table(rows, level_char),
+        "",
+        "Architectures, block by block (s skip, aH attention with H heads, f feed-forward, m1/m2 MoE top-1/top-2):",
+        "",
+    ]
     text += [f"- {r['name']}: `{r['arch']}`" for r in rows]
     repeats = repeatability_table(rows, level_char)
     if repeats:
         text += ["", "Repeatability over seeds (mean ± standard deviation, and range):", "", repeats]
     if sweep:
-        text += ["", "Sandwich: K chosen on the valid split; valid loss (nats per token) of each K: "
-                 + ", ".join(f"{k} {v:.4f}" for k, v in sweep.items()) + "."]
+        text += [
+            "",
+            "Sandwich: K chosen on the valid split; valid loss (nats per token) of each K: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sweep.items())
+            + ".",
+        ]
     text += ["", *figures(run_dir, rows, lut, "BPC" if level_char else "PPL")]
     path = run_dir / "report.md"
     path.write_text("\n".join(text) + "\n")
@@ -162,11 +224,17 @@ def _settings(lut: dict, rows: list[dict]) -> str:
     timing = ""
     if env:
         e, st = env["environment"], env["settings"]
-        timing = (f" Speed-ups are end-to-end forward passes over one segment with memory, timed side by side with "
-                  f"the baseline ({st['repeats']} interleaved rounds after {st['warmup']} warm-up, median) on "
-                  f"{e['device']}, {e['dtype']}, {e['threads']} thread(s).")
-    table = (f" The latency table was profiled at batch {fp['batch']}, {fp['dtype']}, {fp['threads']} thread(s); "
-             "'est. latency' is its estimate as a fraction of the baseline's." if fp else "")
+        timing = (
+            f" Speed-ups are end-to-end forward passes over one segment with memory, timed side by side with "
+            f"the baseline ({st['repeats']} interleaved rounds after {st['warmup']} warm-up, median) on "
+            f"{e['device']}, {e['dtype']}, {e['threads']} thread(s)."
+        )
+    table = (
+        f" The latency table was profiled at batch {fp['batch']}, {fp['dtype']}, {fp['threads']} thread(s); "
+        "'est. latency' is its estimate as a fraction of the baseline's."
+        if fp
+        else ""
+    )
     return f"Measured on {device}, torch {torch.__version__}, Python {platform.python_version()}.{table}{timing}"
 
 
@@ -187,9 +255,13 @@ def figures(run_dir: Path, rows: list[dict], lut: dict, metric: str) -> list[str
         add("speedup.png", "speed-up per batch size")
         plots.pareto(rows, batch, metric, run_dir / "pareto.png")
         add("pareto.png", "accuracy against latency")
-        points = [(r, r["estimated_ratio"], 1.0 / per[batch]["speedup"])
-                  for r in rows if r["estimated_ratio"] and r["design"] != "baseline"
-                  for per in [{b["batch"]: b for b in r["bench"].get("batches", [])}] if batch in per]
+        points = [
+            (r, r["estimated_ratio"], 1.0 / per[batch]["speedup"])
+            for r in rows
+            if r["estimated_ratio"] and r["design"] != "baseline"
+            for per in [{b["batch"]: b for b in r["bench"].get("batches", [])}]
+            if batch in per
+        ]
         if points:
             plots.estimate_vs_measured(points, batch, run_dir / "latency_estimate.png")
             add("latency_estimate.png", "estimated against measured latency")
@@ -202,7 +274,8 @@ def figures(run_dir: Path, rows: list[dict], lut: dict, metric: str) -> list[str
         if log.exists() and found:
             records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             name = f"{search_dir.name}.png"
-            plots.search_evolution(records, found["space"], f"{search_dir.name}: most probable option per block",
-                                   run_dir / name)
+            plots.search_evolution(
+                records, found["space"], f"{search_dir.name}: most probable option per block", run_dir / name
+            )
             add(name, f"architecture probabilities during {search_dir.name}")
     return shown

@@ -51,8 +51,9 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))
     except (OSError, ValueError, SafetensorError) as e:
-        raise PlanerError(f"resume state {path} is unreadable or corrupt ({str(e).splitlines()[0]}); "
-                          "remove it to resume from scratch") from None
+        raise PlanerError(
+            f"resume state {path} is unreadable or corrupt ({str(e).splitlines()[0]}); remove it to resume from scratch"
+        ) from None
     if not isinstance(meta, dict) or "progress" not in meta:
         raise PlanerError(f"resume state {path} is malformed; remove it to resume from scratch")
     return tensors, meta
@@ -67,11 +68,13 @@ def module_tensors(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tens
 
 
 def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, where: Path) -> None:
-    own = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    own = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     try:
         module.load_state_dict(own)
     except RuntimeError:
-        raise PlanerError(f"resume state {where} does not match this run's model; remove it or use another --out") from None
+        raise PlanerError(
+            f"resume state {where} does not match this run's model; remove it or use another --out"
+        ) from None
 
 
 def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -91,7 +94,7 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
-            index, name = key[len(prefix) + 1:].split(".", 1)
+            index, name = key[len(prefix) + 1 :].split(".", 1)
             state.setdefault(int(index), {})[name] = value
     for key, value in meta["scalars"].items():
         index, name = key.split(".", 1)

@@ -29,14 +29,22 @@ from planer.errors import PlanerError
 from planer.latency import LatencyTable, load_or_profile
 from planer.model import token_nll
 from planer.supernet import SuperNet, warm_start
-from planer.train import (WeightTrainer, autocast, open_log, open_out_dir, restore_rank_state, save_training_state,
-                          seed_everything)
-
+from planer.train import (
+    WeightTrainer,
+    autocast,
+    open_log,
+    open_out_dir,
+    restore_rank_state,
+    save_training_state,
+    seed_everything,
+)
 
 CORRECTION_EPOCHS = 10  # at most this many architecture epochs of steps after the last epoch, to meet the target
 
 
-def latency_loss(sampled_ms: torch.Tensor, baseline_ms: float, target: float, current_ms: float) -> tuple[torch.Tensor, float]:
+def latency_loss(
+    sampled_ms: torch.Tensor, baseline_ms: float, target: float, current_ms: float
+) -> tuple[torch.Tensor, float]:
     """Eq. 3: Lat / (Lat_baseline * target), switched on (beta = 1) only while the architecture is over target.
 
     The gradient flows through the latency of the Gumbel-softmax sample, as in the paper. The switch looks at the
@@ -48,9 +56,17 @@ def latency_loss(sampled_ms: torch.Tensor, baseline_ms: float, target: float, cu
     return beta * sampled_ms / (baseline_ms * target), beta
 
 
-def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path | None = None,
-           force: bool = False, corpus: Corpus | None = None, quiet: bool = False,
-           init_from: str | Path | None = None, resume: bool = False) -> Arch:
+def search(
+    cfg: Config,
+    out_dir: str | Path,
+    target: float,
+    lut_path: str | Path | None = None,
+    force: bool = False,
+    corpus: Corpus | None = None,
+    quiet: bool = False,
+    init_from: str | Path | None = None,
+    resume: bool = False,
+) -> Arch:
     """Run phase 1 and write ``search.jsonl``, ``arch.json`` and the trained ``supernet.safetensors`` into
     ``out_dir``; returns the found arch.
 
@@ -109,14 +125,32 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
     def save(progress: dict) -> None:
         log.flush()
         tensors, alpha_meta = resume_lib.optimizer_state(alpha_opt, "alpha_optim")
-        save_training_state(out_dir, env, device, cfg.train.batch_size, {"net": net}, weights, mems, None,
-                            {"progress": {**progress, "log_bytes": log.tell()}, "alpha_optimizer": alpha_meta,
-                             "arch_rng": resume_lib.python_rng(rng)},
-                            extra={**tensors, "gumbel": gumbel.get_state()})
+        save_training_state(
+            out_dir,
+            env,
+            device,
+            cfg.train.batch_size,
+            {"net": net},
+            weights,
+            mems,
+            None,
+            {
+                "progress": {**progress, "log_bytes": log.tell()},
+                "alpha_optimizer": alpha_meta,
+                "arch_rng": resume_lib.python_rng(rng),
+            },
+            extra={**tensors, "gumbel": gumbel.get_state()},
+        )
 
     tau, position = at["tau"], at["position"]
-    bar = tqdm(range(at["epoch"], sc.epochs), desc=f"search t={target:g}", disable=quiet or not env.main,
-               dynamic_ncols=True, initial=at["epoch"], total=sc.epochs)
+    bar = tqdm(
+        range(at["epoch"], sc.epochs),
+        desc=f"search t={target:g}",
+        disable=quiet or not env.main,
+        dynamic_ncols=True,
+        initial=at["epoch"],
+        total=sc.epochs,
+    )
     try:
         for epoch in bar:
             net.set_mode("hard")
@@ -134,14 +168,41 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
                 ce_sum += ce
                 position += 1
                 if cfg.train.ckpt_every and weights.step_count % cfg.train.ckpt_every == 0:
-                    save({"epoch": epoch, "in_epoch": i + 1, "position": position, "epoch_start": epoch_start,
-                          "tau": tau, "ce_sum": ce_sum})
-            record = {"epoch": epoch + 1, "tau": tau, "weight_ce": ce_sum / sc.steps_per_epoch,
-                      "weight_step_ms": 1000 * (time.perf_counter() - tic) / sc.steps_per_epoch}
+                    save(
+                        {
+                            "epoch": epoch,
+                            "in_epoch": i + 1,
+                            "position": position,
+                            "epoch_start": epoch_start,
+                            "tau": tau,
+                            "ce_sum": ce_sum,
+                        }
+                    )
+            record = {
+                "epoch": epoch + 1,
+                "tau": tau,
+                "weight_ce": ce_sum / sc.steps_per_epoch,
+                "weight_step_ms": 1000 * (time.perf_counter() - tic) / sc.steps_per_epoch,
+            }
             if epoch >= frozen_epochs:
                 start = epoch_start + rng.randrange(max(1, sc.steps_per_epoch - arch_steps + 1))
-                record.update(arch_epoch(net, alpha_opt, segments, start, arch_steps, tau, table, baseline_ms,
-                                         target, cfg, device, env=env, share=segments.share))
+                record.update(
+                    arch_epoch(
+                        net,
+                        alpha_opt,
+                        segments,
+                        start,
+                        arch_steps,
+                        tau,
+                        table,
+                        baseline_ms,
+                        target,
+                        cfg,
+                        device,
+                        env=env,
+                        share=segments.share,
+                    )
+                )
                 tau *= sc.tau_decay
             record.update(architecture_state(net, table, baseline_ms, target))
             log.write(json.dumps(record) + "\n")
@@ -150,20 +211,50 @@ def search(cfg: Config, out_dir: str | Path, target: float, lut_path: str | Path
             # The last architecture step can tip the argmax over the target with no step left to pull it back; a
             # few epochs' worth of steps, stopping as soon as the target is met, bring it back.
             start = rng.randrange(len(segments))
-            fix = arch_epoch(net, alpha_opt, segments, start, CORRECTION_EPOCHS * arch_steps, tau, table, baseline_ms, target, cfg,
-                             device, until_met=True, env=env, share=segments.share)
-            log.write(json.dumps({"epoch": sc.epochs, "tau": tau, "correction": True, **fix,
-                                  **architecture_state(net, table, baseline_ms, target)}) + "\n")
+            fix = arch_epoch(
+                net,
+                alpha_opt,
+                segments,
+                start,
+                CORRECTION_EPOCHS * arch_steps,
+                tau,
+                table,
+                baseline_ms,
+                target,
+                cfg,
+                device,
+                until_met=True,
+                env=env,
+                share=segments.share,
+            )
+            log.write(
+                json.dumps(
+                    {
+                        "epoch": sc.epochs,
+                        "tau": tau,
+                        "correction": True,
+                        **fix,
+                        **architecture_state(net, table, baseline_ms, target),
+                    }
+                )
+                + "\n"
+            )
     finally:
         log.close()
 
     found = net.derive()
     estimated = table.estimate(found)
     if env.main:
-        found.save(out_dir / "arch.json", target=target, estimated_ms=estimated, baseline_ms=baseline_ms,
-                   estimated_ratio=estimated / baseline_ms, meets_target=estimated <= baseline_ms * target,
-                   space=net.space,
-                   init_from=str(init_from) if init_from is not None else None)
+        found.save(
+            out_dir / "arch.json",
+            target=target,
+            estimated_ms=estimated,
+            baseline_ms=baseline_ms,
+            estimated_ratio=estimated / baseline_ms,
+            meets_target=estimated <= baseline_ms * target,
+            space=net.space,
+            init_from=str(init_from) if init_from is not None else None,
+        )
         save_weights(out_dir / "supernet.safetensors", net)
         resume_lib.clear_states(out_dir)
     distributed.barrier(env)
@@ -175,14 +266,32 @@ def architecture_state(net: SuperNet, table: LatencyTable, baseline_ms: float, t
     probs = torch.softmax(net.alpha_matrix(), dim=-1)
     expected = float(table.expected(probs, net.space))
     found = net.derive()
-    return {"alpha": net.alpha_matrix().tolist(), "probs": probs.tolist(), "estimated_ms": expected,
-            "ratio_to_target": expected / (baseline_ms * target), "arch": found.specs(),
-            "arch_estimated_ms": table.estimate(found)}
+    return {
+        "alpha": net.alpha_matrix().tolist(),
+        "probs": probs.tolist(),
+        "estimated_ms": expected,
+        "ratio_to_target": expected / (baseline_ms * target),
+        "arch": found.specs(),
+        "arch_estimated_ms": table.estimate(found),
+    }
 
 
-def arch_epoch(net: SuperNet, opt: torch.optim.Optimizer, segments: Segments, start: int, steps: int, tau: float,
-               table: LatencyTable, baseline_ms: float, target: float, cfg: Config, device,
-               until_met: bool = False, env: Env = Env(), share: float = 1.0) -> dict:
+def arch_epoch(
+    net: SuperNet,
+    opt: torch.optim.Optimizer,
+    segments: Segments,
+    start: int,
+    steps: int,
+    tau: float,
+    table: LatencyTable,
+    baseline_ms: float,
+    target: float,
+    cfg: Config,
+    device,
+    until_met: bool = False,
+    env: Env = Env(),
+    share: float = 1.0,
+) -> dict:
     """Soft-sampled steps on alpha alone over a contiguous run of segments (memory carried, weights frozen).
 
     With ``until_met`` the steps stop as soon as the arch the search would return meets the target. Under data
@@ -200,8 +309,9 @@ def arch_epoch(net: SuperNet, opt: torch.optim.Optimizer, segments: Segments, st
             with autocast(device, cfg.train.precision):
                 logits, mems = net(x, mems)
                 ce = token_nll(logits, y).mean()
-            lat_loss, beta = latency_loss(table.expected(net.sampled_probs(), net.space), baseline_ms, target,
-                                          table.estimate(net.derive()))
+            lat_loss, beta = latency_loss(
+                table.expected(net.sampled_probs(), net.space), baseline_ms, target, table.estimate(net.derive())
+            )
             opt.zero_grad(set_to_none=True)
             ((ce + lat_loss) * share).backward()
             distributed.average_grads(net.alphas(), env)

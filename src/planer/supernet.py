@@ -152,7 +152,9 @@ def warm_start(net: SuperNet, baseline: TransformerXL) -> int:
                 candidate.load_state_dict(source.state_dict())
             elif option.kind == "ffl" and spec == BlockSpec("ffl"):
                 widen(candidate, source)
-            elif option.kind == "moe" and spec == BlockSpec("ffl") and candidate.w1.shape[1:] == source.fc1.weight.shape:
+            elif (
+                option.kind == "moe" and spec == BlockSpec("ffl") and candidate.w1.shape[1:] == source.fc1.weight.shape
+            ):
                 upcycle(candidate, source)
             else:
                 continue

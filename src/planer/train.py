@@ -22,8 +22,8 @@ from planer import resume as resume_lib
 from planer.arch import Arch
 from planer.checkpoint import atomic_write_text, save_checkpoint
 from planer.config import Config, TrainConfig, saved_config_matches
-from planer.distributed import Env
 from planer.data import Corpus, Segments, load_corpus, stream_share
+from planer.distributed import Env
 from planer.errors import PlanerError
 from planer.evaluate import evaluate_ids
 from planer.model import TransformerXL, token_nll
@@ -161,8 +161,10 @@ class ExpertLoads:
         if not self.blocks or self.counts[0] is None:
             return {}
         counts = [distributed.gather_rows(c[None], self.env, [1] * self.env.world).sum(0) for c in self.counts]
-        self.last = {"expert_load_max": [round(float(c.max() / c.mean()), 4) for c in counts],
-                     "expert_load_min": [round(float(c.min() / c.mean()), 4) for c in counts]}
+        self.last = {
+            "expert_load_max": [round(float(c.max() / c.mean()), 4) for c in counts],
+            "expert_load_min": [round(float(c.min() / c.mean()), 4) for c in counts],
+        }
         self.counts = [None] * len(self.blocks)
         return self.last
 
@@ -172,15 +174,26 @@ class ExpertLoads:
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         """This rank's counts from a resume state (rows are ranks)."""
         rank = self.env.rank
-        self.counts = [tensors[f"loads.{i}"][rank] if f"loads.{i}" in tensors and rank < len(tensors[f"loads.{i}"])
-                       else None for i in range(len(self.blocks))]
+        self.counts = [
+            tensors[f"loads.{i}"][rank] if f"loads.{i}" in tensors and rank < len(tensors[f"loads.{i}"]) else None
+            for i in range(len(self.blocks))
+        ]
         if any(c is None for c in self.counts):
             self.counts = [None] * len(self.blocks)
 
 
-def save_training_state(out_dir: Path, env: Env, device: torch.device, batch_size: int,
-                        modules: dict[str, torch.nn.Module], trainer: WeightTrainer, mems, loads: ExpertLoads | None,
-                        meta: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
+def save_training_state(
+    out_dir: Path,
+    env: Env,
+    device: torch.device,
+    batch_size: int,
+    modules: dict[str, torch.nn.Module],
+    trainer: WeightTrainer,
+    mems,
+    loads: ExpertLoads | None,
+    meta: dict,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write a resume state (rank 0), with every rank's memories and random generators gathered into it.
 
     The memories are stored as the whole batch, as one process would hold them, so a state also resumes under
@@ -202,13 +215,18 @@ def save_training_state(out_dir: Path, env: Env, device: torch.device, batch_siz
         tensors.update(resume_lib.module_tensors(module, prefix))
     tensors.update(extra or {})
     if env.main:
-        resume_lib.save_state(out_dir, trainer.step_count, tensors, {**meta, "optimizer": opt_meta, "mems": present,
-                                                        "world": env.world, "python_rng": resume_lib.python_rng()})
+        resume_lib.save_state(
+            out_dir,
+            trainer.step_count,
+            tensors,
+            {**meta, "optimizer": opt_meta, "mems": present, "world": env.world, "python_rng": resume_lib.python_rng()},
+        )
     distributed.barrier(env)
 
 
-def restore_rank_state(tensors: dict[str, torch.Tensor], meta: dict, env: Env, device: torch.device,
-                       batch_size: int) -> list | None:
+def restore_rank_state(
+    tensors: dict[str, torch.Tensor], meta: dict, env: Env, device: torch.device, batch_size: int
+) -> list | None:
     """This rank's memories and random generators from a resume state; returns the memories."""
     resume_lib.restore_rng(tensors, "rng", device, env.rank)
     resume_lib.restore_python_rng(meta["python_rng"])
@@ -219,8 +237,15 @@ def restore_rank_state(tensors: dict[str, torch.Tensor], meta: dict, env: Env, d
     return [None if m is None else m[lo:hi] for m in mems]
 
 
-def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, corpus: Corpus | None = None,
-          quiet: bool = False, resume: bool = False) -> dict:
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    arch: Arch,
+    force: bool = False,
+    corpus: Corpus | None = None,
+    quiet: bool = False,
+    resume: bool = False,
+) -> dict:
     """Train ``arch`` from scratch and keep the best-on-valid checkpoint in ``out_dir``; returns a summary.
 
     Every ``train.ckpt_every`` steps a full state goes to ``out_dir/resume``; ``resume`` continues from the
@@ -228,8 +253,10 @@ def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, cor
     Started by torchrun, every rank trains on its share of each batch and rank 0 alone writes.
     """
     if len(arch) != 2 * cfg.model.n_layer:
-        raise PlanerError(f"the architecture has {len(arch)} blocks, but model.n_layer={cfg.model.n_layer} means "
-                          f"{2 * cfg.model.n_layer}; give {2 * cfg.model.n_layer} blocks or set model.n_layer")
+        raise PlanerError(
+            f"the architecture has {len(arch)} blocks, but model.n_layer={cfg.model.n_layer} means "
+            f"{2 * cfg.model.n_layer}; give {2 * cfg.model.n_layer} blocks or set model.n_layer"
+        )
     corpus = corpus or load_corpus(cfg.data)
     cfg.model.vocab_size = len(corpus.vocab)
     tc = cfg.train
@@ -256,8 +283,14 @@ def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, cor
     step_seconds = progress["step_seconds"]
     best = progress["best"]
     tokens_per_step = tc.batch_size * cfg.model.tgt_len
-    bar = tqdm(range(progress["step"], tc.steps), desc=f"train {arch.short()[:24]}", disable=quiet or not env.main,
-               dynamic_ncols=True, initial=progress["step"], total=tc.steps)
+    bar = tqdm(
+        range(progress["step"], tc.steps),
+        desc=f"train {arch.short()[:24]}",
+        disable=quiet or not env.main,
+        dynamic_ncols=True,
+        initial=progress["step"],
+        total=tc.steps,
+    )
     window_start, window_loss = time.perf_counter(), list(progress["window"])
     try:
         for step in bar:
@@ -271,44 +304,70 @@ def train(cfg: Config, out_dir: str | Path, arch: Arch, force: bool = False, cor
             step_seconds += time.perf_counter() - tic
             loads.add()
             if not math.isfinite(loss):
-                raise PlanerError(f"training diverged at step {step + 1} (loss {loss}); the best checkpoint and the "
-                                  "last resume state are kept")
+                raise PlanerError(
+                    f"training diverged at step {step + 1} (loss {loss}); the best checkpoint and the "
+                    "last resume state are kept"
+                )
             window_loss.append(loss)
             if (step + 1) % LOG_EVERY == 0 or step + 1 == tc.steps:
                 elapsed = time.perf_counter() - window_start
                 tok_s = len(window_loss) * tokens_per_step / elapsed
-                record = {"step": step + 1, "lr": trainer.opt.param_groups[0]["lr"],
-                          "loss": sum(window_loss) / len(window_loss), "tok_s": tok_s}
+                record = {
+                    "step": step + 1,
+                    "lr": trainer.opt.param_groups[0]["lr"],
+                    "loss": sum(window_loss) / len(window_loss),
+                    "tok_s": tok_s,
+                }
                 log.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:.0f}")
                 window_start, window_loss = time.perf_counter(), []
             if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
                 load_stats = loads.take()
                 if env.main:
-                    val = evaluate_ids(model, corpus.valid, cfg.eval.batch_size,
-                                       cfg.eval.tgt_len or cfg.model.tgt_len, cfg.eval.mem_len or cfg.model.mem_len,
-                                       tc.eval_batches)["loss"]
+                    val = evaluate_ids(
+                        model,
+                        corpus.valid,
+                        cfg.eval.batch_size,
+                        cfg.eval.tgt_len or cfg.model.tgt_len,
+                        cfg.eval.mem_len or cfg.model.mem_len,
+                        tc.eval_batches,
+                    )["loss"]
                     improved = val < best
                     if improved:
                         best = val
                         save_checkpoint(out_dir, model, cfg, corpus.vocab, step=step + 1, valid_loss=val)
                     log.write(json.dumps({"step": step + 1, "valid_loss": val, "best": improved, **load_stats}) + "\n")
                     if not quiet:
-                        bar.write(f"step {step + 1}: valid loss {val:.4f} ({val / math.log(2):.3f} bits)"
-                                  + (" *" if improved else ""))
+                        bar.write(
+                            f"step {step + 1}: valid loss {val:.4f} ({val / math.log(2):.3f} bits)"
+                            + (" *" if improved else "")
+                        )
                 window_start = time.perf_counter()
             if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
                 log.flush()
-                progress = {"step": step + 1, "best": best, "seconds": time.perf_counter() - started,
-                            "step_seconds": step_seconds, "log_bytes": log.tell(), "window": window_loss}
-                save_training_state(out_dir, env, device, tc.batch_size, {"model": model}, trainer, mems, loads,
-                                    {"progress": progress})
+                progress = {
+                    "step": step + 1,
+                    "best": best,
+                    "seconds": time.perf_counter() - started,
+                    "step_seconds": step_seconds,
+                    "log_bytes": log.tell(),
+                    "window": window_loss,
+                }
+                save_training_state(
+                    out_dir, env, device, tc.batch_size, {"model": model}, trainer, mems, loads, {"progress": progress}
+                )
     finally:
         log.close()
     best = distributed.all_sum(best if env.main else 0.0, env, device)  # rank 0 evaluated; every rank returns it
-    summary = {"best_valid_loss": best, "seconds": time.perf_counter() - started, "steps": tc.steps,
-               "ms_per_step": 1000 * step_seconds / tc.steps, "params": model.num_params(), "arch": arch.specs(),
-               **loads.last}
+    summary = {
+        "best_valid_loss": best,
+        "seconds": time.perf_counter() - started,
+        "steps": tc.steps,
+        "ms_per_step": 1000 * step_seconds / tc.steps,
+        "params": model.num_params(),
+        "arch": arch.specs(),
+        **loads.last,
+    }
     if env.main:
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")  # marks a finished run
         resume_lib.clear_states(out_dir)
