@@ -4,6 +4,8 @@ Every block has the same call, ``block(x, mem)`` with x of shape (batch, len, d_
 that entered this block during earlier segments (batch, mem_len, d_model) or None, and returns the new hidden
 states. Blocks that use memory say so with ``uses_memory``; the model keeps that memory for them. Every block
 carries its own residual connection and post-LayerNorm, as in Transformer-XL, so blocks can be arranged freely.
+A block with a loss of its own (the MoE balance loss) returns it from ``aux_loss``, so that every container, a
+super block too, can pass it on without knowing which blocks have one.
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Skip(nn.Module):
+class Block(nn.Module):
+    """What every block offers its model: whether it keeps memory, and the auxiliary loss of its last forward."""
+
     uses_memory = False
 
+    def aux_loss(self) -> torch.Tensor | None:
+        return None
+
+
+class Skip(Block):
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
         return x
 
 
-class FeedForward(nn.Module):
-    uses_memory = False
-
+class FeedForward(Block):
     def __init__(self, d_model: int, d_inner: int, dropout: float):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_inner)
@@ -56,7 +63,7 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     return padded.view(*lead, klen + 1, qlen)[..., 1:, :].reshape(*lead, qlen, klen)
 
 
-class RelAttention(nn.Module):
+class RelAttention(Block):
     """Multi-head attention with relative positions over [memory, input] (Dai et al., 2019).
 
     ``n_head`` heads of ``d_head`` each: fewer heads cost less, which is what PLANER trades for accuracy.

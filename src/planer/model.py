@@ -62,7 +62,6 @@ class TransformerXL(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(blocks if blocks is not None else [build_block(s, cfg) for s in arch])
         self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        self._balance: list[torch.Tensor] = []
         init_weights(self, cfg.init_std)
 
     def init_mems(self) -> Mems:
@@ -72,12 +71,10 @@ class TransformerXL(nn.Module):
         """Logits (batch, len, vocab) for a segment of token ids (batch, len), and the memories for the next."""
         mems = mems if mems is not None else self.init_mems()
         h = self.drop(self.embed(idx) * math.sqrt(self.cfg.d_model))
-        new_mems, self._balance = [], []
+        new_mems = []
         for block, mem in zip(self.blocks, mems):
             new_mems.append(self._remember(h, mem) if block.uses_memory else None)
             h = block(h, mem)
-            if getattr(block, "balance_loss", None) is not None:
-                self._balance.append(block.balance_loss)
         logits = F.linear(h, self.embed.weight, self.out_bias)
         return logits, new_mems
 
@@ -88,9 +85,10 @@ class TransformerXL(nn.Module):
             cat = h if mem is None else torch.cat([mem, h], dim=1)
             return cat[:, -self.mem_len :].detach()
 
-    def balance_loss(self) -> torch.Tensor:
-        """Sum of the load-balancing losses of the MoE blocks in the last forward (0 without MoE)."""
-        return torch.stack(self._balance).sum() if self._balance else self.out_bias.new_zeros(())
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the blocks' auxiliary losses in the last forward (the MoE balance loss; 0 without MoE)."""
+        losses = [loss for block in self.blocks if (loss := block.aux_loss()) is not None]
+        return torch.stack(losses).sum() if losses else self.out_bias.new_zeros(())
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

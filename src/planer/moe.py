@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from planer.blocks import Block
+
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
     """``F.linear`` (optionally followed by ReLU, fused) on a weight from ``PackedWeights``."""
@@ -148,7 +150,7 @@ def _grouped_mm_ok(xs: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
-class MoEFeedForward(nn.Module):
+class MoEFeedForward(Block):
     """E feed-forward experts behind a linear router; each token goes to its top-1 or top-2 experts.
 
     Top-1 (Switch) scales the expert's output by its router probability; top-2 weights the two outputs by their
@@ -162,8 +164,6 @@ class MoEFeedForward(nn.Module):
     every token picks the same expert; ``expert_counts`` holds the number of assignments routed to each expert
     (before any capacity limit).
     """
-
-    uses_memory = False
 
     def __init__(
         self,
@@ -202,6 +202,9 @@ class MoEFeedForward(nn.Module):
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
         self.norm.reset_parameters()
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return self.balance_loss
 
     def train(self, mode: bool = True) -> MoEFeedForward:
         self.packed.clear()  # weights may have changed through .data while training

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from planer.arch import Arch, BlockSpec
-from planer.blocks import FeedForward, RelAttention
+from planer.blocks import Block, FeedForward, RelAttention
 from planer.config import ModelConfig
 from planer.errors import PlanerError
 from planer.model import TransformerXL, build_block
 
 
-class SuperBlock(nn.Module):
+class SuperBlock(Block):
     def __init__(self, options: list[BlockSpec], cfg: ModelConfig):
         super().__init__()
         self.options = list(options)
@@ -46,6 +46,14 @@ class SuperBlock(nn.Module):
         with torch.no_grad():
             self.choice = int(self.gumbel_softmax(tau).argmax())
         return self.choice
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The auxiliary loss of the option that ran, or in soft mode the P-weighted sum of the options' losses."""
+        if self.mode == "soft":
+            losses = [p * loss for p, c in zip(self.probs, self.candidates) if (loss := c.aux_loss()) is not None]
+            return torch.stack(losses).sum() if losses else None
+        choice = self.choice if self.mode == "hard" else int(self.alpha.argmax())
+        return self.candidates[choice].aux_loss()
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
         if self.mode == "hard":

@@ -115,7 +115,7 @@ class WeightTrainer:
         with autocast(self.device, tc.precision):
             logits, mems = model(x, mems)
             ce = token_nll(logits, y).mean()
-            loss = ce + tc.balance_coef * model.balance_loss()
+            loss = ce + tc.balance_coef * model.aux_loss()
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss * self.share).backward()
         distributed.average_grads(self.params, self.env)
