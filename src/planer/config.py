@@ -23,7 +23,8 @@ DEFAULT_SPACE = ["skip", "attn:1", "attn:2", "attn:4", "attn:8", "ffl", "moe:top
 @dataclass
 class DataConfig:
     path: str = "data/tinyshakespeare.txt"  # one file split 90/5/5, unless train/valid/test are given
-    level: str = "char"  # char | word
+    level: str = "char"  # char | word; ignored with a tokenizer
+    tokenizer: str = ""  # a folder holding a Hugging Face tokenizer.json: its tokens replace char/word symbols
     train: str = ""
     valid: str = ""
     test: str = ""
@@ -31,6 +32,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    backbone: str = "txl"  # txl (Transformer-XL, the paper's) | gpt (decoder-only, see gpt.py)
+    flavour: str = "gpt2"  # gpt backbone: gpt2 | llama
     d_model: int = 128
     n_head: int = 8  # heads of the baseline attention; d_head = d_model / n_head for every attention block
     d_inner: int = 512
@@ -43,10 +46,20 @@ class ModelConfig:
     n_experts: int = 8
     init_std: float = 0.02
     vocab_size: int = 0  # set from the data
+    n_kv_head: int = 0  # gpt llama: key/value heads of the baseline attention (grouped-query); 0 means n_head
+    n_positions: int = 0  # gpt: the longest context (gpt2: learned positions); 0 means tgt_len
+    rope_theta: float = 10000.0  # gpt llama: base of the rotary frequencies
+    norm_eps: float = 1e-5  # gpt: LayerNorm / RMSNorm epsilon
+    tie_embeddings: bool = True  # gpt: the output layer is the token embedding (gpt2 always ties)
 
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def context(self) -> int:
+        """The most tokens one forward may read without memory."""
+        return self.n_positions or self.tgt_len
 
 
 @dataclass
@@ -70,8 +83,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 16
-    tgt_len: int = 0  # 0: the model's tgt_len
+    tgt_len: int = 0  # 0: the model's tgt_len (gpt: the window, 0 means model.context)
     mem_len: int = 0  # 0: the model's mem_len
+    stride: int = 0  # gpt: tokens the sliding window advances by; 0 means half the window (see evaluate.py)
 
 
 @dataclass
@@ -215,11 +229,12 @@ def validate(cfg: Config) -> None:
                 raise PlanerError(f"config {owner}.{name} must not be negative, got {getattr(section, name)}")
 
     positive(m, ["d_model", "n_head", "d_inner", "n_layer", "tgt_len", "n_experts", "init_std"])
-    non_negative(m, ["mem_len", "vocab_size"])
+    non_negative(m, ["mem_len", "vocab_size", "n_kv_head", "n_positions"])
+    positive(m, ["rope_theta", "norm_eps"])
     positive(t, ["steps", "batch_size", "lr", "eval_every"])
     non_negative(t, ["warmup", "eta_min", "weight_decay", "clip", "balance_coef", "eval_batches", "ckpt_every"])
     positive(cfg.eval, ["batch_size"])
-    non_negative(cfg.eval, ["tgt_len", "mem_len"])
+    non_negative(cfg.eval, ["tgt_len", "mem_len", "stride"])
     positive(s, ["epochs", "steps_per_epoch", "arch_fraction", "tau0", "tau_decay", "alpha_lr"])
     positive(lat, ["batch_size", "repeats", "threads"])
     non_negative(lat, ["warmup"])
@@ -228,6 +243,7 @@ def validate(cfg: Config) -> None:
             raise PlanerError(f"config model.{name} must be in [0, 1), got {getattr(m, name)}")
     if m.d_model % m.n_head:
         raise PlanerError(f"config model.n_head ({m.n_head}) must divide model.d_model ({m.d_model})")
+    validate_backbone(m)
     if m.n_experts < 2:
         raise PlanerError(f"config model.n_experts must be at least 2, got {m.n_experts}")
     if cfg.data.level not in ("char", "word"):
@@ -253,6 +269,21 @@ def validate(cfg: Config) -> None:
         b = BlockSpec.parse(spec)
         if b.kind == "moe" and b.top_k > (b.experts or m.n_experts):
             raise PlanerError(f"search space option '{spec}': top_k exceeds the number of experts ({m.n_experts})")
+
+
+def validate_backbone(m: ModelConfig) -> None:
+    if m.backbone not in ("txl", "gpt"):
+        raise PlanerError(f"config model.backbone must be 'txl' or 'gpt', got '{m.backbone}'")
+    if m.flavour not in ("gpt2", "llama"):
+        raise PlanerError(f"config model.flavour must be 'gpt2' or 'llama', got '{m.flavour}'")
+    if m.n_kv_head and m.n_head % m.n_kv_head:
+        raise PlanerError(f"config model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})")
+    if m.backbone == "gpt" and m.flavour == "llama" and m.d_head % 2:
+        raise PlanerError(f"config model: rotary positions need an even head size, got d_head {m.d_head}")
+    if m.backbone == "gpt" and m.flavour == "gpt2" and not m.tie_embeddings:
+        raise PlanerError("config model.tie_embeddings: the gpt2 flavour always ties its output to the embedding")
+    if m.backbone == "gpt" and m.tgt_len > m.context:
+        raise PlanerError(f"config model.tgt_len ({m.tgt_len}) exceeds model.n_positions ({m.n_positions})")
 
 
 def check_target(target: float) -> None:

@@ -90,47 +90,92 @@ def _expert_linear_backward(x, gy, w, gw, gb, gx, sizes) -> None:
             gb[e].zero_()
 
 
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+
+
+def activate(a: torch.Tensor, name: str) -> torch.Tensor:
+    """The nonlinearity of an expert (and of the gpt backbone's MLP, which experts are upcycled from).
+
+    relu as Transformer-XL; gelu with the tanh approximation, as GPT-2; swiglu as Llama: ``a`` holds the gate
+    projection's units, then the up projection's, and the result, half as wide, is silu(gate) * up.
+    """
+    if name == "relu":
+        return F.relu(a)
+    if name == "gelu":
+        return F.gelu(a, approximate="tanh")
+    gate, up = a.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _activate_backward(gh: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
+    """The gradient of ``activate(a, name)`` (gelu or swiglu) with respect to ``a``, given the output's ``gh``."""
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(gh, a, approximate="tanh")
+    gate, up = a.chunk(2, dim=-1)
+    return torch.cat([torch.ops.aten.silu_backward(gh * up, gate), gh * F.silu(gate)], dim=-1)
+
+
+def _hidden(a: torch.Tensor, act: str, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The experts' hidden units after activation and dropout, and the dropout mask that backward needs.
+
+    ReLU runs in place and needs no mask: after it, h > 0 exactly where a unit passed and dropout kept it. Other
+    activations keep their pre-activations ``a`` (saved by the caller) and an explicit mask.
+    """
+    if act == "relu":
+        h = a.relu_()
+        if p > 0:
+            F.dropout(h, p, training=True, inplace=True)
+        return h, None
+    h = activate(a, act)
+    if p == 0:
+        return h, None
+    mask = torch.empty_like(h).bernoulli_(1.0 - p)
+    return h.mul_(mask).mul_(1.0 / (1.0 - p)), mask
+
+
 class _Experts(torch.autograd.Function):
-    """All experts on expert-sorted rows: ``relu(x W1[e]^T + b1[e])``, dropout, ``@ W2[e]^T + b2[e]``.
+    """All experts on expert-sorted rows: ``act(x W1[e]^T + b1[e])``, dropout, ``@ W2[e]^T + b2[e]``.
 
     ``sizes[e]`` consecutive rows of ``xs`` belong to expert e. The products run per expert on slices, writing into
     preallocated outputs and gradients (``out=``); everything elementwise runs once over all rows.
     """
 
     @staticmethod
-    def forward(ctx, xs, sizes, p, w1, b1, w2, b2):
-        h = xs.new_empty(xs.shape[0], w1.shape[1])
-        for e, (xe, he) in enumerate(zip(xs.split(sizes), h.split(sizes))):
+    def forward(ctx, xs, sizes, p, act, w1, b1, w2, b2):
+        a = xs.new_empty(xs.shape[0], w1.shape[1])
+        for e, (xe, ae) in enumerate(zip(xs.split(sizes), a.split(sizes))):
             if sizes[e]:
-                torch.addmm(b1[e], xe, w1[e].t(), out=he)
-        h.relu_()
-        if p > 0:
-            F.dropout(h, p, training=True, inplace=True)
+                torch.addmm(b1[e], xe, w1[e].t(), out=ae)
+        h, mask = _hidden(a, act, p)
         ys = xs.new_empty(xs.shape[0], w2.shape[1])
         for e, (he, ye) in enumerate(zip(h.split(sizes), ys.split(sizes))):
             if sizes[e]:
                 torch.addmm(b2[e], he, w2[e].t(), out=ye)
-        ctx.save_for_backward(xs, h, w1, w2)
-        ctx.sizes, ctx.p = sizes, p
+        ctx.save_for_backward(xs, h, w1, w2, None if act == "relu" else a, mask)
+        ctx.sizes, ctx.p, ctx.act = sizes, p, act
         return ys
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        xs, h, w1, w2 = ctx.saved_tensors
+        xs, h, w1, w2, a, mask = ctx.saved_tensors
         sizes, p = ctx.sizes, ctx.p
         gy = gy.contiguous()
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
         gb1, gb2 = w1.new_empty(w1.shape[:2]), w2.new_empty(w2.shape[:2])
         gh = torch.empty_like(h)
         _expert_linear_backward(h, gy, w2, gw2, gb2, gh, sizes)
-        # h > 0 exactly where the ReLU passed and dropout kept; kept units were scaled by 1 / (1 - p).
-        torch.ops.aten.threshold_backward.grad_input(gh, h, 0, grad_input=gh)
+        if ctx.act == "relu":
+            # h > 0 exactly where the ReLU passed and dropout kept; kept units were scaled by 1 / (1 - p).
+            torch.ops.aten.threshold_backward.grad_input(gh, h, 0, grad_input=gh)
+        elif mask is not None:
+            gh.mul_(mask)
         if p > 0:
             gh.mul_(1.0 / (1.0 - p))
+        ga = gh if ctx.act == "relu" else _activate_backward(gh, a, ctx.act)
         gx = torch.empty_like(xs)
-        _expert_linear_backward(xs, gh, w1, gw1, gb1, gx, sizes)
-        return gx, None, None, gw1, gb1, gw2, gb2
+        _expert_linear_backward(xs, ga, w1, gw1, gb1, gx, sizes)
+        return gx, None, None, None, gw1, gb1, gw2, gb2
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -163,6 +208,11 @@ class MoEFeedForward(Block):
     tokens whose first choice is expert i; P_i: mean router probability of expert i), 1 when balanced and E when
     every token picks the same expert; ``expert_counts`` holds the number of assignments routed to each expert
     (before any capacity limit).
+
+    The defaults are Transformer-XL's expert and block: ReLU experts with biases, residual then post-LayerNorm. The
+    gpt backbone's experts take its MLP's shape instead (``activation`` gelu or swiglu, whose ``w1`` stacks gate
+    and up projections, 2 * d_inner rows; ``bias=False`` keeps b1, b2 as zero buffers outside the state dict) and
+    its pre-norm block, x + moe(norm(x)), with the ``norm`` it is given.
     """
 
     def __init__(
@@ -174,6 +224,10 @@ class MoEFeedForward(Block):
         dropout: float = 0.2,
         capacity_factor: float | None = None,
         impl: str = "grouped",
+        activation: str = "relu",
+        bias: bool = True,
+        norm: nn.Module | None = None,
+        pre_norm: bool = False,
     ):
         super().__init__()
         if not 1 <= top_k <= n_experts:
@@ -182,14 +236,21 @@ class MoEFeedForward(Block):
             raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
         if impl not in ("grouped", "sequential"):
             raise ValueError(f"impl must be 'grouped' or 'sequential', got {impl!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.n_experts, self.top_k, self.capacity_factor, self.impl = n_experts, top_k, capacity_factor, impl
+        self.activation, self.pre_norm = activation, pre_norm
+        rows = 2 * d_inner if activation == "swiglu" else d_inner
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        self.w1 = nn.Parameter(torch.empty(n_experts, d_inner, d_model))
-        self.b1 = nn.Parameter(torch.empty(n_experts, d_inner))
+        self.w1 = nn.Parameter(torch.empty(n_experts, rows, d_model))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_inner))
-        self.b2 = nn.Parameter(torch.empty(n_experts, d_model))
+        for name, shape in (("b1", (n_experts, rows)), ("b2", (n_experts, d_model))):
+            if bias:
+                self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+            else:
+                self.register_buffer(name, torch.zeros(shape), persistent=False)
         self.drop = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = norm if norm is not None else nn.LayerNorm(d_model)
         self.balance_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
         self.packed = PackedWeights()
@@ -215,6 +276,12 @@ class MoEFeedForward(Block):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.drop(self._mix(self.norm(x)))
+        return self.norm(x + self.drop(self._mix(x)))
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token's gate-weighted sum of its experts' outputs, (batch, len, d_model)."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         gate, slot, token, counts = self._route(flat)
@@ -225,7 +292,7 @@ class MoEFeedForward(Block):
         y = ys.index_select(0, slot[0]) * gate[0]
         for k in range(1, self.top_k):
             y = y.addcmul(ys.index_select(0, slot[k]), gate[k])
-        return self.norm(x + self.drop(y.view(B, T, D)))
+        return y.view(B, T, D)
 
     def _route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each token's K gates, and where its K expert outputs will be; the assignments in expert order.
@@ -275,16 +342,17 @@ class MoEFeedForward(Block):
         if inference and xs.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
             return self._experts_packed(xs, sizes)
         params = (p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
-        return _Experts.apply(xs.to(dtype), sizes, self.drop.p if self.training else 0.0, *params)
+        return _Experts.apply(xs.to(dtype), sizes, self.drop.p if self.training else 0.0, self.activation, *params)
 
     def _experts_packed(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         w1, w2 = self.packed.get(self.w1, self.w2)
         b1, b2 = self.b1.unbind(0), self.b2.unbind(0)
-        ys = [
-            packed_linear(packed_linear(xe, w1[e], b1[e], relu=True), w2[e], b2[e])
-            for e, xe in enumerate(xs.split(sizes))
-            if sizes[e]
-        ]
+        relu = self.activation == "relu"  # fused into the product; other activations run after it
+        ys = []
+        for e, xe in enumerate(xs.split(sizes)):
+            if sizes[e]:
+                h = packed_linear(xe, w1[e], b1[e], relu=relu)
+                ys.append(packed_linear(h if relu else activate(h, self.activation), w2[e], b2[e]))
         return torch.cat(ys)
 
     def _experts_grouped_mm(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -292,7 +360,7 @@ class MoEFeedForward(Block):
         rows = torch.arange(self.n_experts, device=xs.device).repeat_interleave(counts, output_size=xs.shape[0])
         xs = xs.to(torch.bfloat16)
         w1, b1, w2, b2 = (p.to(torch.bfloat16) for p in (self.w1, self.b1, self.w2, self.b2))
-        h = self.drop(F.relu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs) + b1[rows]))
+        h = self.drop(activate(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs) + b1[rows], self.activation))
         return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs) + b2[rows]
 
     def _sequential(self, flat: torch.Tensor, token: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -300,7 +368,9 @@ class MoEFeedForward(Block):
         sizes = counts.tolist()
         w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
         ys = [
-            F.linear(self.drop(F.relu(F.linear(flat.index_select(0, tok), w1[e], b1[e]))), w2[e], b2[e])
+            F.linear(
+                self.drop(activate(F.linear(flat.index_select(0, tok), w1[e], b1[e]), self.activation)), w2[e], b2[e]
+            )
             for e, tok in enumerate(token.split(sizes))
         ]
         return torch.cat(ys)
