@@ -53,3 +53,27 @@ def tiny_cfg(tiny_text):
         )
 
     return make
+
+
+@pytest.fixture
+def trained_tiny(tiny_cfg):
+    """A 2-layer baseline trained for a second or two (Adam, in order, with memory), and its corpus: enough for
+    its heads and blocks to matter, as measuring importance and inheriting weights need."""
+    from planer.arch import Arch
+    from planer.data import Segments, load_corpus
+    from planer.model import TransformerXL, token_nll
+
+    cfg = tiny_cfg("model.n_experts=4")
+    corpus = load_corpus(cfg.data)
+    cfg.model.vocab_size = len(corpus.vocab)
+    torch.manual_seed(0)
+    model = TransformerXL(cfg.model, Arch.baseline(cfg.model.n_layer, cfg.model.n_head))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    segments, mems = Segments(corpus.train, 8, cfg.model.tgt_len), None
+    for k in range(150):
+        x, y = segments[k]
+        logits, mems = model(x, mems)
+        opt.zero_grad()
+        token_nll(logits, y).mean().backward()
+        opt.step()
+    return model.eval(), corpus

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from planer.arch import Arch, BlockSpec
-from planer.blocks import Block, FeedForward, RelAttention
+from planer.blocks import Block
 from planer.config import ModelConfig
 from planer.errors import PlanerError
+from planer.importance import Ranking
+from planer.inherit import head_order, transfer
 from planer.model import TransformerXL, build_block
 
 
@@ -103,68 +105,23 @@ class SuperNet(TransformerXL):
         return Arch(tuple(block.options[int(block.alpha.argmax())] for block in self.blocks))
 
 
-def copy_heads(dst: RelAttention, src: RelAttention) -> None:
-    """Give an attention option with h heads the first h heads of a trained attention block."""
-    h, H, Dh, D = dst.n_head, src.n_head, src.d_head, src.out.out_features
-    with torch.no_grad():
-        dst.qkv.weight.copy_(src.qkv.weight.view(3, H, Dh, D)[:, :h].reshape(3 * h * Dh, D))
-        dst.r_net.weight.copy_(src.r_net.weight.view(H, Dh, D)[:h].reshape(h * Dh, D))
-        dst.out.weight.copy_(src.out.weight.view(D, H, Dh)[:, :h].reshape(D, h * Dh))
-        dst.r_w_bias.copy_(src.r_w_bias[:h])
-        dst.r_r_bias.copy_(src.r_r_bias[:h])
-    dst.norm.load_state_dict(src.norm.state_dict())
-
-
-def upcycle(dst: nn.Module, src: FeedForward) -> None:
-    """Start every expert of an MoE option as a copy of a trained feed-forward block (the router stays random)."""
-    with torch.no_grad():
-        dst.w1.copy_(src.fc1.weight.expand_as(dst.w1))
-        dst.b1.copy_(src.fc1.bias.expand_as(dst.b1))
-        dst.w2.copy_(src.fc2.weight.expand_as(dst.w2))
-        dst.b2.copy_(src.fc2.bias.expand_as(dst.b2))
-    dst.norm.load_state_dict(src.norm.state_dict())
-
-
-def widen(dst: FeedForward, src: FeedForward) -> None:
-    """Start a feed-forward block M times as wide as a trained one as M copies of it, each writing 1/M of the output.
-
-    The wide block then computes exactly what the trained one does, the iso-parameter counterpart of ``upcycle``.
-    """
-    copies = dst.fc1.out_features // src.fc1.out_features
-    with torch.no_grad():
-        dst.fc1.weight.copy_(src.fc1.weight.repeat(copies, 1))
-        dst.fc1.bias.copy_(src.fc1.bias.repeat(copies))
-        dst.fc2.weight.copy_(src.fc2.weight.repeat(1, copies) / copies)
-        dst.fc2.bias.copy_(src.fc2.bias)
-    dst.norm.load_state_dict(src.norm.state_dict())
-
-
-def warm_start(net: SuperNet, baseline: TransformerXL) -> int:
+def warm_start(net: SuperNet, baseline: TransformerXL, ranking: Ranking | None = None) -> int:
     """Initialise the supernet's options from a trained baseline of the same length; returns how many were.
 
     Options trained from scratch inside a short search stay weaker than the baseline's own blocks, and the latency
     loss then wins every comparison: the search drops attention it would have kept. Starting each option from the
-    baseline block at its position (attention from its first heads, feed-forward as is, MoE experts as copies of
-    the feed-forward, wide feed-forward as copies of it) lets the architecture weights compare options that already work.
+    baseline block at its position (``planer.inherit.transfer``: attention from its most important heads by
+    ``ranking``, see ``planer.importance.rank_heads``, its first heads where there is none; feed-forward as is;
+    MoE experts and wide feed-forward as copies of it) lets the architecture weights compare options that already
+    work, and starts them where phase 2's ``--init-from`` and the knapsack search start them.
     """
     if len(net.blocks) != len(baseline.blocks) or baseline.cfg.d_model != net.cfg.d_model:
         raise PlanerError("the warm-start model does not match the supernet's length or width")
     net.embed.load_state_dict(baseline.embed.state_dict())
     net.out_bias.data.copy_(baseline.out_bias.data)
     done = 0
-    for block, spec, source in zip(net.blocks, baseline.arch, baseline.blocks):
+    for position, (block, spec, source) in enumerate(zip(net.blocks, baseline.arch, baseline.blocks)):
+        heads = head_order(ranking or {}, position, source)
         for option, candidate in zip(block.options, block.candidates):
-            if option.kind == "attn" and spec.kind == "attn" and option.heads <= spec.heads:
-                copy_heads(candidate, source)
-            elif option.kind == "ffl" and option == spec:
-                candidate.load_state_dict(source.state_dict())
-            elif option.kind == "ffl" and spec == BlockSpec("ffl"):
-                widen(candidate, source)
-            elif (
-                option.kind == "moe" and spec == BlockSpec("ffl") and candidate.w1.shape[1:] == source.fc1.weight.shape
-            ):
-                upcycle(candidate, source)
-            else:
-                continue
-            done += 1
+            done += transfer(candidate, option, source, spec, heads)
     return done
