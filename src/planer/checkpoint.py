@@ -2,12 +2,17 @@
 
 safetensors holds nothing executable, so a checkpoint from anywhere can be opened without unpickling. Files are
 written under a temporary name and renamed, so an interrupted save never leaves a half-written checkpoint.
+
+config.json's ``vocab`` is ``{"level": "char" | "word", "symbols": [...]}``, or ``{"level": "tokenizer",
+"size": V}`` for a model whose vocabulary is a Hugging Face tokenizer: that tokenizer.json is kept beside the
+weights, so the folder is complete on its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,10 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from planer.arch import Arch
+from planer.backbones import build_model
 from planer.config import Config, config_from_dict
-from planer.data import Vocab
+from planer.data import TokenizerVocab, Vocab
 from planer.errors import PlanerError
-from planer.model import TransformerXL
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -49,13 +54,32 @@ def save_weights(path: Path, module: torch.nn.Module) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: str | Path, model: TransformerXL, cfg: Config, vocab: Vocab, **extra) -> None:
+def copy_tokenizer(vocab: TokenizerVocab, out_dir: Path) -> None:
+    """Put the tokenizer's tokenizer.json into ``out_dir`` (unless it is that file already)."""
+    target = out_dir / TokenizerVocab.FILE
+    if not target.exists() or not target.samefile(vocab.path):
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(vocab.path, tmp)
+        os.replace(tmp, target)
+
+
+def vocab_record(vocab: Vocab | TokenizerVocab, out_dir: Path) -> dict:
+    """config.json's description of the vocabulary; a tokenizer's file is copied into ``out_dir``."""
+    if not isinstance(vocab, TokenizerVocab):
+        return {"level": vocab.level, "symbols": vocab.symbols}
+    copy_tokenizer(vocab, out_dir)
+    return {"level": vocab.level, "size": len(vocab)}
+
+
+def save_checkpoint(
+    out_dir: str | Path, model: torch.nn.Module, cfg: Config, vocab: Vocab | TokenizerVocab, **extra
+) -> None:
     out_dir = Path(out_dir)
     save_weights(out_dir / WEIGHTS, model)
     meta = {
         "config": cfg.to_dict(),
         "arch": model.arch.specs(),
-        "vocab": {"level": vocab.level, "symbols": vocab.symbols},
+        "vocab": vocab_record(vocab, out_dir),
         **extra,
     }
     atomic_write_text(out_dir / CONFIG, json.dumps(meta, indent=1) + "\n")
@@ -74,19 +98,28 @@ def load_meta(run_dir: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TransformerXL, Config, Vocab]:
+def read_vocab(record: dict, run_dir: Path) -> Vocab | TokenizerVocab:
+    """The vocabulary that config.json's ``vocab`` record describes (a tokenizer's from the folder's own file)."""
+    if record["level"] == TokenizerVocab.level:
+        return TokenizerVocab(run_dir / TokenizerVocab.FILE)
+    return Vocab(list(record["symbols"]), record["level"])
+
+
+def load_checkpoint(
+    run_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Config, Vocab | TokenizerVocab]:
     """Rebuild the model from config.json and fill it from model.safetensors; any mismatch is a PlanerError."""
     run_dir = Path(run_dir)
     meta = load_meta(run_dir)
     try:
         cfg = config_from_dict(meta["config"])
         arch = Arch.parse(" ".join(meta["arch"]))
-        vocab = Vocab(list(meta["vocab"]["symbols"]), meta["vocab"]["level"])
+        vocab = read_vocab(meta["vocab"], run_dir)
     except PlanerError as e:  # say which file holds the bad value
         raise PlanerError(f"checkpoint config {run_dir / CONFIG}: {e}") from None
     except (TypeError, KeyError):
         raise PlanerError(f"checkpoint config {run_dir / CONFIG} has a malformed arch or vocab") from None
-    if vocab.level not in ("char", "word"):
+    if vocab.level not in ("char", "word", TokenizerVocab.level):
         raise PlanerError(f"checkpoint config {run_dir / CONFIG}: unknown vocabulary level '{vocab.level}'")
     if len(vocab) != cfg.model.vocab_size:
         raise PlanerError(
@@ -99,7 +132,7 @@ def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> 
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise PlanerError(f"checkpoint {path} is corrupt: {str(e).splitlines()[0]}") from None
-    model = TransformerXL(cfg.model, arch)
+    model = build_model(cfg.model, arch)
     expected = model.state_dict()
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())

@@ -3,6 +3,8 @@
 The vocabulary comes from the training split alone, with ``<unk>`` standing for anything never seen there, so
 evaluation on new text counts unknown symbols instead of failing. Word-level text is split on whitespace with
 ``<eos>`` at every line end, as Transformer-XL does for WikiText (whose own ``<unk>`` maps onto ours).
+With ``data.tokenizer`` a Hugging Face ``tokenizer.json`` is the vocabulary instead (``TokenizerVocab``), as an
+imported model needs: its ids are the model's, and no text is ever unknown to it.
 """
 
 from __future__ import annotations
@@ -79,6 +81,51 @@ class Vocab:
         sep = "" if self.level == "char" else " "
         return sep.join(self.symbols[i] for i in ids)
 
+    def tokenize(self, text: str) -> list[str]:
+        return tokenize(text, self.level)
+
+
+class TokenizerVocab:
+    """A Hugging Face ``tokenizer.json`` (through the ``tokenizers`` library) with the interface of ``Vocab``.
+
+    ``tokenize`` gives ids already, so ``encode`` only makes them a tensor; nothing falls back to an unknown token.
+    Its size is one more than its largest id, the number of embedding rows a model needs for it.
+    """
+
+    level = "tokenizer"
+    FILE = "tokenizer.json"
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.path = path / self.FILE if path.is_dir() else path
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise PlanerError("a tokenizer.json needs the 'tokenizers' package (pip install 'planer[hf]')") from None
+        if not self.path.is_file():
+            raise PlanerError(f"tokenizer not found: {self.path}")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.path))
+        except Exception as e:  # the library raises plain Exceptions for unreadable or malformed files
+            raise PlanerError(f"{self.path} is not a readable tokenizer.json: {str(e).splitlines()[0]}") from None
+        self.size = max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def symbols(self) -> list[str | None]:
+        return [self.tokenizer.id_to_token(i) for i in range(self.size)]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        return torch.tensor(ids, dtype=torch.long), 0
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
 
 @dataclass
 class Corpus:
@@ -94,14 +141,17 @@ class Corpus:
         return getattr(self, name)
 
 
-def load_corpus(cfg: DataConfig, vocab: Vocab | None = None) -> Corpus:
-    """Read the corpus; with no vocab given, build one from the training split."""
+def load_corpus(cfg: DataConfig, vocab: Vocab | TokenizerVocab | None = None) -> Corpus:
+    """Read the corpus; with no vocab given, take data.tokenizer's, or build one from the training split."""
+    if vocab is None and cfg.tokenizer:
+        vocab = TokenizerVocab(cfg.tokenizer)
+    cut = vocab.tokenize if isinstance(vocab, TokenizerVocab) else lambda text: tokenize(text, cfg.level)
     if cfg.train:
         if not (cfg.valid and cfg.test):
             raise PlanerError("data.train needs data.valid and data.test too")
-        parts = [tokenize(read_text(p), cfg.level) for p in (cfg.train, cfg.valid, cfg.test)]
+        parts = [cut(read_text(p)) for p in (cfg.train, cfg.valid, cfg.test)]
     else:
-        tokens = tokenize(read_text(cfg.path), cfg.level)
+        tokens = cut(read_text(cfg.path))
         a, b = int(len(tokens) * 0.9), int(len(tokens) * 0.95)
         parts = [tokens[:a], tokens[a:b], tokens[b:]]
     if vocab is None:
