@@ -15,6 +15,9 @@ tensors. How the experts then run was measured (benchmarks/moe.py) rather than a
   one full-size gradient per expert and stack them; padded ``bmm`` was slower at every size measured.
 
 ``impl="sequential"`` keeps the paper's expert-after-expert loop as the reference for tests and benchmarks.
+``impl="dense"`` runs every expert on every token and weights each output by the token's gate (zero for experts
+it did not choose): E times the products, but no sort, count or shape that depends on the routing, so a graph
+exporter can trace it (``planer export --onnx``, export.py). It equals the other paths up to float rounding.
 """
 
 from __future__ import annotations
@@ -234,18 +237,21 @@ class MoEFeedForward(Block):
             raise ValueError(f"top_k must be between 1 and n_experts ({n_experts}), got {top_k}")
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
-        if impl not in ("grouped", "sequential"):
-            raise ValueError(f"impl must be 'grouped' or 'sequential', got {impl!r}")
+        if impl not in ("grouped", "sequential", "dense"):
+            raise ValueError(f"impl must be 'grouped', 'sequential' or 'dense', got {impl!r}")
+        if impl == "dense" and capacity_factor is not None:
+            raise ValueError("impl 'dense' runs every assignment; it has no capacity limit")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.n_experts, self.top_k, self.capacity_factor, self.impl = n_experts, top_k, capacity_factor, impl
         self.activation, self.pre_norm = activation, pre_norm
         rows = 2 * d_inner if activation == "swiglu" else d_inner
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        self.w1 = nn.Parameter(torch.empty(n_experts, rows, d_model))
-        self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_inner))
-        for name, shape in (("b1", (n_experts, rows)), ("b2", (n_experts, d_model))):
-            if bias:
+        # Registered w1, b1, w2, b2: the parameters' order sets the order of sums over them (the gradient norm).
+        shapes = {"w1": (n_experts, rows, d_model), "b1": (n_experts, rows), "w2": (n_experts, d_model, d_inner),
+                  "b2": (n_experts, d_model)}  # fmt: skip
+        for name, shape in shapes.items():
+            if bias or name.startswith("w"):
                 self.register_parameter(name, nn.Parameter(torch.empty(shape)))
             else:
                 self.register_buffer(name, torch.zeros(shape), persistent=False)
@@ -284,6 +290,8 @@ class MoEFeedForward(Block):
         """Every token's gate-weighted sum of its experts' outputs, (batch, len, d_model)."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
+        if self.impl == "dense":
+            return self._dense(flat).view(B, T, D)
         gate, slot, token, counts = self._route(flat)
         run = self._sequential if self.impl == "sequential" else self._experts
         ys = run(flat, token, counts)
@@ -301,19 +309,11 @@ class MoEFeedForward(Block):
         holds each choice; ``token``, the token of every assignment an expert computes, ordered by expert, then
         first choices before second choices, then by token (also the priority order under a capacity limit); and
         the number of those assignments per expert. An assignment over capacity gets gate 0 and any valid slot.
-        Router scores are laid out (E, tokens) so that the softmax and the top-k over E experts run along the long
-        axis: over the short one they cost as much as the router itself.
         """
         N, E, K = flat.shape[0], self.n_experts, self.top_k
-        logits = self.router.weight @ flat.t()
-        probs = F.softmax(logits, dim=0, dtype=torch.promote_types(logits.dtype, torch.float32))
-        if K == 1:
-            gate, choice = probs.max(0, keepdim=True)
-        else:
-            gate, choice = probs.topk(K, dim=0)
-            gate = gate / gate.sum(0, keepdim=True)
+        probs, gate, choice = self._gates(flat)
         first = torch.bincount(choice[0], minlength=E)
-        self.balance_loss = torch.dot(first.to(probs.dtype), probs.mean(1)) * (E / N)
+        self._balance(probs, first)
 
         assigned = choice.reshape(-1)  # all first choices, then all second choices
         counts = first if K == 1 else torch.bincount(assigned, minlength=E)
@@ -330,6 +330,40 @@ class MoEFeedForward(Block):
             kept = order[keep]
         slot = torch.empty_like(row).index_copy_(0, order, row).view(K, N)
         return gate, slot, kept % N if K > 1 else kept, counts
+
+    def _gates(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router probabilities (E, tokens), and each token's K gates and chosen experts, both (K, tokens).
+
+        Router scores are laid out (E, tokens) so that the softmax and the top-k over E experts run along the long
+        axis: over the short one they cost as much as the router itself.
+        """
+        logits = self.router.weight @ flat.t()
+        probs = F.softmax(logits, dim=0, dtype=torch.promote_types(logits.dtype, torch.float32))
+        if self.top_k == 1:
+            gate, choice = probs.max(0, keepdim=True)
+        else:
+            gate, choice = probs.topk(self.top_k, dim=0)
+            gate = gate / gate.sum(0, keepdim=True)
+        return probs, gate, choice
+
+    def _balance(self, probs: torch.Tensor, first: torch.Tensor) -> None:
+        """Set ``balance_loss`` from the router probabilities and the count of first choices per expert."""
+        self.balance_loss = torch.dot(first.to(probs.dtype), probs.mean(1)) * (self.n_experts / probs.shape[1])
+
+    def _dense(self, flat: torch.Tensor) -> torch.Tensor:
+        """``impl="dense"``: every expert on every token, summed with each token's gates (see the module's notes).
+
+        Counts come from a one-hot comparison instead of ``bincount``, which graph exporters lack.
+        """
+        probs, gate, choice = self._gates(flat)
+        experts = torch.arange(self.n_experts, device=flat.device)
+        chosen = (choice[..., None] == experts).to(gate.dtype)  # (K, tokens, E), one-hot
+        self._balance(probs, chosen[0].sum(0))
+        self.expert_counts = chosen.sum((0, 1)).long().detach()
+        weights = (chosen * gate[..., None]).sum(0)  # (tokens, E): the gate of every chosen expert, else 0
+        h = self.drop(activate(torch.matmul(flat, self.w1.transpose(1, 2)) + self.b1[:, None], self.activation))
+        ys = torch.matmul(h, self.w2.transpose(1, 2)) + self.b2[:, None]  # (E, tokens, d_model)
+        return (weights.t().to(ys.dtype)[..., None] * ys).sum(0)
 
     def _experts(self, flat: torch.Tensor, token: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The experts' outputs for the expert-sorted assignments of rows ``token`` of ``flat``."""
