@@ -14,6 +14,7 @@ import planer.search
 import planer.train
 from planer.arch import Arch
 from planer.config import load_config
+from planer.loop import RunOptions
 from planer.model import TransformerXL
 from planer.supernet import SuperNet
 
@@ -39,8 +40,8 @@ config, lut, out = sys.argv[1:4]
 overrides = [a for a in sys.argv[4:] if a != "--set"]
 cfg = load_config(config, overrides)
 out = Path(out)
-planer.train.train(cfg, out / "train", Arch.parse("attn:4 ffl attn:2 moe:top2"), quiet=True)
-planer.search.search(cfg, out / "search", 0.6, lut_path=lut, quiet=True)
+planer.train.train(cfg, out / "train", Arch.parse("attn:4 ffl attn:2 moe:top2"), options=RunOptions(quiet=True))
+planer.search.search(cfg, out / "search", 0.6, lut_path=lut, options=RunOptions(quiet=True))
 rank = os.environ.get("RANK", "0")
 for stage, models in built.items():
     save_file(

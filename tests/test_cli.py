@@ -87,7 +87,7 @@ def test_existing_output_is_not_overwritten(trained):
         (lambda r: ["--config", r / "c.yaml", "--set", "data.path=/nonexistent.txt"], "data file not found"),
         (lambda r: ["--config", r / "empty.yaml", "--set", f"data.path={r / 'empty.txt'}"], "is empty"),
         (lambda r: ["--config", r / "c.yaml", "--set", f"data.path={r / 'short.txt'}"], "fewer than one segment"),
-        (lambda r: ["--config", r / "c.yaml", "--set", "search.target=1.5"], "in (0, 1]"),
+        (lambda r: ["--config", r / "c.yaml", "--set", "search.target=1.5"], "unknown config key 'search.target'"),
     ],
 )
 def test_bad_train_input(trained, tmp_path, make_case, fragment):
@@ -113,3 +113,54 @@ def test_missing_and_corrupt_checkpoints(trained, tmp_path):
     (broken / "config.json").write_text(json.dumps(meta))
     (broken / "model.safetensors").write_bytes(weights)
     assert_user_error(planer("evaluate", "--run", broken), "does not match")
+
+
+# -- first contact: version, usage, hints ----------------------------------------------------------------------
+
+
+def test_version():
+    result = planer("--version")
+    assert result.returncode == 0 and result.stdout.startswith("planer 0.") and "torch" in result.stdout
+
+
+def test_no_command_prints_usage_and_one_line_error():
+    result = planer()
+    assert "usage: planer" in result.stdout and "train" in result.stdout
+    assert_user_error(result, "no command given; choose one of train,")
+    assert "planer: error: planer:" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--out", "x"], "usage: planer train --config CONFIG --out OUT [options]; see 'planer train --help'"),
+        (["frobnicate"], "usage: planer COMMAND [options]"),
+        (["export", "--run", "x"], "usage: planer export --run RUN (--onnx OUT | --hf OUT) [options]"),
+    ],
+)
+def test_argparse_errors_end_with_a_usage_hint(argv, fragment):
+    assert_user_error(planer(*argv), fragment)
+
+
+def test_set_without_equals_hints_at_key_value(tmp_path):
+    result = planer("train", "--config", "c.yaml", "--out", tmp_path / "out", "--set", "train.steps", "40")
+    assert_user_error(result, "--set expects section.key=value, got 'train.steps'; write --set train.steps=VALUE")
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_option_has_help():
+    from planer.cli import build_parser, subcommands
+
+    parser = build_parser()
+    for name, sub in {"planer": parser, **subcommands(parser)}.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {'/'.join(action.option_strings) or action.dest} has no help text"
+
+
+def test_profile_shows_a_progress_bar(trained, tmp_path):
+    _, config = trained
+    fast = ["--set", "latency.repeats=3", "--set", "latency.warmup=1", "--set", "latency.batch_size=2"]
+    result = planer("profile", "--config", config, "--out", tmp_path / "lut", *TINY, *fast)
+    assert result.returncode == 0, result.stderr
+    assert "profiling" in result.stderr and "round" in result.stderr and "4/4" in result.stderr
+    assert "lut.json" in result.stdout

@@ -47,13 +47,13 @@ def test_segments_are_ordered_streams():
     assert torch.equal(y0, x0 + 1)
     assert torch.equal(x1[:, 0], x0[:, -1] + 1)  # the next segment continues each stream
     assert x0[1, 0].item() == 50
-    assert all(x.shape == (2, 8) for x, _ in seg)
+    assert all(s.x.shape == (2, 8) for s in seg.walk(0, len(seg)))
 
 
 def test_eval_segments_score_every_token_once():
     ids = torch.arange(103)
     seg = Segments(ids, batch_size=2, tgt_len=8, drop_last=False)
-    targets = torch.cat([y for _, y in seg], dim=1)
+    targets = torch.cat([s.y for s in seg.walk(0, len(seg))], dim=1)
     assert torch.equal(targets[0], torch.arange(1, 51))
 
 

@@ -127,22 +127,23 @@ def test_divergence_stops_and_keeps_the_last_good_state(tiny_cfg, tmp_path, monk
 
     from planer.arch import Arch
     from planer.errors import PlanerError
+    from planer.loop import RunOptions, WeightTrainer
     from planer.resume import load_state, newest_state
-    from planer.train import WeightTrainer, train
+    from planer.train import train
 
     step = WeightTrainer.step
 
-    def poisoned(self, model, x, y, mems):
+    def poisoned(self, model, x, y, mems, reset):
         if self.step_count == 25:
             with torch.no_grad():
                 model.embed.weight[0, 0] = float("nan")
                 model.embed.weight[x.flatten()] = float("nan")
-        return step(self, model, x, y, mems)
+        return step(self, model, x, y, mems, reset)
 
     monkeypatch.setattr(WeightTrainer, "step", poisoned)
     cfg = tiny_cfg("train.steps=60", "train.eval_every=10", "train.ckpt_every=10")
     with pytest.raises(PlanerError, match="training diverged at step 26"):
-        train(cfg, tmp_path / "run", Arch.parse("attn:2 ffl attn:4 ffl"), quiet=True)
+        train(cfg, tmp_path / "run", Arch.parse("attn:2 ffl attn:4 ffl"), options=RunOptions(quiet=True))
     tensors, meta = load_state(newest_state(tmp_path / "run"))
     assert meta["progress"]["step"] == 20 and all(
         torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()

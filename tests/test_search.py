@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from planer.arch import Arch
 from planer.config import ModelConfig
+from planer.loop import RunOptions
 from planer.model import TransformerXL
 from planer.search import latency_loss, search
 from planer.supernet import SuperNet
@@ -108,7 +109,7 @@ def test_tiny_search_writes_arch_and_log(tiny_cfg, tmp_path):
         "model.n_layer=2",
     )
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl"]
-    arch = search(cfg, tmp_path / "s", target=0.5, quiet=True)
+    arch = search(cfg, tmp_path / "s", target=0.5, options=RunOptions(quiet=True))
     assert len(arch) == 4
     records = [json.loads(l) for l in (tmp_path / "s" / "search.jsonl").read_text().splitlines()]
     assert len(records) == 4
@@ -164,7 +165,7 @@ def test_search_over_target_at_the_end_gets_a_correction(tiny_cfg, tmp_path):
         "model.n_layer=2",
     )
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl"]
-    search(cfg, tmp_path / "s", target=0.05, quiet=True)
+    search(cfg, tmp_path / "s", target=0.05, options=RunOptions(quiet=True))
     records = [json.loads(l) for l in (tmp_path / "s" / "search.jsonl").read_text().splitlines()]
     assert records[-1]["correction"] is True and len(records[-1]["probs"]) == 4
     saved = json.loads((tmp_path / "s" / "arch.json").read_text())

@@ -7,13 +7,14 @@ from planer.arch import Arch
 from planer.checkpoint import load_checkpoint
 from planer.config import Config
 from planer.evaluate import evaluate_run
+from planer.loop import RunOptions
 from planer.optim import Lamb, lr_at
 from planer.train import train
 
 
 def test_training_beats_uniform_loss(tiny_cfg, tmp_path):
     cfg = tiny_cfg("train.eval_batches=0")  # score the whole valid split, as evaluate_run does
-    summary = train(cfg, tmp_path / "run", Arch.baseline(2, 4), quiet=True)
+    summary = train(cfg, tmp_path / "run", Arch.baseline(2, 4), options=RunOptions(quiet=True))
     uniform = math.log(cfg.model.vocab_size)
     assert summary["best_valid_loss"] < 0.7 * uniform
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -28,8 +29,8 @@ def test_training_beats_uniform_loss(tiny_cfg, tmp_path):
 
 def test_training_is_deterministic(tiny_cfg, tmp_path):
     cfg = tiny_cfg("train.steps=20", "train.eval_every=20", "model.n_layer=1")
-    a = train(cfg, tmp_path / "a", Arch.parse("attn:2 ffl"), quiet=True)
-    b = train(cfg, tmp_path / "b", Arch.parse("attn:2 ffl"), quiet=True)
+    a = train(cfg, tmp_path / "a", Arch.parse("attn:2 ffl"), options=RunOptions(quiet=True))
+    b = train(cfg, tmp_path / "b", Arch.parse("attn:2 ffl"), options=RunOptions(quiet=True))
     assert a["best_valid_loss"] == b["best_valid_loss"]
     wa, wb = load_checkpoint(tmp_path / "a")[0].state_dict(), load_checkpoint(tmp_path / "b")[0].state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -55,7 +56,9 @@ def test_schedule_warms_up_then_decays():
 
 def test_moe_model_trains_with_balanced_experts(tiny_cfg, tmp_path):
     cfg = tiny_cfg("model.n_experts=4", "train.balance_coef=0.01")
-    summary = train(cfg, tmp_path / "moe", Arch.parse("attn:4 moe:top1 attn:2 moe:top2"), quiet=True)
+    summary = train(
+        cfg, tmp_path / "moe", Arch.parse("attn:4 moe:top1 attn:2 moe:top2"), options=RunOptions(quiet=True)
+    )
     assert summary["best_valid_loss"] < 0.7 * math.log(cfg.model.vocab_size)
     assert len(summary["expert_load_max"]) == 2
     assert all(1.0 <= m < 2.0 for m in summary["expert_load_max"])  # busiest expert within 2x of uniform

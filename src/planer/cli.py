@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -36,11 +37,13 @@ def _rank() -> int:
 
 def cmd_train(args) -> None:
     from planer.config import load_config
-    from planer.train import train
+    from planer.loop import RunOptions
+    from planer.train import Recipe, train
 
     cfg = load_config(args.config, args.set)
     arch = _arch(args.arch, cfg)
-    summary = train(cfg, args.out, arch, force=args.force, resume=args.resume)
+    recipe = Recipe(teacher=Path(args.teacher) if args.teacher else None)
+    summary = train(cfg, args.out, arch, recipe, RunOptions(force=args.force, resume=args.resume))
     if _rank() == 0:
         print(
             f"trained {arch.short()} ({summary['params']:,} parameters) in {summary['seconds']:.0f} s: "
@@ -72,7 +75,7 @@ def cmd_profile(args) -> None:
         overrides.append(f"latency.batch_size={args.batch}")
     if args.device is not None:
         overrides.append(f"latency.device={args.device}")
-    table, path = profile_dir(load_config(args.config, overrides), args.out, force=args.force)
+    table, path = profile_dir(load_config(args.config, overrides), args.out, force=args.force, progress=True)
     fp, how = table.fingerprint, "reused" if table.reused else f"profiled in {table.settings['seconds']:.0f} s"
     print(
         f"{path}: {how}; {fp['device']}, {fp['dtype']}, {fp['threads']} thread(s), batch {fp['batch']}, "
@@ -121,14 +124,14 @@ def _ints(text: str, what: str) -> list[int]:
 def cmd_search(args) -> None:
     from planer.config import load_config
     from planer.designs import iso_space
+    from planer.loop import RunOptions
     from planer.search import search
 
     cfg = load_config(args.config, args.set)
     if args.space == "iso":
         cfg.search.space = iso_space(cfg.search.space, cfg.model.n_experts)
-    arch = search(
-        cfg, args.out, args.target, lut_path=args.lut, force=args.force, init_from=args.init_from, resume=args.resume
-    )
+    options = RunOptions(force=args.force, resume=args.resume)
+    arch = search(cfg, args.out, args.target, lut_path=args.lut, init_from=args.init_from, options=options)
     if _rank() > 0:
         return
     meta = json.loads((Path(args.out) / "arch.json").read_text())
@@ -155,17 +158,124 @@ def cmd_run(args) -> None:
     print((out / "report.md").read_text())
 
 
+def _show(value) -> str:
+    """A config value as it would be written after ``--set``."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_show, value)) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else "''"
+
+
+def cmd_config(args) -> None:
+    from planer.config import describe, load_config
+
+    rows = [("key", "type", "default", "value")]
+    rows += [
+        (key, kind, _show(default), _show(value))
+        for key, kind, default, value in describe(load_config(args.config, args.set))
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+
+
+def cmd_export(args) -> None:
+    if args.hf is not None:
+        from planer.hf import export_hf
+
+        print(f"wrote {export_hf(args.run, args.hf, force=args.force)}: a Hugging Face folder transformers loads")
+        return
+    from planer.export import export_onnx
+
+    result = export_onnx(args.run, args.onnx, force=args.force)
+    print(
+        f"wrote {result['path']}: {result['arch']}, inputs {', '.join(result['inputs'])}; outputs "
+        f"{', '.join(result['outputs'])}; onnxruntime's logits within {result['max_diff']:.1e} of planer's"
+    )
+
+
+def cmd_import(args) -> None:
+    from planer.hf import import_hf
+
+    result = import_hf(args.hf, args.out)
+    print(
+        f"imported {args.hf} ({result['flavour']}, {result['params']:,} parameters, {result['arch']}) "
+        f"-> {result['path']}"
+    )
+
+
+def _prompt(args, vocab) -> list[int]:
+    if args.prompt_ids is None:
+        return vocab.encode(vocab.tokenize(args.prompt))[0].tolist()
+    try:
+        return [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+    except ValueError:
+        raise PlanerError(f"--prompt-ids expects token ids separated by spaces, got '{args.prompt_ids}'") from None
+
+
+def cmd_generate(args) -> None:
+    from planer import load
+    from planer.generate import generate
+
+    model, vocab = load(args.run, args.device)
+    prompt = _prompt(args, vocab)
+    out = generate(model, prompt, args.tokens, args.temperature, args.top_k, args.seed)
+    print(" ".join(map(str, out)) if args.ids else vocab.decode(prompt + out))
+
+
 def cmd_report(args) -> None:
     from planer.report import write_report
 
     print(f"wrote {write_report(args.run)}")
 
 
+PROG = "planer"
+
+
+def short_usage(parser: argparse.ArgumentParser) -> str:
+    """The command with its required arguments, then ``[options]``: a usage that fits in the one line of an error."""
+
+    def spell(action: argparse.Action) -> str:
+        return f"{action.option_strings[0]} {action.metavar or action.dest.upper()}"
+
+    parts = [parser.prog]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parts.append("COMMAND")
+        elif action.required:
+            parts.append(spell(action))
+    for group in parser._mutually_exclusive_groups:
+        if group.required:
+            parts.append("(" + " | ".join(spell(a) for a in group._group_actions) + ")")
+    return " ".join([*parts, "[options]"])
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Every sub-command's parser by name, as the parser holds them (for the no-command hint and the README test)."""
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(actions[0].choices) if actions else {}
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as the one ``planer: error:`` line every other bad input gets."""
+    """argparse, with its errors as the one ``planer: error:`` line every other bad input gets, and a usage hint."""
 
     def error(self, message: str):
-        self.exit(2, f"planer: error: {self.prog}: {message}\n")
+        where = "" if self.prog == PROG else f"{self.prog}: "
+        hint = f"usage: {short_usage(self)}; see '{self.prog} --help'"
+        self.exit(2, f"planer: error: {where}{message} ({hint})\n")
+
+
+def _override(text: str) -> str:
+    """``--set``'s value, checked as it is parsed: ``--set train.steps 40`` is told to write ``train.steps=40``
+    instead of argparse's 'unrecognized arguments: 40'."""
+    from planer.config import parse_override
+
+    try:
+        parse_override(text)
+    except PlanerError as e:  # an ArgumentError without an argument: argparse reports the message as it is
+        raise argparse.ArgumentError(None, str(e)) from None
+    return text
 
 
 def _config_command(sub, name: str, help: str, out_help: str, force_help: str, func) -> argparse.ArgumentParser:
@@ -173,15 +283,45 @@ def _config_command(sub, name: str, help: str, out_help: str, force_help: str, f
     p = sub.add_parser(name, help=help)
     p.add_argument("--config", required=True, help="YAML config")
     p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    _set_option(p)
     p.add_argument("--force", action="store_true", help=force_help)
     p.set_defaults(func=func)
     return p
 
 
+def _set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        type=_override,
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.lr=3e-4 (repeatable; 'planer config' lists the keys)",
+    )
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    from planer import __version__
+
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "not installed"
+    return f"planer {__version__} (torch {torch}, Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="planer", description="Latency-aware sparsely activated Transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog=PROG, description="Latency-aware sparsely activated Transformers.")
+    parser.add_argument("--version", action="version", version=_version(), help="print the versions and exit")
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=_Parser,
+        metavar="COMMAND",
+        help="planer COMMAND --help: its options",
+    )
 
     p = _config_command(
         sub,
@@ -192,13 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train,
     )
     p.add_argument("--arch", help="baseline (default), sandwich:K, par, a list of block specs, or an arch.json file")
+    p.add_argument("--teacher", help="trained model directory to distil from (distill.weight, distill.temperature)")
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split or a text file")
     p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
-    p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="split (default valid)")
     p.add_argument("--text", help="evaluate on this text file instead of a split")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
@@ -261,6 +402,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md for a run directory")
     p.add_argument("--run", required=True, help="run directory")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("import", help="a planer checkpoint from a local Hugging Face folder (GPT-2, Llama)")
+    p.add_argument("--hf", required=True, help="folder with config.json, model.safetensors and tokenizer.json")
+    p.add_argument("--out", required=True, help="new checkpoint directory (must not exist or be empty)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("generate", help="sample text or token ids from a checkpoint")
+    p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue")
+    prompt.add_argument("--prompt-ids", help='token ids to continue, e.g. "5 17 3"')
+    p.add_argument("--ids", action="store_true", help="print the new token ids on one line instead of text")
+    p.add_argument("--tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy decoding (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("config", help="print the resolved config: every key with its type, default and value")
+    p.add_argument("--config", help="YAML config (default: none, the defaults alone)")
+    _set_option(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("export", help="write a trained model in a form other runtimes load")
+    p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
+    form = p.add_mutually_exclusive_group(required=True)
+    form.add_argument(
+        "--onnx",
+        metavar="OUT",
+        help="an ONNX file (e.g. model.onnx): token ids and memories in, logits and memories out",
+    )
+    form.add_argument("--hf", metavar="OUT", help="a Hugging Face model folder")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -269,9 +445,14 @@ DATA_PARALLEL = {"train", "search"}
 
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a malformed command line (already reported in one line)
+        if not argv:  # a first try: what there is to run on stdout, the error's one line on stderr
+            parser.print_help()
+            parser.error(f"no command given; choose one of {', '.join(subcommands(parser))}")
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a malformed command line (already reported in one line)
         return e.code
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DATA_PARALLEL:

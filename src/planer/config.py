@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +22,19 @@ from planer.errors import PlanerError
 DEFAULT_SPACE = ["skip", "attn:1", "attn:2", "attn:4", "attn:8", "ffl", "moe:top1", "moe:top2"]
 
 
+# Marks a field that names a file or folder: relative values in a config file are read from that file's folder,
+# on the command line and in the defaults from the current folder, and the resolved config holds them absolute.
+PATH = {"path": True}
+
+
 @dataclass
 class DataConfig:
-    path: str = "data/tinyshakespeare.txt"  # one file split 90/5/5, unless train/valid/test are given
+    path: str = field(default="data/tinyshakespeare.txt", metadata=PATH)  # split 90/5/5, unless train/valid/test
     level: str = "char"  # char | word; ignored with a tokenizer
-    tokenizer: str = ""  # a folder holding a Hugging Face tokenizer.json: its tokens replace char/word symbols
-    train: str = ""
-    valid: str = ""
-    test: str = ""
+    tokenizer: str = field(default="", metadata=PATH)  # a folder with a Hugging Face tokenizer.json (replaces level)
+    train: str = field(default="", metadata=PATH)
+    valid: str = field(default="", metadata=PATH)
+    test: str = field(default="", metadata=PATH)
 
 
 @dataclass
@@ -98,7 +105,15 @@ class SearchConfig:
     tau0: float = 5.0
     tau_decay: float = 0.6
     alpha_lr: float = 0.01
-    target: float = 0.5
+    balance: bool = False  # add the MoE balance loss to the search's losses too (the paper: phase 2 only)
+
+
+@dataclass
+class DistillConfig:
+    """How a training with a teacher (``planer train --teacher``) blends its losses."""
+
+    weight: float = 0.5  # w in (1 - w) * CE + w * T^2 * KL(teacher || student)
+    temperature: float = 1.0  # T, softening both distributions
 
 
 @dataclass
@@ -118,6 +133,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     def to_dict(self) -> dict:
@@ -162,32 +178,86 @@ def _build(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
-def _parse_override(item: str) -> tuple[list[str], object]:
-    if "=" not in item:
-        raise PlanerError(f"--set expects section.key=value, got '{item}'")
-    key, raw = item.split("=", 1)
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: YAML 1.1 reads ``3e-4`` and ``1e5`` as strings, users mean numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """``section.key=value`` as its keys and its value read as YAML (the CLI checks every ``--set`` with it)."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise PlanerError(f"--set expects section.key=value, got '{item}'; write --set {item}=VALUE, no spaces")
+    try:
+        return key.split("."), _yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise PlanerError(f"--set {item}: the value is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def _field(keys: tuple) -> dataclasses.Field | None:
+    """The Config field that a key path such as ``("data", "path")`` names, None for an unknown one."""
+    cls, found = Config, None
+    for key in keys:
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return None
+        found = next((f for f in dataclasses.fields(cls) if f.name == key), None)
+        if found is None:
+            return None
+        cls = typing.get_type_hints(cls)[key]
+    return found
+
+
+def _absolute_paths(values: dict, base: Path, keys: tuple = ()) -> dict:
+    """``values`` with every relative path (a field marked PATH) made absolute from ``base``, in place.
+
+    Absolute paths make a saved config mean the same files wherever it is read, so a run resumed from another
+    folder still matches the config it was made with.
+    """
+    for key, value in values.items():
+        where = (*keys, key)
+        if isinstance(value, dict):
+            _absolute_paths(value, base, where)
+        elif isinstance(value, str) and value and (f := _field(where)) is not None and f.metadata.get("path"):
+            values[key] = os.path.abspath(base / Path(value).expanduser())
+    return values
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        loaded = _yaml(path.read_text())
+    except OSError as e:
+        raise PlanerError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise PlanerError(f"config {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+    except yaml.YAMLError as e:
+        raise PlanerError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise PlanerError(f"config {path}: expected a mapping of sections")
+    return loaded or {}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file, then each ``section.key=value`` override, then validation."""
+    """Defaults, then the YAML file, then each ``section.key=value`` override, then validation.
+
+    Relative paths in the file are read from the file's folder; those of overrides and defaults from the current
+    folder. The config returned holds them absolute.
+    """
     values: dict = {}
     if path is not None:
         path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise PlanerError(f"cannot read config {path}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise PlanerError(f"config {path} is not UTF-8 text (bad byte at offset {e.start})") from None
-        except yaml.YAMLError as e:
-            raise PlanerError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if loaded is not None:
-            if not isinstance(loaded, dict):
-                raise PlanerError(f"config {path}: expected a mapping of sections")
-            values = loaded
+        values = _absolute_paths(_read_config(path), path.parent)
     for item in overrides or []:
-        keys, value = _parse_override(item)
+        keys, value = parse_override(item)
         node = values
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -195,16 +265,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise PlanerError(f"--set {item}: '{k}' is not a section")
         node[keys[-1]] = value
     cfg = _build(Config, values, "")
+    cfg = _build(Config, _absolute_paths(cfg.to_dict(), Path.cwd()), "")
     validate(cfg)
     return cfg
 
 
 def saved_config_matches(path: Path, cfg: Config) -> bool:
-    """Whether the config a run directory saved (``config.yaml``) is ``cfg``; a damaged one is refused."""
+    """Whether the config a run directory saved (``config.yaml``) is ``cfg``; a damaged one is refused.
+
+    Relative paths in it (written by planer before configs held absolute ones) are read from the current folder,
+    as planer then read them.
+    """
     try:
-        return yaml.safe_load(path.read_text()) == cfg.to_dict()
+        saved = _yaml(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         raise PlanerError(f"{path} is damaged; use another --out or --force") from None
+    return isinstance(saved, dict) and _absolute_paths(saved, Path.cwd()) == cfg.to_dict()
+
+
+def describe(cfg: Config) -> list[tuple[str, str, object, object]]:
+    """Every key of the config as (``section.key``, type, default, value in ``cfg``): what ``planer config`` shows."""
+    defaults, rows = Config(), []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name].__name__ if isinstance(hints[f.name], type) else str(hints[f.name])
+            default, value = (getattr(getattr(c, section.name), f.name) for c in (defaults, cfg))
+            rows.append((f"{section.name}.{f.name}", kind, default, value))
+    return rows
 
 
 def config_from_dict(values: dict) -> Config:
@@ -262,7 +351,9 @@ def validate(cfg: Config) -> None:
         raise PlanerError(f"config search.freeze_fraction must be in [0, 1), got {s.freeze_fraction}")
     if s.tau_decay > 1.0:
         raise PlanerError(f"config search.tau_decay must be in (0, 1], got {s.tau_decay}")
-    check_target(s.target)
+    if not 0.0 <= cfg.distill.weight <= 1.0:
+        raise PlanerError(f"config distill.weight must be in [0, 1], got {cfg.distill.weight}")
+    positive(cfg.distill, ["temperature"])
     if not s.space:
         raise PlanerError("config search.space must list at least one block option")
     for spec in s.space:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -25,8 +26,8 @@ def read_text(path: str | Path) -> str:
     path = Path(path)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PlanerError(f"data file not found: {path}") from None
+    except FileNotFoundError:  # the absolute path: which folder a relative one was read from is the usual question
+        raise PlanerError(f"data file not found: {path.absolute()}") from None
     except OSError as e:
         raise PlanerError(f"cannot read data file {path}: {e.strerror}") from None
     try:
@@ -169,19 +170,34 @@ def stream_share(batch_size: int, rank: int, world: int) -> tuple[int, int]:
     return rank * batch_size // world, (rank + 1) * batch_size // world
 
 
+class Segment(NamedTuple):
+    position: int  # how many segments were served before this one (it is segment position % len(stream))
+    x: torch.Tensor  # (streams, <= tgt_len) inputs
+    y: torch.Tensor  # (streams, <= tgt_len) targets, x shifted by one
+    reset: bool  # this segment does not continue the previous one: memory must start afresh
+
+
 class Segments:
     """The token stream cut into ``batch_size`` parallel streams, served as consecutive (x, y) segments.
 
     Row b of segment k continues row b of segment k-1, so a model's memory carries context across segments.
     With ``drop_last`` the final, shorter segment is left out (training wants equal shapes); without it every
-    token but the first of each stream is a target exactly once (evaluation).
+    token but the first of each stream is a target exactly once (evaluation). ``offset`` starts the first
+    segment that many tokens into every stream (evaluation warms the memory on them first).
 
     ``rank`` and ``world`` keep only this process's share of the streams under data parallelism: the shares of
     all ranks together are exactly the single-process batch (sizes differ by at most one stream).
     """
 
     def __init__(
-        self, ids: torch.Tensor, batch_size: int, tgt_len: int, drop_last: bool = True, rank: int = 0, world: int = 1
+        self,
+        ids: torch.Tensor,
+        batch_size: int,
+        tgt_len: int,
+        drop_last: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        offset: int = 0,
     ):
         n = len(ids) // batch_size
         if n < 2 or (drop_last and n < tgt_len + 1):
@@ -200,7 +216,7 @@ class Segments:
         self.share = (hi - lo) / batch_size  # this rank's fraction of every step's tokens
         self.tgt_len = tgt_len
         stop = n - 1
-        self.starts = list(range(0, stop - tgt_len + 1 if drop_last else stop, tgt_len))
+        self.starts = list(range(offset, stop - tgt_len + 1 if drop_last else stop, tgt_len))
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -210,5 +226,13 @@ class Segments:
         j = min(i + self.tgt_len, self.data.size(1) - 1)
         return self.data[:, i:j], self.data[:, i + 1 : j + 1]
 
-    def __iter__(self):
-        return (self[k] for k in range(len(self)))
+    def walk(self, start: int, steps: int):
+        """``steps`` segments from position ``start``, going round the stream as often as needed.
+
+        Every walk over the data (training, the search's weight and architecture steps, evaluation) goes through
+        here, so all of them reset memory where it must be: at segment 0, which does not continue the stream's
+        last segment.
+        """
+        for position in range(start, start + steps):
+            k = position % len(self)
+            yield Segment(position, *self[k], k == 0)

@@ -2,19 +2,23 @@
 
 Each of the ``batch_size`` streams first runs ``mem_len`` tokens unscored to fill the memory, so that every scored
 token sees full context; every token after that is scored exactly once. Loss is in nats per token; bits per
-character is reported for char-level corpora.
+character is reported for char-level corpora. The gpt backbone has no memory: it is scored by a sliding window
+instead (``evaluate_sliding``), which ``evaluate_run`` picks for it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from planer.checkpoint import load_checkpoint, read_json_object
-from planer.data import load_corpus, read_text, tokenize
+from planer.config import Config
+from planer.data import Segments, load_corpus, read_text
 from planer.distributed import resolve_device
 from planer.errors import PlanerError
 from planer.model import TransformerXL, token_nll
@@ -33,25 +37,66 @@ def evaluate_ids(
     n = len(ids) // batch_size
     if n < 2:
         raise PlanerError(f"{len(ids)} tokens are too few to evaluate")
-    data = ids[: n * batch_size].view(batch_size, n).to(device)
     warm = mem_len if n - 1 > mem_len else 0
-    mems = None
-    if warm:
-        _, mems = model(data[:, :warm])
-    total, count, segments = 0.0, 0, 0
+    stream = Segments(ids, batch_size, tgt_len, drop_last=False, offset=warm)
+    mems = model(stream.data[:, :warm].to(device))[1] if warm else None
+    total, count = 0.0, 0
     try:
-        for i in range(warm, n - 1, tgt_len):
-            j = min(i + tgt_len, n - 1)
-            logits, mems = model(data[:, i:j], mems)
-            total += token_nll(logits, data[:, i + 1 : j + 1]).sum().item()
-            count += (j - i) * batch_size
-            segments += 1
-            if max_segments and segments >= max_segments:
-                break
+        for seg in stream.walk(0, min(len(stream), max_segments or len(stream))):
+            logits, mems = model(seg.x.to(device), mems)  # the first segment continues the warm-up
+            y = seg.y.to(device)
+            total += token_nll(logits, y).sum().item()
+            count += y.numel()
     finally:
         model.train(was_training)
         model.mem_len = saved_mem_len
     return {"loss": total / count, "tokens": count}
+
+
+@torch.no_grad()
+def evaluate_sliding(model: nn.Module, ids: torch.Tensor, window: int, stride: int, batch_size: int) -> dict:
+    """Mean loss of a model without memory (the gpt backbone) over ``ids``, by a window sliding ``stride`` tokens.
+
+    The windows hold ``window`` tokens (all of ``ids`` when it is shorter). The first one scores every token it
+    predicts; each later one ends ``stride`` tokens further on (the last one at the end of ``ids``) and scores
+    only the tokens no window has scored yet. So every token but the first is scored exactly once, with at least
+    window - stride tokens of context, or all of them near the start. stride = window is the cheap, pessimistic
+    non-overlapping evaluation; stride 1 gives every token a full window at window times the cost; eval.stride's
+    default is half the window. Windows are scored ``batch_size`` at a time.
+    """
+    n = len(ids)
+    if n < 2:
+        raise PlanerError(f"{n} tokens are too few to evaluate")
+    if not 0 < stride <= window:
+        raise PlanerError(f"the evaluation stride must be in [1, window {window}], got {stride}")
+    L = min(window, n - 1)
+    ends = [*range(L, n - 1, stride), n - 1]  # each window reads ids[end - L : end] and predicts up to ids[end]
+    starts = [e - L for e in ends]
+    first = [0] + [prev - b for prev, b in zip(ends, starts[1:])]  # the window's first position not yet scored
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    try:
+        for k in range(0, len(ends), batch_size):
+            rows = torch.tensor(starts[k : k + batch_size])[:, None] + torch.arange(L + 1)
+            chunk = ids[rows].to(device)  # (windows, L + 1)
+            logits, _ = model(chunk[:, :-1])
+            scored = torch.arange(L, device=device) >= torch.tensor(first[k : k + batch_size], device=device)[:, None]
+            total += token_nll(logits, chunk[:, 1:])[scored].sum().item()
+    finally:
+        model.train(was_training)
+    return {"loss": total / (n - 1), "tokens": n - 1}
+
+
+def scorer(model: nn.Module, cfg: Config) -> Callable[[torch.Tensor], dict]:
+    """How ``evaluate_run`` scores a token stream: with memory (Transformer-XL) or by a sliding window (gpt)."""
+    e = cfg.eval
+    if cfg.model.backbone == "gpt":
+        window = e.tgt_len or cfg.model.context
+        return lambda ids: evaluate_sliding(model, ids, window, e.stride or max(1, window // 2), e.batch_size)
+    tgt_len, mem_len = e.tgt_len or cfg.model.tgt_len, e.mem_len or cfg.model.mem_len
+    return lambda ids: evaluate_ids(model, ids, e.batch_size, tgt_len, mem_len)
 
 
 def summarize(result: dict, level: str, unk: int) -> dict:
@@ -70,18 +115,17 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a checkpoint on a split of its corpus, or on any text file; split results go to eval.json."""
     model, cfg, vocab = load_checkpoint(run_dir, resolve_device(str(device)))
-    tgt_len = cfg.eval.tgt_len or cfg.model.tgt_len
-    mem_len = cfg.eval.mem_len or cfg.model.mem_len
+    score = scorer(model, cfg)
     if text_file is not None:
-        ids, unk = vocab.encode(tokenize(read_text(text_file), vocab.level))
+        ids, unk = vocab.encode(vocab.tokenize(read_text(text_file)))
         if len(ids) < 2:
             raise PlanerError(f"text file {text_file} has {len(ids)} tokens, too few to score")
-        return summarize(evaluate_ids(model, ids, cfg.eval.batch_size, tgt_len, mem_len), vocab.level, unk)
+        return summarize(score(ids), vocab.level, unk)
     path = Path(run_dir) / "eval.json"
     saved = read_json_object(path)
     corpus = load_corpus(cfg.data, vocab)
     result = summarize(
-        evaluate_ids(model, corpus.split(split), cfg.eval.batch_size, tgt_len, mem_len),
+        score(corpus.split(split)),
         vocab.level,
         corpus.unseen[split],
     )

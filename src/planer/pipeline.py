@@ -21,6 +21,7 @@ from planer.designs import iso_space, named_arch, sandwich_sweep
 from planer.errors import PlanerError
 from planer.evaluate import evaluate_run
 from planer.latency import bench, load_or_profile
+from planer.loop import RunOptions
 from planer.report import search_dir_name, write_report
 from planer.search import search
 from planer.train import train
@@ -78,7 +79,7 @@ def run_pipeline(
     def trained(name: str, arch_of, run_cfg: Config = cfg) -> Path:
         path = out / name
         stage(
-            path / "summary.json", lambda: train(run_cfg, path, arch_of(), force=True, corpus=corpus, resume=not force)
+            path / "summary.json", lambda: train(run_cfg, path, arch_of(), options=RunOptions(force=True, resume=not force, corpus=corpus))
         )
         return path
 
@@ -99,7 +100,7 @@ def run_pipeline(
                 stage(
                     found / "arch.json",
                     lambda: search(
-                        run_cfg, found, t, lut_path=lut, force=True, corpus=corpus, init_from=baseline, resume=not force
+                        run_cfg, found, t, lut, baseline, RunOptions(force=True, resume=not force, corpus=corpus)
                     ),
                 )
                 models.append(trained(name, lambda: Arch.load(found / "arch.json"), run_cfg))

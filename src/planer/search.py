@@ -16,28 +16,17 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from planer import distributed
 from planer import resume as resume_lib
 from planer.arch import Arch
 from planer.checkpoint import load_checkpoint, save_weights
 from planer.config import Config, check_target
-from planer.data import Corpus, Segments, load_corpus
-from planer.distributed import Env
 from planer.errors import PlanerError
 from planer.latency import LatencyTable, load_or_profile
+from planer.loop import Loop, RunOptions, autocast
 from planer.model import token_nll
 from planer.supernet import SuperNet, warm_start
-from planer.train import (
-    WeightTrainer,
-    autocast,
-    open_log,
-    open_out_dir,
-    restore_rank_state,
-    save_training_state,
-    seed_everything,
-)
 
 CORRECTION_EPOCHS = 10  # at most this many architecture epochs of steps after the last epoch, to meet the target
 
@@ -56,272 +45,217 @@ def latency_loss(
     return beta * sampled_ms / (baseline_ms * target), beta
 
 
+@dataclasses.dataclass
+class SearchProgress:
+    """Where a search stands; saved in every resume state."""
+
+    tau: float
+    epoch: int = 0
+    in_epoch: int = 0  # weight steps done in the current epoch
+    position: int = 0  # segments served to weight steps so far
+    epoch_start: int = 0  # position at the start of the current epoch
+    ce_sum: float = 0.0  # the current epoch's weight-step cross-entropy so far
+    log_bytes: int = 0
+
+
+def load_table(loop: Loop, lut_path: str | Path | None) -> LatencyTable:
+    """The run's latency table; rank 0 profiles it when there is none yet, the other ranks then read it."""
+    path = Path(lut_path or loop.out_dir / "lut.json")
+    table = load_or_profile(loop.cfg, path) if loop.env.main else None
+    distributed.barrier(loop.env)
+    return table if table is not None else load_or_profile(loop.cfg, path)
+
+
 def search(
     cfg: Config,
     out_dir: str | Path,
     target: float,
     lut_path: str | Path | None = None,
-    force: bool = False,
-    corpus: Corpus | None = None,
-    quiet: bool = False,
     init_from: str | Path | None = None,
-    resume: bool = False,
+    options: RunOptions = RunOptions(),
 ) -> Arch:
     """Run phase 1 and write ``search.jsonl``, ``arch.json`` and the trained ``supernet.safetensors`` into
     ``out_dir``; returns the found arch.
 
     ``init_from``: a trained baseline checkpoint to start the supernet's options from (see ``warm_start``).
-    ``resume``: continue from the newest state in ``out_dir/resume`` (written every ``train.ckpt_every`` weight
-    steps). Under torchrun every rank draws the same paths and the same Gumbel noise, from one generator seeded
-    alike, and the gradients of weights and alpha are summed over ranks.
+    With ``options.resume`` the search continues from the newest state in ``out_dir/resume`` (written every
+    ``train.ckpt_every`` weight steps). Under torchrun every rank draws the same paths and the same Gumbel noise,
+    from one generator seeded alike, and the gradients of weights and alpha are summed over ranks.
     """
     check_target(target)
-    sc = cfg.search
-    corpus = corpus or load_corpus(cfg.data)
-    cfg.model.vocab_size = len(corpus.vocab)
-    env, device = distributed.setup(cfg.train.device)
-    segments = Segments(corpus.train, cfg.train.batch_size, cfg.model.tgt_len, rank=env.rank, world=env.world)
-    out_dir, state = open_out_dir(out_dir, cfg, force, resume, env, done="arch.json")
-    lut_path = Path(lut_path or out_dir / "lut.json")
-    table = load_or_profile(cfg, lut_path) if env.main else None  # rank 0 profiles when there is no table yet
-    distributed.barrier(env)
-    if table is None:
-        table = load_or_profile(cfg, lut_path)
-    baseline_ms = table.baseline(cfg)
-    seed_everything(cfg.train.seed)
-    gumbel = torch.Generator().manual_seed(cfg.train.seed)
+    loop = Loop(cfg, out_dir, options, done="arch.json")
+    phase1 = GumbelSearch(loop, load_table(loop, lut_path), target, init_from)
+    return phase1.run()
 
-    positions = 2 * cfg.model.n_layer
-    net = SuperNet(cfg.model, sc.space, positions)
-    if init_from is not None:
-        baseline, _, vocab = load_checkpoint(init_from)
-        if vocab.symbols != corpus.vocab.symbols:
-            raise PlanerError(f"{init_from} was trained on another vocabulary than this config's data")
-        warm_start(net, baseline)
-    net.to(device)
-    net.use_generator(gumbel)
-    distributed.broadcast_module(net, env)
-    torch.manual_seed(cfg.train.seed + env.rank)  # dropout masks differ between ranks
-    weight_cfg = dataclasses.replace(cfg.train, steps=sc.epochs * sc.steps_per_epoch)
-    weights = WeightTrainer(net.weights(), weight_cfg, device, env, segments.share)
-    alpha_opt = torch.optim.Adam(net.alphas(), lr=sc.alpha_lr)
-    frozen_epochs = math.ceil(sc.freeze_fraction * sc.epochs)
-    arch_steps = max(1, round(sc.arch_fraction * sc.steps_per_epoch))
-    rng = random.Random(cfg.train.seed)
 
-    at = {"epoch": 0, "in_epoch": 0, "position": 0, "epoch_start": 0, "tau": sc.tau0, "ce_sum": 0.0, "log_bytes": 0}
-    mems = None
-    if state is not None:
-        tensors, meta = state
-        resume_lib.load_module(net, tensors, "net", out_dir)
-        weights.load_state(tensors, meta["optimizer"])
-        resume_lib.load_optimizer(alpha_opt, tensors, meta["alpha_optimizer"], "alpha_optim")
-        gumbel.set_state(tensors["gumbel"])
-        resume_lib.restore_python_rng(meta["arch_rng"], rng)
-        mems = restore_rank_state(tensors, meta, env, device, cfg.train.batch_size)
-        at = meta["progress"]
-    log = open_log(out_dir / "search.jsonl", at["log_bytes"], env)
+class GumbelSearch:
+    """The supernet, its two optimisers and the schedule of weight and architecture epochs."""
 
-    def save(progress: dict) -> None:
-        log.flush()
-        tensors, alpha_meta = resume_lib.optimizer_state(alpha_opt, "alpha_optim")
-        save_training_state(
-            out_dir,
-            env,
-            device,
-            cfg.train.batch_size,
-            {"net": net},
-            weights,
-            mems,
-            None,
-            {
-                "progress": {**progress, "log_bytes": log.tell()},
-                "alpha_optimizer": alpha_meta,
-                "arch_rng": resume_lib.python_rng(rng),
-            },
-            extra={**tensors, "gumbel": gumbel.get_state()},
+    def __init__(self, loop: Loop, table: LatencyTable, target: float, init_from: str | Path | None):
+        cfg, sc = loop.cfg, loop.cfg.search
+        self.loop, self.table, self.target, self.init_from = loop, table, target, init_from
+        self.baseline_ms = table.baseline(cfg)
+        self.gumbel = torch.Generator().manual_seed(cfg.train.seed)
+        self.net = SuperNet(cfg.model, sc.space, 2 * cfg.model.n_layer)
+        if init_from is not None:
+            baseline, _, vocab = load_checkpoint(init_from)
+            if vocab.symbols != loop.corpus.vocab.symbols:
+                raise PlanerError(f"{init_from} was trained on another vocabulary than this config's data")
+            warm_start(self.net, baseline)
+        self.net.use_generator(self.gumbel)
+        loop.place(self.net)
+        weight_cfg = dataclasses.replace(cfg.train, steps=sc.epochs * sc.steps_per_epoch)
+        self.weights = loop.trainer(self.net.weights(), weight_cfg, cfg.train.balance_coef if sc.balance else 0.0)
+        self.alpha_opt = torch.optim.Adam(self.net.alphas(), lr=sc.alpha_lr)
+        self.arch_steps = max(1, round(sc.arch_fraction * sc.steps_per_epoch))
+        self.rng = random.Random(cfg.train.seed)
+        self.at, self.mems = SearchProgress(tau=sc.tau0), None
+        if loop.state is not None:
+            tensors, meta, self.mems = loop.restore({"net": self.net}, self.weights)
+            resume_lib.load_optimizer(self.alpha_opt, tensors, meta["alpha_optimizer"], "alpha_optim")
+            self.gumbel.set_state(tensors["gumbel"])
+            resume_lib.restore_python_rng(meta["arch_rng"], self.rng)
+            self.at = SearchProgress(**meta["progress"])
+
+    def run(self) -> Arch:
+        loop, sc = self.loop, self.loop.cfg.search
+        frozen_epochs = math.ceil(sc.freeze_fraction * sc.epochs)
+        self.log = loop.open_log("search.jsonl", self.at.log_bytes)
+        bar = loop.bar(f"search t={self.target:g}", self.at.epoch, sc.epochs)
+        try:
+            for epoch in range(self.at.epoch, sc.epochs):
+                record = self.weight_epoch(epoch)
+                if epoch >= frozen_epochs:
+                    start = self.at.epoch_start + self.rng.randrange(max(1, sc.steps_per_epoch - self.arch_steps + 1))
+                    record.update(self.arch_epoch(start, self.arch_steps))
+                    self.at.tau *= sc.tau_decay
+                record.update(self.state())
+                self.log.write(json.dumps(record) + "\n")
+                bar.update()
+                bar.set_postfix(ce=f"{record['weight_ce']:.3f}", lat=f"{record['ratio_to_target']:.2f}xT")
+            if self.over_target():
+                self.correct()
+        finally:
+            self.log.close()
+        return self.finish()
+
+    def weight_epoch(self, epoch: int) -> dict:
+        """Hard-sampled weight steps over the epoch's segments, with a resume state every ``train.ckpt_every``."""
+        at, sc, tc = self.at, self.loop.cfg.search, self.loop.cfg.train
+        resumed = epoch == at.epoch and at.in_epoch > 0
+        if not resumed:
+            at.epoch, at.in_epoch, at.epoch_start, at.ce_sum = epoch, 0, at.position, 0.0
+        self.net.set_mode("hard")
+        tic = time.perf_counter()
+        for seg in self.loop.segments.walk(at.position, sc.steps_per_epoch - at.in_epoch):
+            if seg.reset:
+                self.mems = None
+            self.net.sample(at.tau)
+            self.net.train()
+            x, y = seg.x.to(self.loop.device), seg.y.to(self.loop.device)
+            ce, self.mems = self.weights.step(self.net, x, y, self.mems, seg.reset)
+            at.ce_sum += ce
+            at.position, at.in_epoch = seg.position + 1, at.in_epoch + 1
+            if tc.ckpt_every and self.weights.step_count % tc.ckpt_every == 0:
+                self.save()
+        at.in_epoch = 0
+        return {"epoch": epoch + 1, "tau": at.tau, "weight_ce": at.ce_sum / sc.steps_per_epoch,
+                "weight_step_ms": 1000 * (time.perf_counter() - tic) / sc.steps_per_epoch}  # fmt: skip
+
+    def save(self) -> None:
+        self.log.flush()
+        tensors, alpha_meta = resume_lib.optimizer_state(self.alpha_opt, "alpha_optim")
+        meta = {"progress": {**dataclasses.asdict(self.at), "log_bytes": self.log.tell()},
+                "alpha_optimizer": alpha_meta, "arch_rng": resume_lib.python_rng(self.rng)}  # fmt: skip
+        self.loop.save_state(
+            {"net": self.net}, self.weights, self.mems, meta, {**tensors, "gumbel": self.gumbel.get_state()}
         )
 
-    tau, position = at["tau"], at["position"]
-    bar = tqdm(
-        range(at["epoch"], sc.epochs),
-        desc=f"search t={target:g}",
-        disable=quiet or not env.main,
-        dynamic_ncols=True,
-        initial=at["epoch"],
-        total=sc.epochs,
-    )
-    try:
-        for epoch in bar:
-            net.set_mode("hard")
-            resumed = epoch == at["epoch"] and at["in_epoch"] > 0
-            epoch_start, ce_sum = (at["epoch_start"], at["ce_sum"]) if resumed else (position, 0.0)
-            tic = time.perf_counter()
-            for i in range(at["in_epoch"] if resumed else 0, sc.steps_per_epoch):
-                k = position % len(segments)
-                if k == 0:
-                    mems = None
-                net.sample(tau)
-                net.train()
-                x, y = (t.to(device) for t in segments[k])
-                ce, mems = weights.step(net, x, y, mems)
-                ce_sum += ce
-                position += 1
-                if cfg.train.ckpt_every and weights.step_count % cfg.train.ckpt_every == 0:
-                    save(
-                        {
-                            "epoch": epoch,
-                            "in_epoch": i + 1,
-                            "position": position,
-                            "epoch_start": epoch_start,
-                            "tau": tau,
-                            "ce_sum": ce_sum,
-                        }
-                    )
-            record = {
-                "epoch": epoch + 1,
-                "tau": tau,
-                "weight_ce": ce_sum / sc.steps_per_epoch,
-                "weight_step_ms": 1000 * (time.perf_counter() - tic) / sc.steps_per_epoch,
-            }
-            if epoch >= frozen_epochs:
-                start = epoch_start + rng.randrange(max(1, sc.steps_per_epoch - arch_steps + 1))
-                record.update(
-                    arch_epoch(
-                        net,
-                        alpha_opt,
-                        segments,
-                        start,
-                        arch_steps,
-                        tau,
-                        table,
-                        baseline_ms,
-                        target,
-                        cfg,
-                        device,
-                        env=env,
-                        share=segments.share,
-                    )
-                )
-                tau *= sc.tau_decay
-            record.update(architecture_state(net, table, baseline_ms, target))
-            log.write(json.dumps(record) + "\n")
-            bar.set_postfix(ce=f"{record['weight_ce']:.3f}", lat=f"{record['ratio_to_target']:.2f}xT")
-        if table.estimate(net.derive()) > baseline_ms * target:
-            # The last architecture step can tip the argmax over the target with no step left to pull it back; a
-            # few epochs' worth of steps, stopping as soon as the target is met, bring it back.
-            start = rng.randrange(len(segments))
-            fix = arch_epoch(
-                net,
-                alpha_opt,
-                segments,
-                start,
-                CORRECTION_EPOCHS * arch_steps,
-                tau,
-                table,
-                baseline_ms,
-                target,
-                cfg,
-                device,
-                until_met=True,
-                env=env,
-                share=segments.share,
-            )
-            log.write(
-                json.dumps(
-                    {
-                        "epoch": sc.epochs,
-                        "tau": tau,
-                        "correction": True,
-                        **fix,
-                        **architecture_state(net, table, baseline_ms, target),
-                    }
-                )
-                + "\n"
-            )
-    finally:
-        log.close()
+    def arch_epoch(self, start: int, steps: int, until_met: bool = False, bar=None) -> dict:
+        """Soft-sampled steps on alpha alone over a contiguous run of segments (memory carried, weights frozen).
 
-    found = net.derive()
-    estimated = table.estimate(found)
-    if env.main:
-        found.save(
-            out_dir / "arch.json",
-            target=target,
-            estimated_ms=estimated,
-            baseline_ms=baseline_ms,
-            estimated_ratio=estimated / baseline_ms,
-            meets_target=estimated <= baseline_ms * target,
-            space=net.space,
-            init_from=str(init_from) if init_from is not None else None,
-        )
-        save_weights(out_dir / "supernet.safetensors", net)
-        resume_lib.clear_states(out_dir)
-    distributed.barrier(env)
-    return found
-
-
-def architecture_state(net: SuperNet, table: LatencyTable, baseline_ms: float, target: float) -> dict:
-    """Alpha, its probabilities, their expected latency, and the arch the search would return now."""
-    probs = torch.softmax(net.alpha_matrix(), dim=-1)
-    expected = float(table.expected(probs, net.space))
-    found = net.derive()
-    return {
-        "alpha": net.alpha_matrix().tolist(),
-        "probs": probs.tolist(),
-        "estimated_ms": expected,
-        "ratio_to_target": expected / (baseline_ms * target),
-        "arch": found.specs(),
-        "arch_estimated_ms": table.estimate(found),
-    }
-
-
-def arch_epoch(
-    net: SuperNet,
-    opt: torch.optim.Optimizer,
-    segments: Segments,
-    start: int,
-    steps: int,
-    tau: float,
-    table: LatencyTable,
-    baseline_ms: float,
-    target: float,
-    cfg: Config,
-    device,
-    until_met: bool = False,
-    env: Env = Env(),
-    share: float = 1.0,
-) -> dict:
-    """Soft-sampled steps on alpha alone over a contiguous run of segments (memory carried, weights frozen).
-
-    With ``until_met`` the steps stop as soon as the arch the search would return meets the target. Under data
-    parallelism each rank's loss counts by its ``share`` of the batch and alpha's gradients are summed.
-    """
-    net.set_mode("soft", tau)
-    weights = net.weights()
-    for p in weights:
-        p.requires_grad_(False)
-    mems, ce_sum, betas = None, 0.0, []
-    try:
-        for i in range(steps):
-            k = (start + i) % len(segments)
-            x, y = (t.to(device) for t in segments[k])
-            with autocast(device, cfg.train.precision):
-                logits, mems = net(x, mems)
-                ce = token_nll(logits, y).mean()
-            lat_loss, beta = latency_loss(
-                table.expected(net.sampled_probs(), net.space), baseline_ms, target, table.estimate(net.derive())
-            )
-            opt.zero_grad(set_to_none=True)
-            ((ce + lat_loss) * share).backward()
-            distributed.average_grads(net.alphas(), env)
-            opt.step()
-            ce_sum += distributed.all_sum(ce.item() * share, env, device)
-            betas.append(beta)
-            if until_met and table.estimate(net.derive()) <= baseline_ms * target:
-                break
-    finally:
+        With ``until_met`` the steps stop as soon as the arch the search would return meets the target. Under data
+        parallelism each rank's loss counts by its share of the batch and alpha's gradients are summed.
+        """
+        loop, net = self.loop, self.net
+        net.set_mode("soft", self.at.tau)
+        weights = net.weights()
         for p in weights:
-            p.requires_grad_(True)
-        net.set_mode("hard")
-    return {"arch_ce": ce_sum / len(betas), "beta": sum(betas) / len(betas)}
+            p.requires_grad_(False)
+        mems, ce_sum, betas = None, 0.0, []
+        try:
+            for seg in loop.segments.walk(start, steps):
+                if seg.reset:
+                    mems = None
+                ce, mems, beta = self.arch_step(seg, mems)
+                ce_sum += ce
+                betas.append(beta)
+                if bar is not None:
+                    bar.update()
+                if until_met and not self.over_target():
+                    break
+        finally:
+            for p in weights:
+                p.requires_grad_(True)
+            net.set_mode("hard")
+        return {"arch_ce": ce_sum / len(betas), "beta": sum(betas) / len(betas)}
+
+    def arch_step(self, seg, mems) -> tuple[float, list, float]:
+        """One step of alpha on CE + the latency loss; returns the CE (over all ranks), the memories and beta."""
+        loop, net, table = self.loop, self.net, self.table
+        x, y = seg.x.to(loop.device), seg.y.to(loop.device)
+        with autocast(loop.device, loop.cfg.train.precision):
+            logits, mems = net(x, mems)
+            ce = token_nll(logits, y).mean()
+        sampled = table.expected(net.sampled_probs(), net.space)
+        lat_loss, beta = latency_loss(sampled, self.baseline_ms, self.target, table.estimate(net.derive()))
+        loss = ce + lat_loss
+        if loop.cfg.search.balance:
+            loss = loss + loop.cfg.train.balance_coef * net.aux_loss()
+        self.alpha_opt.zero_grad(set_to_none=True)
+        (loss * loop.segments.share).backward()
+        distributed.average_grads(net.alphas(), loop.env)
+        self.alpha_opt.step()
+        return distributed.all_sum(ce.item() * loop.segments.share, loop.env, loop.device), mems, beta
+
+    def over_target(self) -> bool:
+        return self.table.estimate(self.net.derive()) > self.baseline_ms * self.target
+
+    def correct(self) -> None:
+        """Architecture steps after the last epoch, until the found arch meets the target (at most a few epochs').
+
+        The last architecture step can tip the argmax over the target with no step left to pull it back.
+        """
+        steps = CORRECTION_EPOCHS * self.arch_steps
+        start = self.rng.randrange(len(self.loop.segments))
+        bar = self.loop.bar("correcting to meet the target", 0, steps)
+        try:
+            fix = self.arch_epoch(start, steps, until_met=True, bar=bar)
+        finally:
+            bar.close()
+        record = {"epoch": self.loop.cfg.search.epochs, "tau": self.at.tau, "correction": True, **fix, **self.state()}
+        self.log.write(json.dumps(record) + "\n")
+
+    def state(self) -> dict:
+        """Alpha, its probabilities, their expected latency, and the arch the search would return now."""
+        net, table = self.net, self.table
+        probs = torch.softmax(net.alpha_matrix(), dim=-1)
+        expected = float(table.expected(probs, net.space))
+        found = net.derive()
+        return {"alpha": net.alpha_matrix().tolist(), "probs": probs.tolist(), "estimated_ms": expected,
+                "ratio_to_target": expected / (self.baseline_ms * self.target), "arch": found.specs(),
+                "arch_estimated_ms": table.estimate(found)}  # fmt: skip
+
+    def finish(self) -> Arch:
+        """Write arch.json and the supernet's weights (rank 0); returns the found arch."""
+        out, found = self.loop.out_dir, self.net.derive()
+        estimated = self.table.estimate(found)
+
+        def write() -> None:
+            found.save(out / "arch.json", target=self.target, estimated_ms=estimated, baseline_ms=self.baseline_ms,
+                       estimated_ratio=estimated / self.baseline_ms, meets_target=estimated <= self.baseline_ms * self.target,
+                       space=self.net.space, init_from=str(self.init_from) if self.init_from is not None else None)  # fmt: skip
+            save_weights(out / "supernet.safetensors", self.net)
+
+        self.loop.finish(write)
+        return found
