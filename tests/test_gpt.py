@@ -120,7 +120,7 @@ def test_sliding_window_scores_every_token_once_with_its_context():
     ids = torch.randint(0, 50, (41,))
     window, stride = 16, 5
     result = evaluate_sliding(model, ids, window, stride, batch_size=3)
-    n, ends, losses = len(ids), [], []
+    n, losses = len(ids), []
     ends = [min(window + k * stride, n - 1) for k in range(n)]
     with torch.no_grad():
         for t in range(1, n):

@@ -77,8 +77,10 @@ class Attention(Block):
         self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _rotary(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for positions 0..T-1, computed once per length and device (not for the whole context:
-        models such as Llama 3 allow 131072 positions, 2 GB of tables)."""
+        """cos and sin for positions 0..T-1, kept for the next call of the same length and device.
+
+        Not precomputed for the whole context: models such as Llama 3 allow 131072 positions, 2 GB of tables.
+        """
         if self.tables is None or self.tables[0].size(0) != T or self.tables[0].device != device:
             self.tables = tuple(t.to(device) for t in rotary_tables(T, self.d_head, self.theta))
         return self.tables
