@@ -1,0 +1,106 @@
+"""The knapsack search: an exact multiple-choice knapsack, the budget respected, options measured in the baseline."""
+
+import itertools
+import random
+
+import pytest
+
+from planer.errors import PlanerError
+from planer.importance import Sample
+from planer.knapsack import Fill, LocalDistill, cheapest, knapsack_search, select
+from planer.latency import LatencyTable
+
+BLOCKS = {"skip": 0.0, "attn:1": 1.0, "attn:2": 1.6, "attn:4": 2.5, "ffl": 0.8, "moe:top1": 1.5, "moe:top2": 1.9}
+
+
+def table(blocks=BLOCKS, fixed=0.5):
+    def stats(v):
+        return {"median": v, "p10": v, "p90": v}
+
+    return LatencyTable({}, stats(fixed), {k: stats(v) for k, v in blocks.items()}, {})
+
+
+def brute_force(costs, losses, lo, hi):
+    best = None
+    for combo in itertools.product(*(range(len(c)) for c in costs)):
+        cost = sum(costs[p][i] for p, i in enumerate(combo))
+        loss = sum(losses[p][i] for p, i in enumerate(combo))
+        if lo <= cost <= hi and (best is None or loss < best[2]):
+            best = (list(combo), cost, loss)
+    return best
+
+
+def test_knapsack_equals_brute_force():
+    rng = random.Random(0)
+    for _ in range(60):
+        sizes = [rng.randint(1, 5) for _ in range(rng.randint(1, 6))]
+        costs = [[round(rng.uniform(0, 3), 3) for _ in range(k)] for k in sizes]
+        losses = [[rng.uniform(-0.1, 1.0) for _ in range(k)] for k in sizes]
+        total = sum(max(c) for c in costs)
+        hi = rng.uniform(0.2, 1.0) * total
+        lo = rng.choice([float("-inf"), 0.9 * hi])
+        got, expected = cheapest(costs, losses, lo, hi), brute_force(costs, losses, lo, hi)
+        if expected is None:
+            assert got is None
+        else:
+            assert got is not None and lo <= got[1] <= hi
+            assert got[2] == pytest.approx(expected[2], abs=1e-12)
+            assert got[1] == pytest.approx(sum(costs[p][i] for p, i in enumerate(got[0])))
+
+
+def test_select_fills_the_budget_only_within_the_tolerance():
+    costs = [[1.0, 2.0], [1.0, 2.0]]
+    losses = [[0.0, 0.001], [0.0, 0.5]]  # the dearer option at position 0 barely costs loss, at position 1 a lot
+    choice, info = select(costs, losses, budget=3.0, floor=2.85, tolerance=0.005)
+    assert choice == [1, 0] and info["in_window"] and info["unfilled"]["choice"] == [0, 0]
+    choice, info = select(costs, losses, budget=4.0, floor=3.8, tolerance=0.005)
+    assert choice == [0, 0] and not info["in_window"] and info["window_pick"]["choice"] == [1, 1]
+    with pytest.raises(PlanerError, match="fits"):
+        select(costs, losses, budget=1.5, floor=0.0, tolerance=0.0)
+
+
+@pytest.fixture
+def sample(trained_tiny):
+    _, corpus = trained_tiny
+    return Sample(corpus.train, batch_size=8, tgt_len=16, mem_len=16, segments=4)
+
+
+def test_knapsack_search_respects_the_budget_and_records_every_option(trained_tiny, sample):
+    model, _ = trained_tiny
+    lut = table()
+    arch, record = knapsack_search(model, list(BLOCKS), lut, 0.5, sample)
+    assert len(arch) == 4 and record["meets_target"]
+    assert lut.estimate(arch) == record["estimated_ms"] <= 0.5 * lut.estimate(model.arch)
+    rows = record["positions"]
+    assert [r["chosen"] for r in rows] == arch.specs()
+    assert (
+        rows[0]["increase"][list(BLOCKS).index("ffl")] is None
+    )  # ffl where the baseline has attention: not inheritable
+    assert rows[0]["increase"][list(BLOCKS).index("attn:4")] == 0.0  # the baseline's own block
+    assert rows[1]["increase"][list(BLOCKS).index("attn:1")] is None
+    # the pick is the best sum of measured increases among all that fit, and is deterministic
+    fits = [
+        combo
+        for combo in itertools.product(
+            *([s for s, inc in zip(r["options"], r["increase"]) if inc is not None] for r in rows)
+        )
+        if lut.estimate(combo) <= 0.5 * lut.estimate(model.arch)
+    ]
+    increase = {(p, s): inc for p, r in enumerate(rows) for s, inc in zip(r["options"], r["increase"])}
+    best = min(sum(increase[p, s] for p, s in enumerate(combo)) for combo in fits)
+    unfilled = record.get("unfilled", record)  # the window may take up to the tolerance more than the best
+    assert unfilled["predicted_increase"] == pytest.approx(best, abs=1e-9)
+    assert record["predicted_increase"] <= best + Fill().tolerance
+    assert knapsack_search(model, list(BLOCKS), lut, 0.5, sample)[0] == arch
+    with pytest.raises(PlanerError, match="fits"):
+        knapsack_search(model, list(BLOCKS), lut, 0.05, sample)
+
+
+def test_local_distillation_measures_every_option(trained_tiny, sample):
+    model, corpus = trained_tiny
+    distill = LocalDistill(Sample(corpus.train[20000:], 8, 16, 16, 2), steps=10)
+    arch, record = knapsack_search(
+        model, ["skip", "attn:1", "attn:4", "ffl"], table(), 0.6, sample, distill=distill, fill=Fill(0.9)
+    )
+    assert all(inc is not None for r in record["positions"] for inc in r["increase"])
+    assert record["distill"] == {"steps": 10, "lr": 1e-3} and record["meets_target"]
