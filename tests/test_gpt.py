@@ -187,7 +187,6 @@ def test_bad_gpt_config_values(override, fragment):
         load_config(None, ["model.backbone=gpt", override])
 
 
-@pytest.mark.xfail(strict=True, reason="train.py builds TransformerXL(...); backbones.build_model(...) is the switch")
 def test_tiny_gpt_trains(tiny_cfg, tmp_path):
     from planer.checkpoint import load_checkpoint
     from planer.loop import RunOptions

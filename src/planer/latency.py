@@ -33,13 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from planer.arch import Arch, BlockSpec
+from planer.backbones import build_block, build_model
 from planer.checkpoint import atomic_write_text, load_checkpoint
 from planer.config import Config, LatencyConfig, validate
 from planer.distributed import resolve_device
 from planer.errors import PlanerError
-from planer.model import TransformerXL, build_block
 
 TABLE_FORMAT = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,7 +99,7 @@ def measuring(models: Iterable[torch.nn.Module], threads: int):
         torch.set_num_threads(saved_threads)
 
 
-def segment_forward(model: TransformerXL, batch: int, device: torch.device) -> Callable[[], object]:
+def segment_forward(model: torch.nn.Module, batch: int, device: torch.device) -> Callable[[], object]:
     """The forward of one segment with full memories: the steady state of evaluation and generation."""
     cfg = model.cfg
     dtype = model.embed.weight.dtype
@@ -137,16 +138,24 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device, seed: int = 0
+    fns: dict[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    seed: int = 0,
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-round milliseconds of every callable: ``warmup`` untimed rounds, then ``repeats`` timed ones.
 
     Every round calls each candidate once, in a new random order, so that slow drift and bursts of load from
     other processes hit all candidates alike, and no candidate always runs after the same neighbour's caches.
+    ``progress`` labels a progress bar over the rounds on stderr (a profile takes about a minute); None, the
+    default, times silently, as benchmarks and tests want.
     """
     timed, order, rng = _timer(device), list(fns), random.Random(seed)
     samples = {name: [] for name in fns}
-    for r in range(warmup + repeats):
+    rounds = tqdm(range(warmup + repeats), desc=progress, unit="round", leave=False, disable=progress is None)
+    for r in rounds:
         rng.shuffle(order)
         for name in order:
             ms = timed(fns[name])
@@ -164,15 +173,20 @@ def summarize(ms: np.ndarray) -> dict:
 
 
 def sample_models(
-    models: dict[str, TransformerXL], batch: int, lc: LatencyConfig, device: torch.device
+    models: dict[str, torch.nn.Module],
+    batch: int,
+    lc: LatencyConfig,
+    device: torch.device,
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-round milliseconds of each model's segment forward, all models interleaved in the same rounds."""
+    """Per-round milliseconds of each model's segment forward, all models interleaved in the same rounds
+    (``progress``: see time_interleaved)."""
     with measuring(models.values(), lc.threads):
         fns = {name: segment_forward(model, batch, device) for name, model in models.items()}
-        return time_interleaved(fns, lc.warmup, lc.repeats, device)
+        return time_interleaved(fns, lc.warmup, lc.repeats, device, progress=progress)
 
 
-def measure_models(models: dict[str, TransformerXL], batch: int, lc: LatencyConfig) -> dict[str, dict]:
+def measure_models(models: dict[str, torch.nn.Module], batch: int, lc: LatencyConfig) -> dict[str, dict]:
     """End-to-end median, p10 and p90 (ms) of each model, measured side by side; weights are never touched."""
     samples = sample_models(models, batch, lc, latency_device(lc))
     return {name: summarize(ms) for name, ms in samples.items()}
@@ -207,6 +221,7 @@ def fingerprint(cfg: Config) -> dict:
         "d_inner": m.d_inner,
         "n_experts": m.n_experts,
         "vocab_size": m.vocab_size,
+        **({"backbone": m.backbone, "flavour": m.flavour, "n_kv_head": m.n_kv_head} if m.backbone != "txl" else {}),
     }
 
 
@@ -220,14 +235,14 @@ def with_vocab_size(cfg: Config) -> Config:
     return cfg
 
 
-def probe_models(cfg: Config, specs: list[str]) -> dict[str, TransformerXL]:
+def probe_models(cfg: Config, specs: list[str]) -> dict[str, torch.nn.Module]:
     """The model without blocks (FIXED) and a one-block model per spec, random weights, on the latency device."""
     lc = cfg.latency
     device = latency_device(lc)
     with private_rng(device):
-        probes = {FIXED: TransformerXL(cfg.model, blocks=[])}
+        probes = {FIXED: build_model(cfg.model, blocks=[])}
         for spec in specs:
-            probes[spec] = TransformerXL(cfg.model, blocks=[build_block(BlockSpec.parse(spec), cfg.model)])
+            probes[spec] = build_model(cfg.model, blocks=[build_block(BlockSpec.parse(spec), cfg.model)])
     return {name: model.to(device=device, dtype=DTYPES[lc.dtype]) for name, model in probes.items()}
 
 
@@ -248,12 +263,17 @@ def table_from_samples(cfg: Config, samples: dict[str, np.ndarray], seconds: flo
     return LatencyTable(fingerprint(cfg), summarize(fixed), blocks, settings)
 
 
-def profile(cfg: Config) -> LatencyTable:
-    """Measure every block that ``cfg`` may need, each in a one-block model, all probes interleaved."""
+def profile(cfg: Config, progress: bool = False) -> LatencyTable:
+    """Measure every block that ``cfg`` may need, each in a one-block model, all probes interleaved.
+
+    ``progress`` shows a bar over the timing rounds on stderr.
+    """
     cfg = with_vocab_size(cfg)
     started = time.perf_counter()
-    probes = probe_models(cfg, profiled_specs(cfg))
-    samples = sample_models(probes, cfg.latency.batch_size, cfg.latency, latency_device(cfg.latency))
+    specs = profiled_specs(cfg)
+    probes = probe_models(cfg, specs)
+    label = f"profiling {len(specs)} blocks" if progress else None
+    samples = sample_models(probes, cfg.latency.batch_size, cfg.latency, latency_device(cfg.latency), label)
     return table_from_samples(cfg, samples, time.perf_counter() - started)
 
 
@@ -374,11 +394,11 @@ class LatencyTable:
         return (probs * lat).sum() + self.fixed_ms
 
 
-def load_or_profile(cfg: Config, path: str | Path, force: bool = False) -> LatencyTable:
+def load_or_profile(cfg: Config, path: str | Path, force: bool = False, progress: bool = False) -> LatencyTable:
     """The table at ``path`` if it holds for ``cfg``; otherwise (or with ``force``) profile and write it there.
 
     An existing table for another fingerprint is refused rather than silently replaced: it may be the only
-    record of another device's profile.
+    record of another device's profile. ``progress``: a bar while profiling (see profile).
     """
     path = Path(path)
     cfg = with_vocab_size(cfg)
@@ -387,17 +407,19 @@ def load_or_profile(cfg: Config, path: str | Path, force: bool = False) -> Laten
         table.check(cfg, where=str(path))
         table.reused = True
         return table
-    table = profile(cfg)
+    table = profile(cfg, progress)
     table.save(path)
     return table
 
 
-def profile_dir(cfg: Config, out_dir: str | Path, force: bool = False) -> tuple[LatencyTable, Path]:
+def profile_dir(
+    cfg: Config, out_dir: str | Path, force: bool = False, progress: bool = False
+) -> tuple[LatencyTable, Path]:
     """``planer profile``: DIR/lut.json for ``cfg``, reused when one that holds is already there."""
     path = Path(out_dir) / "lut.json"
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise PlanerError(f"output path {out_dir} exists and is not a directory")
-    return load_or_profile(cfg, path, force), path
+    return load_or_profile(cfg, path, force, progress), path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,7 +465,7 @@ def bench(
         source = str(baseline_dir)
     else:
         with private_rng(torch.device("cpu")):
-            base = TransformerXL(cfg.model, Arch.baseline(cfg.model.n_layer, cfg.model.n_head))
+            base = build_model(cfg.model, Arch.baseline(cfg.model.n_layer, cfg.model.n_head))
         source = "baseline architecture, random weights"
     dev, dtype = latency_device(lc), DTYPES[lc.dtype]
     models = {"model": model.to(device=dev, dtype=dtype), "baseline": base.to(device=dev, dtype=dtype)}

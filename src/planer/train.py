@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planer.arch import Arch
+from planer.backbones import build_model
 from planer.checkpoint import atomic_write_text
 from planer.config import Config
 from planer.data import Vocab
 from planer.errors import PlanerError
 from planer.loop import Fit, Loop, RunOptions, Teacher
-from planer.model import TransformerXL
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def train(
         )
     teacher = Teacher(recipe.teacher, cfg.distill) if recipe.teacher is not None else None
     loop = Loop(cfg, out_dir, options, done="summary.json")
-    model = loop.place(TransformerXL(cfg.model, arch))
+    model = loop.place(build_model(cfg.model, arch))
     trainer = loop.trainer(model.parameters(), cfg.train, cfg.train.balance_coef)
     if teacher is not None:
         check_teacher(teacher, loop.corpus.vocab, recipe.teacher)
