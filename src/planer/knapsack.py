@@ -262,6 +262,31 @@ class Fill:
     tolerance: float = 0.005
 
 
+def pick(
+    options: list[str],
+    latency: list[float],
+    increases: list[list[float | None]],
+    budget: float,
+    floor: float,
+    tolerance: float,
+) -> tuple[Arch, dict]:
+    """``select`` over the options measured at each position (an increase of None is no option there), its picks
+    as architectures."""
+    kept = [[i for i, inc in enumerate(row) if inc is not None] for row in increases]
+    costs = [[latency[i] for i in k] for k in kept]
+    losses = [[row[i] for i in k] for row, k in zip(increases, kept)]
+    choice, info = select(costs, losses, budget, floor, tolerance)
+
+    def arch_of(picks: list[int]) -> Arch:
+        return Arch(tuple(BlockSpec.parse(options[k[c]]) for k, c in zip(kept, picks)))
+
+    for key in ("unfilled", "window_pick"):
+        if key in info:
+            other = info.pop(key)
+            info[key] = {"arch": arch_of(other.pop("choice")).specs(), **other}
+    return arch_of(choice), info
+
+
 def knapsack_search(
     baseline: TransformerXL,
     space: list[str],
@@ -275,9 +300,9 @@ def knapsack_search(
     """The architecture the knapsack picks for ``target`` x the baseline's estimate, and its record for arch.json.
 
     ``ranking`` (computed on ``sample`` when not given) ranks the heads attention options keep; ``fill`` is the
-    window the estimate should land in (see ``select``). The record
-    holds, per position, every option's latency and measured loss increase (None: not inheritable there) and the
-    chosen one; the head ranking; the estimate against the target.
+    window the estimate should land in (see ``select``). The record holds, per position, every option's latency
+    and measured loss increase (None: not inheritable there) and the chosen one; the head ranking; the estimate
+    against the target.
     """
     check_target(target)
     started = time.perf_counter()
@@ -285,22 +310,9 @@ def knapsack_search(
     latency = [table.latency(o) for o in options]
     ranking = rank_heads(baseline, sample) if ranking is None else ranking
     base, increases = option_increases(baseline, options, sample, ranking, distill)
-    kept = [[i for i, inc in enumerate(row) if inc is not None] for row in increases]
     baseline_ms = table.estimate(baseline.arch)
-    budget = target * baseline_ms - table.fixed_ms
-    costs = [[latency[i] for i in k] for k in kept]
-    losses = [[row[i] for i in k] for row, k in zip(increases, kept)]
-    floor = fill.low * target * baseline_ms - table.fixed_ms
-    choice, info = select(costs, losses, budget, floor, fill.tolerance)
-
-    def arch_of(picks: list[int]) -> Arch:
-        return Arch(tuple(BlockSpec.parse(options[k[c]]) for k, c in zip(kept, picks)))
-
-    arch = arch_of(choice)
-    for key in ("unfilled", "window_pick"):
-        if key in info:
-            other = info.pop(key)
-            info[key] = {"arch": arch_of(other.pop("choice")).specs(), **other}
+    bounds = (target * baseline_ms - table.fixed_ms, fill.low * target * baseline_ms - table.fixed_ms)
+    arch, info = pick(options, latency, increases, *bounds, fill.tolerance)
     estimate = table.estimate(arch)
     record = {
         "method": "knapsack",
