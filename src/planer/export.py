@@ -175,7 +175,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, force: bool = False, toler
     out = Path(out)
     _require_onnx()
     model, cfg, _ = load_checkpoint(run_dir)
-    if not isinstance(model, TransformerXL) or getattr(cfg.model, "backbone", "txl") != "txl":
+    if not isinstance(model, TransformerXL):
         raise PlanerError(f"ONNX export supports the Transformer-XL backbone, not '{cfg.model.backbone}'")
     _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
