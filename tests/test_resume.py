@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -70,6 +71,7 @@ def without_timings(path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_same_weights(tiny_text, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  path: {tiny_text}\ntrain:\n  steps: 400\n  eval_every: 100\n")
@@ -83,6 +85,23 @@ def test_killed_training_resumes_to_the_same_weights(tiny_text, tmp_path):
     assert not (tmp_path / "cut" / "resume").exists()  # states are removed once the run has finished
 
 
+@pytest.mark.slow
+def test_killed_distilled_inherited_training_resumes_to_the_same_weights(tiny_text, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  path: {tiny_text}\ntrain:\n  steps: 300\n  eval_every: 100\n")
+    run(command("train", config, tmp_path / "base", "--set", "train.steps=100"))
+    recipe = ["--arch", "attn:2 ffl attn:1 moe:top1", "--teacher", str(tmp_path / "base"), "--init-from",
+              str(tmp_path / "base")]  # fmt: skip
+    run(command("train", config, tmp_path / "full", *recipe))
+    kill_after_state(command("train", config, tmp_path / "cut", *recipe), tmp_path / "cut", 150)
+    run(command("train", config, tmp_path / "cut", *recipe, "--resume"))
+    assert same_tensors(tmp_path / "full" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
+    assert without_timings(tmp_path / "full" / "metrics.jsonl") == without_timings(tmp_path / "cut" / "metrics.jsonl")
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["recipe"] == {"teacher": str(tmp_path / "base"), "init_from": str(tmp_path / "base")}
+
+
+@pytest.mark.slow
 def test_killed_search_resumes_to_the_same_weights_and_alpha(tiny_text, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(

@@ -54,6 +54,27 @@ def save_weights(path: Path, module: torch.nn.Module) -> None:
     os.replace(tmp, path)
 
 
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Fill ``module`` from a safetensors file that must hold exactly its tensors, in their shapes."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PlanerError(f"checkpoint {path} is corrupt: {str(e).splitlines()[0]}") from None
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise PlanerError(f"checkpoint {path} does not match its config: {what}")
+    for name, value in tensors.items():
+        if value.shape != expected[name].shape:
+            raise PlanerError(
+                f"checkpoint {path} does not match its config: {name} has shape {tuple(value.shape)}, "
+                f"expected {tuple(expected[name].shape)}"
+            )
+    module.load_state_dict(tensors)
+
+
 def copy_tokenizer(vocab: TokenizerVocab, out_dir: Path) -> None:
     """Put the tokenizer's tokenizer.json into ``out_dir`` (unless it is that file already)."""
     target = out_dir / TokenizerVocab.FILE
@@ -128,22 +149,6 @@ def load_checkpoint(
     path = run_dir / WEIGHTS
     if not path.exists():
         raise PlanerError(f"no checkpoint in {run_dir}: {WEIGHTS} is missing")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise PlanerError(f"checkpoint {path} is corrupt: {str(e).splitlines()[0]}") from None
     model = build_model(cfg.model, arch)
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - expected.keys())
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise PlanerError(f"checkpoint {path} does not match its config: {what}")
-    for name, value in tensors.items():
-        if value.shape != expected[name].shape:
-            raise PlanerError(
-                f"checkpoint {path} does not match its config: {name} has shape {tuple(value.shape)}, "
-                f"expected {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(tensors)
+    load_weights(model, path)
     return model.to(device), cfg, vocab

@@ -42,7 +42,7 @@ def cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.set)
     arch = _arch(args.arch, cfg)
-    recipe = Recipe(teacher=Path(args.teacher) if args.teacher else None)
+    recipe = Recipe(*(Path(p) if p else None for p in (args.teacher, args.init_from)))
     summary = train(cfg, args.out, arch, recipe, RunOptions(force=args.force, resume=args.resume))
     if _rank() == 0:
         print(
@@ -125,13 +125,14 @@ def cmd_search(args) -> None:
     from planer.config import load_config
     from planer.designs import iso_space
     from planer.loop import RunOptions
-    from planer.search import search
+    from planer.searches import run_search
 
     cfg = load_config(args.config, args.set)
     if args.space == "iso":
         cfg.search.space = iso_space(cfg.search.space, cfg.model.n_experts)
     options = RunOptions(force=args.force, resume=args.resume)
-    arch = search(cfg, args.out, args.target, lut_path=args.lut, init_from=args.init_from, options=options)
+    method = args.method or cfg.search.method
+    arch = run_search(method, cfg, args.out, args.target, args.lut, args.init_from, options)
     if _rank() > 0:
         return
     meta = json.loads((Path(args.out) / "arch.json").read_text())
@@ -333,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", help="baseline (default), sandwich:K, par, a list of block specs, or an arch.json file")
     p.add_argument("--teacher", help="trained model directory to distil from (distill.weight, distill.temperature)")
+    p.add_argument(
+        "--init-from",
+        help="start from a trained model of the same width (its most important heads, "
+        "feed-forward blocks, upcycled experts) or from a search folder's supernet options",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split or a text file")
@@ -373,7 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target", required=True, type=float, help="latency target, a fraction of the baseline's in (0, 1]")
     p.add_argument("--lut", help="latency table to use (default: OUT/lut.json, profiled if absent)")
-    p.add_argument("--init-from", help="trained baseline checkpoint to start the supernet's options from")
+    p.add_argument(
+        "--init-from",
+        help="trained baseline checkpoint to start from (gumbel: the supernet's options; "
+        "knapsack: required, the options are swapped into it)",
+    )
+    p.add_argument("--method", choices=["gumbel", "knapsack"], help="search method (default: search.method, gumbel)")
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
     p.add_argument(
         "--space",
@@ -418,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy decoding (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("config", help="print the resolved config: every key with its type, default and value")

@@ -106,6 +106,8 @@ class SearchConfig:
     tau_decay: float = 0.6
     alpha_lr: float = 0.01
     balance: bool = False  # add the MoE balance loss to the search's losses too (the paper: phase 2 only)
+    method: str = "gumbel"  # gumbel (the paper's supernet) | knapsack (options swapped into the trained baseline)
+    distill_blocks: bool = False  # knapsack: distil each option locally before measuring it (Puzzle-style)
 
 
 @dataclass
@@ -351,6 +353,8 @@ def validate(cfg: Config) -> None:
         raise PlanerError(f"config search.freeze_fraction must be in [0, 1), got {s.freeze_fraction}")
     if s.tau_decay > 1.0:
         raise PlanerError(f"config search.tau_decay must be in (0, 1], got {s.tau_decay}")
+    if s.method not in ("gumbel", "knapsack"):
+        raise PlanerError(f"config search.method must be gumbel or knapsack, got '{s.method}'")
     if not 0.0 <= cfg.distill.weight <= 1.0:
         raise PlanerError(f"config distill.weight must be in [0, 1], got {cfg.distill.weight}")
     positive(cfg.distill, ["temperature"])

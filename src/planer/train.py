@@ -11,13 +11,20 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from planer.arch import Arch
 from planer.backbones import build_model
-from planer.checkpoint import atomic_write_text
+from planer.checkpoint import atomic_write_text, load_checkpoint, load_weights, read_json_object
 from planer.config import Config
-from planer.data import Vocab
+from planer.data import Corpus, Vocab
 from planer.errors import PlanerError
+from planer.importance import Sample, rank_heads
+from planer.inherit import from_supernet, inherit
 from planer.loop import Fit, Loop, RunOptions, Teacher
+from planer.supernet import SuperNet
+
+HEAD_SAMPLE_SEGMENTS = 8  # training segments of every stream that rank the source's heads
 
 
 @dataclass(frozen=True)
@@ -25,9 +32,26 @@ class Recipe:
     """What a training learns from besides its data; the distillation's weight and temperature are in the config."""
 
     teacher: Path | None = None  # a trained model to distil from
+    init_from: Path | None = None  # a trained model (ranked heads, FFL, experts) or a search folder (its supernet)
 
     def to_dict(self) -> dict:
-        return {"teacher": None if self.teacher is None else str(self.teacher)}
+        return {k: None if v is None else str(v) for k, v in (("teacher", self.teacher), ("init_from", self.init_from))}
+
+
+def inherited_weights(source: Path, cfg: Config, arch: Arch, corpus: Corpus) -> dict[str, torch.Tensor]:
+    """The weights ``arch`` starts from: a search folder's supernet options, or a trained model's blocks with
+    each attention block's most important heads (ranked on a sample of training segments)."""
+    if (source / "supernet.safetensors").exists():
+        found = read_json_object(source / "arch.json")
+        net = SuperNet(cfg.model, found.get("space", cfg.search.space), len(arch))
+        load_weights(net, source / "supernet.safetensors")
+        return from_supernet(net, arch, cfg.model).state_dict()
+    model, _, vocab = load_checkpoint(source)
+    if vocab.symbols != corpus.vocab.symbols:
+        raise PlanerError(f"{source} was trained on another vocabulary than this config's data")
+    m = cfg.model
+    sample = Sample(corpus.train, cfg.eval.batch_size, m.tgt_len, m.mem_len, HEAD_SAMPLE_SEGMENTS)
+    return inherit(model, arch, rank_heads(model, sample), cfg.model).state_dict()
 
 
 def check_teacher(teacher: Teacher, vocab: Vocab, where: Path) -> None:
@@ -52,7 +76,11 @@ def train(
         )
     teacher = Teacher(recipe.teacher, cfg.distill) if recipe.teacher is not None else None
     loop = Loop(cfg, out_dir, options, done="summary.json")
-    model = loop.place(build_model(cfg.model, arch))
+    model = build_model(cfg.model, arch)
+    if recipe.init_from is not None:
+        with torch.random.fork_rng(devices=[]):  # the start must not move the run's random stream
+            model.load_state_dict(inherited_weights(recipe.init_from, cfg, arch, loop.corpus))
+    loop.place(model)
     trainer = loop.trainer(model.parameters(), cfg.train, cfg.train.balance_coef)
     if teacher is not None:
         check_teacher(teacher, loop.corpus.vocab, recipe.teacher)
