@@ -13,18 +13,18 @@ from safetensors.torch import save_file
 import planer.search
 import planer.train
 from planer.arch import Arch
+from planer.backbones import build_model
 from planer.config import load_config
 from planer.loop import RunOptions
-from planer.model import TransformerXL
 from planer.supernet import SuperNet
 
 built: dict[str, list] = {"train": [], "search": []}
 
 
-class RecordedModel(TransformerXL):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        built["train"].append(self)
+def recorded_model(*args, **kwargs):
+    model = build_model(*args, **kwargs)
+    built["train"].append(model)
+    return model
 
 
 class RecordedSuperNet(SuperNet):
@@ -33,7 +33,7 @@ class RecordedSuperNet(SuperNet):
         built["search"].append(self)
 
 
-planer.train.TransformerXL = RecordedModel
+planer.train.build_model = recorded_model
 planer.search.SuperNet = RecordedSuperNet
 
 config, lut, out = sys.argv[1:4]

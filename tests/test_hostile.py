@@ -564,7 +564,7 @@ CASES = [
         "--seeds must be a positive integer, got 0",
         id="run-seeds-zero",
     ),
-    pytest.param(lambda w, t: ["report", "--run", w.run], "holds no finished baseline", id="report-on-a-train-run"),
+    pytest.param(lambda w, t: ["report", "--run", w.run], "is one model's folder", id="report-on-a-train-run"),
     pytest.param(
         lambda w, t: ["report", "--run", write(t / "r" / "baseline" / "summary.json", "{").parents[1]],
         "summary.json is damaged",

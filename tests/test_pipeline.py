@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
-from planer.pipeline import run_pipeline
+from planer.pipeline import Plan, run_pipeline
 
 TINY_RUN = [
     "search.epochs=3",
@@ -23,7 +25,7 @@ TINY_RUN = [
 def test_run_pipeline_end_to_end_and_resume(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*TINY_RUN)
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl", "moe:top1"]
-    out = run_pipeline(cfg, tmp_path / "run", [0.5], batches=(1, 2))
+    out = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.5,), batches=(1, 2)))
     for path in [
         "config.yaml",
         "lut.json",
@@ -44,10 +46,11 @@ def test_run_pipeline_end_to_end_and_resume(tiny_cfg, tmp_path):
     for figure in ["archs.png", "speedup.png", "pareto.png", "latency_estimate.png", "search-t0.50.png"]:
         assert (out / figure).stat().st_size > 1000 and f"]({figure})" in report
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix not in (".md", ".png")}
-    run_pipeline(cfg, tmp_path / "run", [0.5], batches=(1, 2))  # every stage is done: only the report is redone
+    run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.5,), batches=(1, 2)))  # every stage done: only the report
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
+@pytest.mark.slow
 def test_run_with_every_design_and_seeds(tiny_cfg, tmp_path):
     """The sweep with Sandwich, PAR, the iso-parameter space and two seeds: every model, figure and table row."""
     cfg = tiny_cfg(
@@ -60,7 +63,8 @@ def test_run_with_every_design_and_seeds(tiny_cfg, tmp_path):
     )
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl", "moe:top1", "moe:top2"]
     cfg.model.n_layer = 3
-    out = run_pipeline(cfg, tmp_path / "run", [0.5, 0.8], designs=["sandwich", "par", "iso"], seeds=2, batches=(1,))
+    plan = Plan(targets=(0.5, 0.8), designs=("sandwich", "par", "iso"), seeds=2, batches=(1,))
+    out = run_pipeline(cfg, tmp_path / "run", plan)
     models = [
         "baseline",
         "planer-t0.50",
@@ -129,10 +133,35 @@ def test_run_refuses_another_config(tiny_cfg, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "planer", "report", "--run", tmp_path / "run"], capture_output=True, text=True
     )
-    assert result.returncode == 2 and "no finished baseline" in result.stderr
+    assert result.returncode == 2 and "holds no trained planer model" in result.stderr
     try:
-        run_pipeline(cfg, tmp_path / "run", [0.5])
+        run_pipeline(cfg, tmp_path / "run", Plan())
     except Exception as e:
         assert "different config" in str(e)
     else:
         raise AssertionError("a run directory made with another config was reused")
+
+
+def test_run_with_knapsack_rivals_and_the_phase2_recipe(tiny_cfg, tmp_path):
+    """The knapsack search, the dense rivals of the found model sized to its latency, every phase-2 model distilled
+    from the baseline and inherited from it where the arch allows, manifests, and a report that names the best."""
+    cfg = tiny_cfg(*TINY_RUN, "search.method=knapsack", "phase2.init=baseline", "train.steps=30", "train.eval_every=30")
+    cfg.search.space = ["skip", "attn:1", "attn:2", "attn:4", "ffl"]
+    out = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.6,), designs=("dense",), seeds=2, batches=(2,)))
+    rivals = {
+        json.loads((out / n / "run.json").read_text())["rival"] for n in ("dense-depth-t0.60", "dense-heads-t0.60")
+    }
+    assert rivals == {"dense-depth", "dense-heads"} and (out / "dense-width-t0.60-s2" / "summary.json").exists()
+    for name in ("planer-t0.60", "dense-depth-t0.60", "dense-heads-t0.60-s2"):
+        manifest = json.loads((out / name / "run.json").read_text())
+        assert manifest["recipe"] == {"teacher": str(out / "baseline"), "init_from": str(out / "baseline")}
+    width = json.loads((out / "dense-width-t0.60" / "run.json").read_text())
+    assert width["recipe"]["init_from"] is None and width["recipe"]["teacher"] == str(out / "baseline")
+    sized = json.loads((out / "planer-t0.60" / "rivals.json").read_text())
+    assert {r["name"] for r in sized} == {"dense-depth", "dense-heads", "dense-width"}
+    found = json.loads((out / "search-t0.60" / "arch.json").read_text())
+    assert found["method"] == "knapsack" and json.loads((out / "planer-t0.60" / "run.json").read_text())["search"]
+    report = (out / "report.md").read_text()
+    assert (
+        "**Target 0.60**" in report and "Best at this latency on test" in report and "| dense-width-t0.60 |" in report
+    )

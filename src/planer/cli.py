@@ -144,19 +144,32 @@ def cmd_search(args) -> None:
 
 def cmd_run(args) -> None:
     from planer.config import load_config
-    from planer.pipeline import parse_designs, run_pipeline
+    from planer.pipeline import Plan, parse_designs, run_pipeline
+    from planer.report import collect
+    from planer.verdict import verdicts
 
-    cfg = load_config(args.config, args.set)
-    out = run_pipeline(
-        cfg,
-        args.out,
-        _floats(args.targets, "--targets"),
+    overrides = list(args.set)
+    if args.method:
+        overrides.append(f"search.method={args.method}")
+    if args.batch:
+        overrides.append(f"latency.batch_size={args.batch}")
+    cfg = load_config(args.config, overrides)
+    plan = Plan(
+        targets=tuple(_floats(args.targets, "--targets")),
         designs=parse_designs(args.designs),
         seeds=args.seeds,
-        force=args.force,
-        batches=_ints(args.batches, "--batches"),
+        batches=tuple(_ints(args.batches, "--batches")),
+        baseline=Path(args.baseline) if args.baseline else None,
     )
-    print((out / "report.md").read_text())
+    out = run_pipeline(cfg, args.out, plan, force=args.force)
+    skipped = [name for name, status in plan.stages if status != "ran"]
+    if skipped:
+        print(f"planer run: {len(skipped)} stage(s) were done before and skipped: {', '.join(skipped)}")
+    rows = collect(out)
+    level_char = rows[0]["eval"].get("valid", {}).get("bpc") is not None
+    for line in verdicts(rows, level_char):
+        print(line.replace("**", ""))
+    print(f"report: {out / 'report.md'}")
 
 
 def _show(value) -> str:
@@ -405,10 +418,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--designs",
         default="",
-        help="designs to compare against: sandwich, par, iso, sandwich:K (comma-separated; default none)",
+        help="designs to compare against: dense (matched-latency rivals), sandwich, par, iso, sandwich:K "
+        "(comma-separated; default none)",
     )
     p.add_argument("--batches", default="1,8,64", help="batch sizes of the end-to-end latency (default 1,8,64)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every search and retraining with this many seeds")
+    p.add_argument("--method", choices=["gumbel", "knapsack"], help="search method (default: search.method)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="the batch size you deploy at: the latency table, the search's target "
+        "and the rivals' sizes hold at it (default: latency.batch_size)",
+    )
+    p.add_argument(
+        "--baseline", help="a trained or imported model (planer import) to start from instead of training a baseline"
+    )
 
     p = sub.add_parser("report", help="write report.md for a run directory")
     p.add_argument("--run", required=True, help="run directory")

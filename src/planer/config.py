@@ -111,6 +111,15 @@ class SearchConfig:
 
 
 @dataclass
+class Phase2Config:
+    """The recipe ``planer run`` trains every searched model, design and rival with: the same for all of them."""
+
+    teacher: bool = True  # distil from the trained baseline (distill.weight, distill.temperature)
+    init: str = "scratch"  # scratch | baseline: start from its ranked heads, FFL and experts where the arch allows
+    steps: int = 0  # weight steps; 0: train.steps, the baseline's budget
+
+
+@dataclass
 class DistillConfig:
     """How a training with a teacher (``planer train --teacher``) blends its losses."""
 
@@ -136,6 +145,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     def to_dict(self) -> dict:
@@ -353,6 +363,9 @@ def validate(cfg: Config) -> None:
         raise PlanerError(f"config search.freeze_fraction must be in [0, 1), got {s.freeze_fraction}")
     if s.tau_decay > 1.0:
         raise PlanerError(f"config search.tau_decay must be in (0, 1], got {s.tau_decay}")
+    if cfg.phase2.init not in ("scratch", "baseline"):
+        raise PlanerError(f"config phase2.init must be scratch or baseline, got '{cfg.phase2.init}'")
+    non_negative(cfg.phase2, ["steps"])
     if s.method not in ("gumbel", "knapsack"):
         raise PlanerError(f"config search.method must be gumbel or knapsack, got '{s.method}'")
     if not 0.0 <= cfg.distill.weight <= 1.0:

@@ -150,3 +150,17 @@ def from_supernet(net: SuperNet, arch: Arch, cfg: ModelConfig | None = None) -> 
             raise PlanerError(f"block {position} ({spec}) does not match the supernet's option in shape")
         block.load_state_dict(candidate.state_dict())
     return model
+
+
+def can_inherit(source: TransformerXL, arch: Arch, cfg: ModelConfig | None = None) -> bool:
+    """Whether ``inherit`` can start ``arch`` from ``source``: every block but a skip takes the source's block at
+    its position (tried on a throwaway model, so the rule is ``transfer``'s own)."""
+    cfg = cfg or source.cfg
+    if len(arch) != len(source.blocks) or any(getattr(cfg, k) != getattr(source.cfg, k) for k in ("d_model", "d_head")):
+        return False
+    with torch.random.fork_rng(devices=[]):
+        trial = TransformerXL(cfg, arch)
+    return all(
+        spec.kind == "skip" or transfer(block, spec, src, src_spec, head_order({}, i, src))
+        for i, (spec, block, src_spec, src) in enumerate(zip(arch, trial.blocks, source.arch, source.blocks))
+    )

@@ -1,128 +1,238 @@
 """``planer run``: the whole method into one run directory, resumable stage by stage.
 
-Baseline training, the latency table, then for every target a search (phase 1) and a retraining of the found
-arch (phase 2), the same for the iso-parameter space and for every further seed, the fixed designs (Sandwich
-over a few K, PAR), evaluation of every model on valid and test, end-to-end latency against the baseline, and
-the report. A stage whose output is complete is skipped, and an unfinished training or search continues from its
+Baseline training (or an imported baseline), the latency table at the batch the user deploys at, then for every
+target a search and a retraining of the found arch with the phase-2 recipe, the same for the iso-parameter space
+and for every further seed, the matched-latency dense rivals of every found model, the fixed designs (Sandwich
+over a few K, PAR), evaluation of every model on valid and test, end-to-end latency against the baseline, and the
+report. A stage whose output is complete is skipped, and an unfinished training or search continues from its
 newest resume state, so an interrupted run continues where it stopped.
+
+Every model directory gets a manifest, ``run.json`` (design, target, seed, arch, the search it came from, its
+recipe): the report reads those and never parses a directory name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from planer.arch import Arch
-from planer.checkpoint import atomic_write_text, read_json_object
+from planer.checkpoint import CONFIG, WEIGHTS, atomic_write_text, load_checkpoint, read_json_object
 from planer.config import Config, check_target, saved_config_matches
 from planer.data import load_corpus
-from planer.designs import iso_space, named_arch, sandwich_sweep
+from planer.designs import iso_space, named_arch, rivals, sandwich_sweep
 from planer.errors import PlanerError
 from planer.evaluate import evaluate_run
-from planer.latency import bench, load_or_profile
+from planer.inherit import can_inherit
+from planer.latency import LatencyTable, bench, load_or_profile
 from planer.loop import RunOptions
-from planer.report import search_dir_name, write_report
-from planer.search import search
-from planer.train import train
+from planer.report import write_report
+from planer.searches import run_search
+from planer.train import Recipe, train
 
 BENCH_BATCHES = (1, 8, 64)
-DESIGNS = ("sandwich", "par", "iso")
+DESIGNS = ("dense", "sandwich", "par", "iso")
+MANIFEST = "run.json"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run holds besides its config: targets, comparisons, repeats and where latency matters."""
+
+    targets: tuple[float, ...] = (0.5,)
+    designs: tuple[str, ...] = ()  # dense, sandwich, par, iso, sandwich:K
+    seeds: int = 1
+    batches: tuple[int, ...] = BENCH_BATCHES  # the end-to-end benchmark's batch sizes
+    baseline: Path | None = None  # a trained (or imported) baseline to use instead of training one
+    stages: list = field(default_factory=list, compare=False)  # (stage, status) as the run went, for its summary
+
+    def check(self) -> None:
+        for t in self.targets:
+            check_target(t)
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise PlanerError(f"--seeds must be a positive integer, got {self.seeds}")
+        if not self.batches or any(b <= 0 for b in self.batches):
+            raise PlanerError(f"batch sizes must be positive integers, got {list(self.batches)}")
 
 
 def target_name(target: float) -> str:
     return f"t{target:.2f}"
 
 
-def searched_name(design: str, target: float, seed: int) -> str:
-    """``planer-t0.50``, ``iso-t0.50``, and ``-s2``, ``-s3``, ... for the repeats with other seeds."""
-    return f"{design}-{target_name(target)}" + (f"-s{seed + 1}" if seed else "")
-
-
-def parse_designs(text: str) -> list[str]:
-    """``sandwich,par,iso`` and explicit ``sandwich:K``; an empty string means PLANER alone."""
-    designs = [d.strip() for d in text.split(",") if d.strip()]
+def parse_designs(text: str) -> tuple[str, ...]:
+    """``dense,sandwich,par,iso`` and explicit ``sandwich:K``; an empty string means PLANER alone."""
+    designs = tuple(d.strip() for d in text.split(",") if d.strip())
     for d in designs:
         if d not in DESIGNS and not d.startswith("sandwich:"):
             raise PlanerError(f"unknown design '{d}': expected {', '.join(DESIGNS)} or sandwich:K")
     return designs
 
 
-def run_pipeline(
-    cfg: Config,
-    out: str | Path,
-    targets: list[float],
-    designs: list[str] = (),
-    seeds: int = 1,
-    force: bool = False,
-    batches: tuple[int, ...] = BENCH_BATCHES,
-) -> Path:
-    """Every stage into ``out``; ``designs`` adds the comparisons, ``seeds`` repeats every search with other seeds."""
-    for t in targets:
-        check_target(t)
-    if not isinstance(seeds, int) or seeds < 1:
-        raise PlanerError(f"--seeds must be a positive integer, got {seeds}")
-    if not batches or any(b <= 0 for b in batches):
-        raise PlanerError(f"batch sizes must be positive integers, got {list(batches)}")
-    out = Path(out)
-    corpus = load_corpus(cfg.data)
-    cfg.model.vocab_size = len(corpus.vocab)
-    for d in designs:
-        if d.startswith("sandwich:"):
-            named_arch(d, cfg.model)  # a bad K stops the run before any work
-    _claim_run_dir(out, cfg, force)
+def write_manifest(model_dir: Path, **fields) -> None:
+    """The model's ``run.json``, rewritten only when it changes (a resumed run leaves finished folders alone)."""
+    text = json.dumps(fields, indent=1) + "\n"
+    path = model_dir / MANIFEST
+    if not path.exists() or path.read_text() != text:
+        atomic_write_text(path, text)
 
-    def stage(done: Path, work) -> None:
-        if force or not done.exists():
+
+class Pipeline:
+    """The stages of one run directory, each skipped when its output is complete."""
+
+    def __init__(self, cfg: Config, out: Path, plan: Plan, force: bool):
+        self.cfg, self.out, self.plan, self.force = cfg, out, plan, force
+        self.corpus = load_corpus(cfg.data)
+        cfg.model.vocab_size = len(self.corpus.vocab)
+        self.models: list[Path] = []
+
+    def stage(self, name: str, done: Path, work) -> None:
+        """Run ``work`` unless ``done`` exists (or with --force); the run's summary says which it was."""
+        if self.force or not done.exists():
+            print(f"planer run: {name}", flush=True)
             work()
+            self.plan.stages.append((name, "ran"))
+        else:
+            self.plan.stages.append((name, "done before, skipped"))
 
-    def trained(name: str, arch_of, run_cfg: Config = cfg) -> Path:
-        path = out / name
-        stage(
-            path / "summary.json", lambda: train(run_cfg, path, arch_of(), options=RunOptions(force=True, resume=not force, corpus=corpus))
-        )
+    def options(self) -> RunOptions:
+        return RunOptions(force=True, resume=not self.force, corpus=self.corpus)
+
+    def trained(self, name: str, arch: Arch, cfg: Config, recipe: Recipe, manifest: dict) -> Path:
+        path = self.out / name
+        self.stage(f"train {name}", path / "summary.json", lambda: train(cfg, path, arch, recipe, self.options()))
+        write_manifest(path, **manifest, arch=arch.specs(), seed=cfg.train.seed, recipe=recipe.to_dict())
+        self.models.append(path)
         return path
 
-    baseline = trained("baseline", lambda: Arch.baseline(cfg.model.n_layer, cfg.model.n_head))
-    lut = out / "lut.json"
-    stage(lut, lambda: load_or_profile(cfg, lut, force=force))
+    def recipe(self, arch: Arch, model: dict | None = None) -> Recipe:
+        """Phase 2's recipe for ``arch``: the teacher, and the baseline's weights where the arch can take them
+        (not a rival of another width, nor an arch with a block its position's baseline block cannot start)."""
+        p2, base = self.cfg.phase2, self.baseline
+        inherit = p2.init == "baseline" and not model and can_inherit(load_checkpoint(base)[0], arch)
+        return Recipe(teacher=base if p2.teacher else None, init_from=base if inherit else None)
 
-    searched = [("planer", cfg)]
-    if "iso" in designs:
-        searched.append(("iso", _with_space(cfg, iso_space(cfg.search.space, cfg.model.n_experts))))
-    models = [baseline]
-    for seed in range(seeds):
-        for design, design_cfg in searched:
-            run_cfg = _with_seed(design_cfg, cfg.train.seed + seed)
-            for t in targets:
-                name = searched_name(design, t, seed)
-                found = out / search_dir_name(name)
-                stage(
-                    found / "arch.json",
-                    lambda: search(
-                        run_cfg, found, t, lut, baseline, RunOptions(force=True, resume=not force, corpus=corpus)
-                    ),
+    def phase2_cfg(self, seed: int, model: dict | None = None) -> Config:
+        """The config phase-2 models train with: the phase-2 budget, ``seed``, and ``model`` changes (a rival's)."""
+        cfg = self.cfg
+        steps = cfg.phase2.steps or cfg.train.steps
+        return dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, **(model or {})),
+            train=dataclasses.replace(cfg.train, seed=seed, steps=steps),
+        )
+
+    def baseline_stage(self) -> Path:
+        path = self.out / "baseline"
+        if self.plan.baseline is not None:
+            self.stage(
+                "copy the given baseline", path / "summary.json", lambda: adopt_baseline(self.plan.baseline, path)
+            )
+        else:
+            arch = Arch.baseline(self.cfg.model.n_layer, self.cfg.model.n_head)
+            self.stage(
+                "train baseline", path / "summary.json", lambda: train(self.cfg, path, arch, options=self.options())
+            )
+        model_arch = load_checkpoint(path)[0].arch
+        write_manifest(path, design="baseline", arch=model_arch.specs(), seed=self.cfg.train.seed, recipe={})
+        self.models.append(path)
+        self.baseline = path
+        return path
+
+    def searched(self, design: str, cfg: Config, target: float, seed: int) -> tuple[Path, Arch]:
+        """Search ``target`` (the config's method) and retrain the found arch; returns the model and its arch."""
+        name = f"{design}-{target_name(target)}" + (f"-s{seed + 1}" if seed else "")
+        found = self.out / ("search-" + name.removeprefix("planer-"))
+        lut = self.out / "lut.json"
+        run_cfg = self.phase2_cfg(cfg.train.seed + seed)
+        run_cfg = dataclasses.replace(run_cfg, search=cfg.search)
+        self.stage(f"search {name} ({cfg.search.method})", found / "arch.json",
+                   lambda: run_search(cfg.search.method, run_cfg, found, target, lut, self.baseline, self.options()))  # fmt: skip
+        arch = Arch.load(found / "arch.json")
+        manifest = {"design": design, "target": target, "repeat": seed + 1, "search": found.name,
+                    "method": cfg.search.method}  # fmt: skip
+        return self.trained(name, arch, run_cfg, self.recipe(arch), manifest), arch
+
+    def rival_stage(self, found: Path, arch: Arch, target: float, seed: int) -> None:
+        """The dense rivals of one found model, sized to its estimate, trained with its recipe and seed."""
+        table = LatencyTable.load(self.out / "lut.json")
+        sized = self.out / found.name / "rivals.json"
+        if self.force or not sized.exists():
+            found_rivals = [r.to_dict() for r in rivals(arch, table, self.cfg)]
+            atomic_write_text(sized, json.dumps(found_rivals, indent=1) + "\n")
+        for rival in json.loads(sized.read_text()):
+            name = f"{rival['name']}-{target_name(target)}" + (f"-s{seed + 1}" if seed else "")
+            rival_arch = Arch.parse(" ".join(rival["arch"]))
+            cfg = self.phase2_cfg(self.cfg.train.seed + seed, rival["model"])
+            recipe = self.recipe(rival_arch, rival["model"])
+            manifest = {"design": "dense", "rival": rival["name"], "target": target, "repeat": seed + 1,
+                        "rival_of": found.name, "sizing": rival}  # fmt: skip
+            self.trained(name, rival_arch, cfg, recipe, manifest)
+
+    def fixed_designs(self) -> None:
+        designs, n_layer = self.plan.designs, self.cfg.model.n_layer
+        ks = sorted({int(d.split(":")[1]) for d in designs if d.startswith("sandwich:")}
+                    | (set(sandwich_sweep(n_layer)) if "sandwich" in designs else set()))  # fmt: skip
+        names = [(f"sandwich-k{k}", f"sandwich:{k}", "sandwich") for k in ks]
+        names += [("par", "par", "par")] if "par" in designs else []
+        runs = []
+        for name, spec, design in names:
+            arch = named_arch(spec, self.cfg.model)
+            runs.append(
+                self.trained(name, arch, self.phase2_cfg(self.cfg.train.seed), self.recipe(arch), {"design": design})
+            )
+        if ks:
+            _choose_sandwich(self.out, runs[: len(ks)])
+
+    def measure(self) -> None:
+        """Every model on valid and test; every model but the baseline timed beside it."""
+        for model in self.models:
+            scored = read_json_object(model / "eval.json")
+            for split in ("valid", "test"):
+                if self.force or split not in scored:
+                    evaluate_run(model, split)
+            if model != self.baseline:
+                self.stage(
+                    f"bench {model.name}", model / "bench.json", lambda: bench(model, self.baseline, self.plan.batches)
                 )
-                models.append(trained(name, lambda: Arch.load(found / "arch.json"), run_cfg))
 
-    ks = sorted(
-        {int(d.split(":")[1]) for d in designs if d.startswith("sandwich:")}
-        | (set(sandwich_sweep(cfg.model.n_layer)) if "sandwich" in designs else set())
-    )
-    sandwiches = [trained(f"sandwich-k{k}", lambda: named_arch(f"sandwich:{k}", cfg.model)) for k in ks]
-    if "par" in designs:
-        models.append(trained("par", lambda: named_arch("par", cfg.model)))
-    models += sandwiches
 
-    for model in models:
-        scored = read_json_object(model / "eval.json")
-        for split in ("valid", "test"):
-            if force or split not in scored:
-                evaluate_run(model, split)
-        if model != baseline:
-            stage(model / "bench.json", lambda: bench(model, baseline, batches))
-    if "sandwich" in designs:
-        _choose_sandwich(out, sandwiches)
+def adopt_baseline(source: Path, path: Path) -> None:
+    """Copy a trained or imported checkpoint in as the run's baseline (its files, and a summary marking it done)."""
+    model, _, _ = load_checkpoint(source)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS, CONFIG, "tokenizer.json"):
+        if (source / name).exists():
+            shutil.copy2(source / name, path / name)
+    summary = {"params": model.num_params(), "arch": model.arch.specs(), "adopted_from": str(source)}
+    atomic_write_text(path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool = False) -> Path:
+    """Every stage of ``plan`` into ``out``; returns the run directory (its report is ``out/report.md``)."""
+    plan.check()
+    for d in plan.designs:
+        if d.startswith("sandwich:"):
+            named_arch(d, cfg.model)  # a bad K stops the run before any work
+    out = Path(out)
+    run = Pipeline(cfg, out, plan, force)
+    _claim_run_dir(out, cfg, force)
+    run.baseline_stage()
+    lut = out / "lut.json"
+    run.stage(f"profile blocks at batch {cfg.latency.batch_size}", lut, lambda: load_or_profile(cfg, lut, force=force))
+    searched = [("planer", cfg)]
+    if "iso" in plan.designs:
+        searched.append(("iso", _with_space(cfg, iso_space(cfg.search.space, cfg.model.n_experts))))
+    for seed in range(plan.seeds):
+        for design, design_cfg in searched:
+            for t in plan.targets:
+                found, arch = run.searched(design, design_cfg, t, seed)
+                if design == "planer" and "dense" in plan.designs:
+                    run.rival_stage(found, arch, t, seed)
+    run.fixed_designs()
+    run.measure()
     write_report(out)
     return out
 
@@ -131,12 +241,12 @@ def _with_space(cfg: Config, space: list[str]) -> Config:
     return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=space))
 
 
-def _with_seed(cfg: Config, seed: int) -> Config:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-
-
 def _choose_sandwich(out: Path, runs: list[Path]) -> None:
     """Record the sweep over K and the K with the lowest valid loss, the Sandwich design the report compares."""
+    for run in runs:
+        scored = read_json_object(run / "eval.json")
+        if "valid" not in scored:
+            evaluate_run(run, "valid")
     sweep = {run.name: read_json_object(run / "eval.json")["valid"]["loss"] for run in runs}
     chosen = min(sweep, key=sweep.get)
     atomic_write_text(out / "sandwich.json", json.dumps({"valid_loss": sweep, "chosen": chosen}, indent=1) + "\n")

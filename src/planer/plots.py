@@ -74,6 +74,9 @@ def arch_strips(rows: list[dict], path: Path) -> None:
 DESIGN_STYLE = {
     "baseline": ("black", "*"),
     "planer": ("#d62728", "o"),
+    "dense-depth": ("#8c564b", "v"),
+    "dense-heads": ("#ff7f0e", "P"),
+    "dense-width": ("#17becf", "X"),
     "iso": ("#9467bd", "s"),
     "sandwich": ("#1f77b4", "^"),
     "par": ("#2ca02c", "D"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 import statistics
 from pathlib import Path
 
@@ -15,21 +14,12 @@ import torch
 
 from planer import plots
 from planer.arch import Arch
-from planer.checkpoint import read_json_object
+from planer.checkpoint import load_meta, read_json_object
 from planer.errors import PlanerError
 from planer.latency import LatencyTable
+from planer.verdict import verdicts
 
-DESIGN_ORDER = ("baseline", "planer", "iso", "sandwich", "par")
-
-
-def design_of(name: str) -> str:
-    """The design a model directory belongs to, from its name (see pipeline.py for the layout)."""
-    return next((d for d in DESIGN_ORDER if name == d or name.startswith(d + "-")), "other")
-
-
-def search_dir_name(model_name: str) -> str:
-    """Where a searched model's phase 1 lives: ``planer-X`` in ``search-X``, ``iso-X`` in ``search-iso-X``."""
-    return "search-" + model_name.removeprefix("planer-")
+DESIGN_ORDER = ("baseline", "planer", "dense-depth", "dense-heads", "dense-width", "iso", "sandwich", "par")
 
 
 def _estimator(lut: dict, baseline: Arch | None):
@@ -50,43 +40,53 @@ def _estimator(lut: dict, baseline: Arch | None):
     return estimate
 
 
+def model_dirs(run_dir: Path) -> list[Path]:
+    """The trained models in ``run_dir``: every folder holding a finished training (``summary.json``)."""
+    if not run_dir.is_dir():
+        raise PlanerError(f"{run_dir} is not a folder")
+    if (run_dir / "summary.json").exists():
+        raise PlanerError(f"{run_dir} is one model's folder; report on the folder that holds it (and its baseline)")
+    dirs = sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / "summary.json").exists())
+    if not dirs:
+        raise PlanerError(f"{run_dir} holds no trained planer model (no folder with a summary.json): nothing to report")
+    return dirs
+
+
+def describe(d: Path) -> dict:
+    """A model's design, target and repeat from its manifest (``run.json``, written by ``planer run``); a model
+    trained by hand has none, and is the baseline when its arch is its config's baseline arch."""
+    read_json_object(d / "summary.json")  # a damaged one is refused here, before anything is written
+    manifest = read_json_object(d / "run.json")
+    if manifest:
+        design = manifest.get("rival") or manifest["design"]
+        return {"design": design, "target": manifest.get("target"), "seed": manifest.get("repeat", 1),
+                "search": manifest.get("search"), "recipe": manifest.get("recipe", {})}  # fmt: skip
+    meta = load_meta(d)
+    n_layer, n_head = meta["config"]["model"]["n_layer"], meta["config"]["model"]["n_head"]
+    is_base = meta.get("arch") == Arch.baseline(n_layer, n_head).specs()
+    return {"design": "baseline" if is_base else "other", "target": None, "seed": 1, "search": None, "recipe": {}}
+
+
 def collect(run_dir: Path) -> list[dict]:
-    """One row per trained model in the run directory: the baseline, then PLANER, iso, Sandwich and PAR."""
-    dirs = [p for p in run_dir.iterdir() if p.is_dir() and (p / "summary.json").exists()]
+    """One row per trained model in the folder: the baseline, then PLANER, the rivals, iso, Sandwich and PAR."""
     chosen = read_json_object(run_dir / "sandwich.json").get("chosen")
-    base = read_json_object(run_dir / "baseline" / "summary.json").get("arch")
+    described = {d: describe(d) for d in model_dirs(run_dir)}
+    base = next(
+        (read_json_object(d / "summary.json")["arch"] for d, v in described.items() if v["design"] == "baseline"), None
+    )
     estimate = _estimator(read_json_object(run_dir / "lut.json"), Arch.parse(" ".join(base)) if base else None)
     rows = []
-    for d in dirs:
+    for d, info in described.items():
         summary = read_json_object(d / "summary.json")
-        design = design_of(d.name)
-        search = (
-            read_json_object(run_dir / search_dir_name(d.name) / "arch.json") if design in ("planer", "iso") else {}
-        )
-        seed = re.search(r"-s(\d+)$", d.name)
+        search = read_json_object(run_dir / info["search"] / "arch.json") if info["search"] else {}
         arch = Arch.parse(" ".join(summary["arch"]))
-        rows.append(
-            {
-                "name": d.name,
-                "design": design,
-                "seed": int(seed.group(1)) if seed else 1,
-                "chosen": d.name == chosen,
-                "arch": arch,
-                "params": summary["params"],
-                "eval": read_json_object(d / "eval.json"),
-                "bench": read_json_object(d / "bench.json"),
-                "target": search.get("target"),
-                "estimated_ratio": search.get("estimated_ratio") or estimate(arch),
-            }
-        )
-    rows.sort(
-        key=lambda r: (
-            DESIGN_ORDER.index(r["design"]) if r["design"] in DESIGN_ORDER else len(DESIGN_ORDER),
-            r["target"] or 0.0,
-            r["seed"],
-            r["name"],
-        )
-    )
+        rows.append({"name": d.name, "path": d, **info, "chosen": d.name == chosen, "arch": arch,
+                     "params": summary["params"], "seconds": summary.get("seconds"),
+                     "eval": read_json_object(d / "eval.json"), "bench": read_json_object(d / "bench.json"),
+                     "target": info["target"] if info["target"] is not None else search.get("target"),
+                     "estimated_ratio": search.get("estimated_ratio") or estimate(arch), "found": search})  # fmt: skip
+    order = {d: i for i, d in enumerate(DESIGN_ORDER)}
+    rows.sort(key=lambda r: (order.get(r["design"], len(order)), r["target"] or 0.0, r["seed"], r["name"]))
     return rows
 
 
@@ -182,16 +182,15 @@ def repeatability_table(rows: list[dict], level_char: bool) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
-    if not (run_dir / "baseline" / "summary.json").exists():
-        raise PlanerError(f"{run_dir} holds no finished baseline: nothing to report")
-    meta = read_json_object(run_dir / "baseline" / "config.json")
-    level_char = meta.get("vocab", {}).get("level") == "char"
     rows = collect(run_dir)
+    meta = read_json_object(rows[0]["path"] / "config.json")
+    level_char = meta.get("vocab", {}).get("level") == "char"
     sweep = read_json_object(run_dir / "sandwich.json").get("valid_loss", {})
     lut = read_json_object(run_dir / "lut.json")
     text = [
         f"# planer report: {run_dir.name}",
         "",
+        *[line for v in verdicts(rows, level_char) for line in (v, "")],
         _settings(lut, rows),
         "",
         results_table(rows, level_char),
