@@ -77,3 +77,15 @@ def trained_tiny(tiny_cfg):
         token_nll(logits, y).mean().backward()
         opt.step()
     return model.eval(), corpus
+
+
+HAND_MS = {"skip": 0.0, "attn:1": 1.0, "attn:2": 1.5, "attn:4": 2.0, "ffl": 0.6, "moe:top1": 1.2, "moe:top2": 1.5,
+           "ffl:x8": 4.0}  # fmt: skip
+
+
+def hand_table(cfg, ms: dict[str, float] = HAND_MS, fixed: float = 0.5):
+    """A latency table with chosen entries that holds for ``cfg``: tests must not depend on measured timings."""
+    from planer.latency import LatencyTable, fingerprint
+
+    stats = {spec: {"median": v, "p10": v, "p90": v} for spec, v in ms.items()}
+    return LatencyTable(fingerprint(cfg), {"median": fixed, "p10": fixed, "p90": fixed}, stats, {})

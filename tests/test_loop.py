@@ -11,12 +11,12 @@ import random
 
 import pytest
 import torch
+from conftest import hand_table
 from safetensors.torch import load_file
 
 from planer.arch import Arch
 from planer.checkpoint import load_checkpoint
 from planer.data import Segments, load_corpus
-from planer.latency import LatencyTable, fingerprint
 from planer.loop import Loop, RunOptions, distill_loss
 from planer.model import TransformerXL, token_nll
 from planer.optim import Lamb, lr_at
@@ -67,19 +67,12 @@ def test_training_equals_a_plain_reference_loop(tiny_cfg, tmp_path):
     assert logged == [sum(losses[i : i + 10]) / 10 for i in range(0, tc.steps, 10)]
 
 
-def hand_table(cfg, ms: dict[str, float]) -> LatencyTable:
-    """A latency table with chosen entries, valid for ``cfg`` (tests must not depend on measured timings)."""
-    stats = {spec: {"median": v, "p10": v, "p90": v} for spec, v in ms.items()}
-    return LatencyTable(fingerprint(cfg), {"median": 0.5, "p10": 0.5, "p90": 0.5}, stats, {})
-
-
 def search_cfg(tiny_cfg, tmp_path):
     cfg = tiny_cfg("search.epochs=3", "search.steps_per_epoch=6", "search.freeze_fraction=0.3",
                    "search.arch_fraction=0.5", "model.n_layer=1", "model.dropout=0.1", "train.ckpt_every=0")  # fmt: skip
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl"]
     cfg.model.vocab_size = len(load_corpus(cfg.data).vocab)
-    table = hand_table(cfg, {"skip": 0.0, "attn:1": 1.0, "attn:2": 1.5, "attn:4": 2.0, "ffl": 0.6, "moe:top1": 1.2,
-                             "moe:top2": 1.5, "ffl:x8": 4.0})  # fmt: skip
+    table = hand_table(cfg)
     table.save(tmp_path / "lut.json")
     return cfg, table
 

@@ -4,9 +4,12 @@ import json
 
 import torch
 import torch.nn.functional as F
+from conftest import hand_table
 
 from planer.arch import Arch
+from planer.cli import main
 from planer.config import ModelConfig
+from planer.data import load_corpus
 from planer.loop import RunOptions
 from planer.model import TransformerXL
 from planer.search import latency_loss, search
@@ -154,20 +157,41 @@ def test_warm_start_reproduces_the_baseline():
         full.out.weight.copy_(masked)
 
 
-def test_search_over_target_at_the_end_gets_a_correction(tiny_cfg, tmp_path):
-    """Too few architecture steps to reach a tight target: the search keeps stepping alpha after the last epoch,
-    logs it, and arch.json states the estimate honestly."""
-    cfg = tiny_cfg(
-        "search.epochs=2",
-        "search.steps_per_epoch=10",
-        "search.freeze_fraction=0.5",
-        "latency.batch_size=2",
-        "model.n_layer=2",
-    )
-    cfg.search.space = ["skip", "attn:1", "attn:4", "ffl"]
-    search(cfg, tmp_path / "s", target=0.05, options=RunOptions(quiet=True))
+def test_search_over_target_at_the_end_gets_a_correction(tiny_cfg, tmp_path, capsys):
+    """Too few architecture steps to reach a tight target (only all-skip meets it): the search keeps stepping alpha
+    after the last epoch, logs it, arch.json states the estimate honestly, and the CLI warns when it is over."""
+    sets = ["search.epochs=2", "search.steps_per_epoch=10", "search.freeze_fraction=0.5", "model.n_layer=2",
+            "search.space=[skip, attn:1, attn:4, ffl]"]  # fmt: skip
+    cfg = tiny_cfg(*sets)
+    cfg.model.vocab_size = len(load_corpus(cfg.data).vocab)
+    hand_table(cfg).save(tmp_path / "lut.json")  # baseline 5.7 ms, all-skip 0.5 ms: 0.088
+    config = tmp_path / "c.yaml"
+    cfg.save(config)
+    code = main(["search", "--config", str(config), "--out", str(tmp_path / "s"), "--target", "0.1", "--lut",
+                 str(tmp_path / "lut.json")])  # fmt: skip
+    assert code == 0
     records = [json.loads(l) for l in (tmp_path / "s" / "search.jsonl").read_text().splitlines()]
     assert records[-1]["correction"] is True and len(records[-1]["probs"]) == 4
     saved = json.loads((tmp_path / "s" / "arch.json").read_text())
     assert saved["estimated_ms"] == records[-1]["arch_estimated_ms"]
-    assert saved["meets_target"] == (saved["estimated_ratio"] <= 0.05)
+    assert saved["meets_target"] == (saved["estimated_ratio"] <= 0.1)
+    err = capsys.readouterr().err
+    assert ("over its target" in err) == (not saved["meets_target"])
+
+
+def test_unreachable_target_is_refused_before_any_output(tiny_cfg, tmp_path, capsys):
+    cfg = tiny_cfg("model.n_layer=2", "search.space=[skip, attn:1, attn:4, ffl]")
+    cfg.model.vocab_size = len(load_corpus(cfg.data).vocab)
+    hand_table(cfg).save(tmp_path / "lut.json")
+    config = tmp_path / "c.yaml"
+    cfg.save(config)
+    args = ["search", "--config", str(config), "--out", str(tmp_path / "s"), "--lut", str(tmp_path / "lut.json")]
+    assert main([*args, "--target", "0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "target 0.05 cannot be met" in err and "at least 0.088" in err
+    assert not (tmp_path / "s").exists()
+    other = tiny_cfg("model.n_layer=2", "model.d_inner=128")
+    other.model.vocab_size = cfg.model.vocab_size
+    hand_table(other).save(tmp_path / "foreign.json")
+    assert main([*args[:-1], str(tmp_path / "foreign.json"), "--target", "0.5"]) == 2
+    assert "was profiled for" in capsys.readouterr().err and not (tmp_path / "s").exists()

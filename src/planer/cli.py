@@ -140,6 +140,10 @@ def cmd_search(args) -> None:
         f"found {arch.short()}: estimated {meta['estimated_ratio']:.3f} of the baseline's latency "
         f"(target {args.target:g}) -> {args.out}/arch.json"
     )
+    if not meta["meets_target"]:
+        gap = meta["estimated_ratio"] - args.target
+        print(f"planer: warning: the found architecture is over its target by {gap:.3f} of the baseline's latency "
+              f"({meta['estimated_ratio']:.3f} for {args.target:g})", file=sys.stderr)  # fmt: skip
 
 
 def cmd_run(args) -> None:

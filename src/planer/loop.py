@@ -13,8 +13,9 @@ import json
 import math
 import os
 import random
+import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,8 +252,21 @@ class Loop:
         self.segments = Segments(
             self.corpus.train, tc.batch_size, cfg.model.tgt_len, rank=self.env.rank, world=self.env.world
         )
+        path = Path(out_dir)
+        self.created = not path.exists() or (path.is_dir() and not any(path.iterdir()))
         self.out_dir, self.state = open_out_dir(out_dir, cfg, options, self.env, done)
         seed_everything(tc.seed)
+
+    @contextmanager
+    def setting_up(self):
+        """Bad input found while setting up (a teacher, a table, a target) leaves nothing behind in an output
+        folder this run created, so the user's retry is not refused as "not empty"."""
+        try:
+            yield
+        except PlanerError:
+            if self.created and self.env.main:
+                shutil.rmtree(self.out_dir, ignore_errors=True)
+            raise
 
     def place(self, module: torch.nn.Module) -> torch.nn.Module:
         """Move a freshly built model to this rank's device, give it rank 0's weights, and seed dropout per rank."""

@@ -84,8 +84,24 @@ def search(
     """
     check_target(target)
     loop = Loop(cfg, out_dir, options, done="arch.json")
-    phase1 = GumbelSearch(loop, load_table(loop, lut_path), target, init_from)
+    with loop.setting_up():
+        table = load_table(loop, lut_path)
+        check_reachable(table, cfg, target)
+        phase1 = GumbelSearch(loop, table, target, init_from)
     return phase1.run()
+
+
+def check_reachable(table: LatencyTable, cfg: Config, target: float) -> None:
+    """Refuse a target that no architecture of the search space meets: each position's cheapest option, plus the
+    fixed cost of embedding and softmax, is as fast as the space gets."""
+    smallest = table.fixed_ms + 2 * cfg.model.n_layer * min(table.latency(o) for o in cfg.search.space)
+    ratio = smallest / table.baseline(cfg)
+    if target < ratio:
+        raise PlanerError(
+            f"target {target:g} cannot be met: the fastest architecture of this search space is {ratio:.3f} of the "
+            f"baseline's latency (embedding and softmax alone {table.fixed_ms / table.baseline(cfg):.3f}); "
+            f"choose a target of at least {ratio:.3f}"
+        )
 
 
 class GumbelSearch:

@@ -16,7 +16,7 @@ from planer.errors import PlanerError
 from planer.importance import Sample
 from planer.knapsack import LocalDistill, knapsack_search
 from planer.loop import Loop, RunOptions
-from planer.search import load_table, search
+from planer.search import check_reachable, load_table, search
 
 METHODS = ("gumbel", "knapsack")
 SAMPLE_SEGMENTS = 8  # training segments of every stream the knapsack's losses are measured on
@@ -55,11 +55,13 @@ def knapsack_into(
     baseline, _, vocab = load_checkpoint(baseline_dir)
     loop = Loop(cfg, out_dir, RunOptions(force=options.force or options.resume, quiet=options.quiet,
                                          corpus=options.corpus), done="arch.json")  # fmt: skip
-    if vocab.symbols != loop.corpus.vocab.symbols:
-        raise PlanerError(f"{baseline_dir} was trained on another vocabulary than this config's data")
-    if len(baseline.blocks) != 2 * cfg.model.n_layer or baseline.cfg.d_model != cfg.model.d_model:
-        raise PlanerError(f"{baseline_dir} does not have this config's length and width")
-    table = load_table(loop, lut_path)
+    with loop.setting_up():
+        if vocab.symbols != loop.corpus.vocab.symbols:
+            raise PlanerError(f"{baseline_dir} was trained on another vocabulary than this config's data")
+        if len(baseline.blocks) != 2 * cfg.model.n_layer or baseline.cfg.d_model != cfg.model.d_model:
+            raise PlanerError(f"{baseline_dir} does not have this config's length and width")
+        table = load_table(loop, lut_path)
+        check_reachable(table, cfg, target)
     m = cfg.model
     sample = Sample(loop.corpus.train, cfg.eval.batch_size, m.tgt_len, m.mem_len, SAMPLE_SEGMENTS)
     distill = None

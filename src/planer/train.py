@@ -77,13 +77,15 @@ def train(
     teacher = Teacher(recipe.teacher, cfg.distill) if recipe.teacher is not None else None
     loop = Loop(cfg, out_dir, options, done="summary.json")
     model = build_model(cfg.model, arch)
-    if recipe.init_from is not None:
-        with torch.random.fork_rng(devices=[]):  # the start must not move the run's random stream
-            model.load_state_dict(inherited_weights(recipe.init_from, cfg, arch, loop.corpus))
+    with loop.setting_up():
+        if teacher is not None:
+            check_teacher(teacher, loop.corpus.vocab, recipe.teacher)
+        if recipe.init_from is not None:
+            with torch.random.fork_rng(devices=[]):  # the start must not move the run's random stream
+                model.load_state_dict(inherited_weights(recipe.init_from, cfg, arch, loop.corpus))
     loop.place(model)
     trainer = loop.trainer(model.parameters(), cfg.train, cfg.train.balance_coef)
     if teacher is not None:
-        check_teacher(teacher, loop.corpus.vocab, recipe.teacher)
         trainer.teacher = teacher.to(loop.device)
     summary = Fit(loop, model, trainer).run(f"train {arch.short()[:24]}")
     summary.update(params=model.num_params(), arch=arch.specs(), recipe=recipe.to_dict())
