@@ -29,8 +29,8 @@ def test_one_hot_supernet_equals_standalone_model():
     for block, i in zip(net.blocks, choices):
         block.alpha.data[i] = 10.0  # one-hot architecture weights
     model = TransformerXL(cfg, arch).eval()
-    model.embed.load_state_dict(net.embed.state_dict())
-    model.out_bias.data.copy_(net.out_bias.data)
+    model.embed.load_state_dict(net.model.embed.state_dict())
+    model.out_bias.data.copy_(net.model.out_bias.data)
     for source, block, i in zip(net.blocks, model.blocks, choices):
         block.load_state_dict(source.candidates[i].state_dict())
 
@@ -60,7 +60,7 @@ def test_memory_is_kept_at_the_super_block_input():
             block.choice = choice
         with torch.no_grad():
             _, mems = net(x)
-        h = net.embed(x) * 32**0.5
+        h = net.model.embed(x) * 32**0.5
         torch.testing.assert_close(mems[0], h)
 
 

@@ -76,6 +76,11 @@ class Attention(Block):
         self.rotary, self.theta = cfg.flavour == "llama", cfg.rope_theta
         self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def n_head(self) -> int:
+        """The query heads, under ``RelAttention``'s name: head importance counts heads of either alike."""
+        return self.heads
+
     def _rotary(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for positions 0..T-1, kept for the next call of the same length and device.
 

@@ -6,6 +6,8 @@ heads instead. Importance is measured, not read off weight norms: a head is remo
 block's output projection (its output then adds nothing to the residual), the language-model loss is measured on a
 fixed sample of training segments, in order, with memory, and the weights are restored. The sample is the same for
 every head and every option (see knapsack.py), so the numbers compare with each other and are deterministic.
+Both backbones' attention blocks are ranked alike: a gpt block's query head writes through its own columns of
+the output projection too (its key/value heads are shared within a group; inherit.py keeps whole groups).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from planer.blocks import RelAttention
 from planer.evaluate import evaluate_ids
-from planer.model import TransformerXL
+from planer.gpt import Attention
 
 Ranking = dict[int, list[tuple[int, float]]]  # block position -> (head, loss increase in nats), most important first
+ATTENTION = (RelAttention, Attention)  # the attention blocks of both backbones: ``n_head``, ``d_head``, ``out``
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,13 @@ class Sample:
     segments: int = 8
 
 
-def sample_loss(model: TransformerXL, sample: Sample) -> float:
+def sample_loss(model: nn.Module, sample: Sample) -> float:
     """Mean loss (nats per token) of ``model`` on ``sample``, in eval mode without gradients."""
     return evaluate_ids(model, sample.ids, sample.batch_size, sample.tgt_len, sample.mem_len, sample.segments)["loss"]
 
 
 @torch.no_grad()
-def head_increases(model: TransformerXL, position: int, sample: Sample, base: float) -> list[float]:
+def head_increases(model: nn.Module, position: int, sample: Sample, base: float) -> list[float]:
     """The loss increase over ``base`` when each head of the attention block at ``position`` alone is removed."""
     block = model.blocks[position]
     weight = block.out.weight  # (d_model, n_head * d_head): head i writes through columns i*Dh .. (i+1)*Dh
@@ -58,7 +62,7 @@ def head_increases(model: TransformerXL, position: int, sample: Sample, base: fl
     return increases
 
 
-def rank_heads(model: TransformerXL, sample: Sample) -> Ranking:
+def rank_heads(model: nn.Module, sample: Sample) -> Ranking:
     """Every attention block's heads, most important (largest loss increase when removed) first.
 
     Ties keep the lower head first, so a ranking is a pure function of the weights and the sample.
@@ -66,7 +70,7 @@ def rank_heads(model: TransformerXL, sample: Sample) -> Ranking:
     base = sample_loss(model, sample)
     ranking: Ranking = {}
     for position, block in enumerate(model.blocks):
-        if isinstance(block, RelAttention):
+        if isinstance(block, ATTENTION):
             increases = head_increases(model, position, sample, base)
             order = sorted(range(len(increases)), key=lambda h: (-increases[h], h))
             ranking[position] = [(h, increases[h]) for h in order]

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from planer.arch import Arch, BlockSpec
+from planer.backbones import build_block
 from planer.config import check_target
 from planer.errors import PlanerError
 from planer.importance import Ranking, Sample, rank_heads, sample_loss
 from planer.inherit import head_order, transfer
 from planer.latency import LatencyTable
-from planer.model import TransformerXL, build_block
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,7 @@ class LocalDistill:
     lr: float = 1e-3
 
 
-def capture_io(
-    model: TransformerXL, sample: Sample
-) -> list[list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]]:
+def capture_io(model: nn.Module, sample: Sample) -> list[list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]]:
     """Per position, (input, memory, output) of the model's block for every segment of ``sample``, in order.
 
     The memory is what an attention option at that position would hold (the hidden states that entered the
@@ -87,7 +85,7 @@ def distill_block(block: nn.Module, io: list[tuple], distill: LocalDistill) -> N
             opt.step()
 
 
-def option_block(spec: BlockSpec, baseline: TransformerXL, position: int, ranking: Ranking, random_ok: bool):
+def option_block(spec: BlockSpec, baseline: nn.Module, position: int, ranking: Ranking, random_ok: bool):
     """The block ``spec`` started from the baseline's block at ``position``; None when it cannot start from it
     and random weights are not wanted. Random weights come from a seed of their own: the result is repeatable."""
     src, src_spec = baseline.blocks[position], baseline.arch.blocks[position]
@@ -100,7 +98,7 @@ def option_block(spec: BlockSpec, baseline: TransformerXL, position: int, rankin
     return None
 
 
-def swapped_loss(model: TransformerXL, position: int, block: nn.Module, sample: Sample) -> float:
+def swapped_loss(model: nn.Module, position: int, block: nn.Module, sample: Sample) -> float:
     """The sample loss of ``model`` with ``block`` in place of its block at ``position`` (put back after)."""
     saved = model.blocks[position]
     model.blocks[position] = block
@@ -111,7 +109,7 @@ def swapped_loss(model: TransformerXL, position: int, block: nn.Module, sample: 
 
 
 def option_increases(
-    baseline: TransformerXL, space: list[str], sample: Sample, ranking: Ranking, distill: LocalDistill | None = None
+    baseline: nn.Module, space: list[str], sample: Sample, ranking: Ranking, distill: LocalDistill | None = None
 ) -> tuple[float, list[list[float | None]]]:
     """The baseline's sample loss, and per position the loss increase of each option of ``space`` swapped in
     alone (None for one that cannot start from the baseline block there). The baseline's own block costs 0."""
@@ -288,7 +286,7 @@ def pick(
 
 
 def knapsack_search(
-    baseline: TransformerXL,
+    baseline: nn.Module,
     space: list[str],
     table: LatencyTable,
     target: float,

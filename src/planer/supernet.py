@@ -8,6 +8,10 @@ A SuperBlock runs in one of three modes:
 Memory is kept at the super block's input, so every attention option sees the same memory whatever ran before.
 The options' weights are shared: with a choice fixed, the supernet computes exactly what the standalone model of
 that architecture computes with the same weights.
+
+The supernet is the backbone's own model (``backbones.build_model``) with super blocks for blocks, held as
+``SuperNet.model``: whatever surrounds the blocks (embedding, positions, final norm, output layer, memory) is the
+backbone's, so one supernet serves Transformer-XL and gpt alike.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from planer.arch import Arch, BlockSpec
+from planer.backbones import build_block, build_model
 from planer.blocks import Block
 from planer.config import ModelConfig
 from planer.errors import PlanerError
 from planer.importance import Ranking
-from planer.inherit import head_order, transfer
-from planer.model import TransformerXL, build_block
+from planer.inherit import copy_outside_blocks, head_order, transfer
 
 
 class SuperBlock(Block):
@@ -66,13 +70,31 @@ class SuperBlock(Block):
         return sum(p * c(x, mem) for p, c in zip(self.probs, self.candidates))
 
 
-class SuperNet(TransformerXL):
-    """A Transformer-XL whose blocks are super blocks over the same options at every position."""
+class SuperNet(nn.Module):
+    """The backbone's model (``cfg.model.backbone``) whose blocks are super blocks over the same options at every
+    position; forward and the auxiliary loss are the model's.
+
+    The super blocks are built before the model, and the model's parameters are the supernet's in the model's
+    order: the random draws at construction and the order of every sum over the weights (the gradient norm) are
+    those the search has always had.
+    """
 
     def __init__(self, cfg: ModelConfig, space: list[str], positions: int):
+        super().__init__()
         options = [BlockSpec.parse(s) for s in space]
-        super().__init__(cfg, blocks=[SuperBlock(options, cfg) for _ in range(positions)])
+        self.cfg = cfg
+        self.model = build_model(cfg, blocks=[SuperBlock(options, cfg) for _ in range(positions)])
         self.space = [str(o) for o in options]
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.blocks
+
+    def forward(self, idx: torch.Tensor, mems: list | None = None) -> tuple[torch.Tensor, list]:
+        return self.model(idx, mems)
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.model.aux_loss()
 
     def set_mode(self, mode: str, tau: float = 1.0) -> None:
         for block in self.blocks:
@@ -105,7 +127,7 @@ class SuperNet(TransformerXL):
         return Arch(tuple(block.options[int(block.alpha.argmax())] for block in self.blocks))
 
 
-def warm_start(net: SuperNet, baseline: TransformerXL, ranking: Ranking | None = None) -> int:
+def warm_start(net: SuperNet, baseline: nn.Module, ranking: Ranking | None = None) -> int:
     """Initialise the supernet's options from a trained baseline of the same length; returns how many were.
 
     Options trained from scratch inside a short search stay weaker than the baseline's own blocks, and the latency
@@ -113,12 +135,12 @@ def warm_start(net: SuperNet, baseline: TransformerXL, ranking: Ranking | None =
     baseline block at its position (``planer.inherit.transfer``: attention from its most important heads by
     ``ranking``, see ``planer.importance.rank_heads``, its first heads where there is none; feed-forward as is;
     MoE experts and wide feed-forward as copies of it) lets the architecture weights compare options that already
-    work, and starts them where phase 2's ``--init-from`` and the knapsack search start them.
+    work, and starts them where phase 2's ``--init-from`` and the knapsack search start them. Everything outside
+    the blocks (embedding, positions, final norm, output layer) is copied as it is.
     """
     if len(net.blocks) != len(baseline.blocks) or baseline.cfg.d_model != net.cfg.d_model:
         raise PlanerError("the warm-start model does not match the supernet's length or width")
-    net.embed.load_state_dict(baseline.embed.state_dict())
-    net.out_bias.data.copy_(baseline.out_bias.data)
+    copy_outside_blocks(net.model, baseline, "the warm-start model")
     done = 0
     for position, (block, spec, source) in enumerate(zip(net.blocks, baseline.arch, baseline.blocks)):
         heads = head_order(ranking or {}, position, source)

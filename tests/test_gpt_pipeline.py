@@ -1,0 +1,105 @@
+"""Every stage over the gpt backbone: the supernet, warm start, inheritance of grouped-query heads, the knapsack
+search and a whole tiny ``planer run`` from an imported Hugging Face Llama."""
+
+import pytest
+import torch
+
+from planer.arch import Arch
+from planer.backbones import build_model
+from planer.config import ModelConfig
+from planer.inherit import can_inherit, from_supernet, inherit, kept_groups
+from planer.supernet import SuperNet, warm_start
+
+SPACE = ["skip", "attn:1", "attn:2", "attn:4", "ffl", "ffl:x2", "moe:top1", "moe:top2"]
+
+
+def tiny(flavour: str, **kw) -> ModelConfig:
+    values = dict(backbone="gpt", flavour=flavour, d_model=32, n_head=4, d_inner=48, n_layer=2, tgt_len=16)
+    values |= dict(mem_len=0, dropout=0.0, n_experts=4, moe_dropout=0.0, vocab_size=50)
+    if flavour == "llama":
+        values |= dict(n_kv_head=2, tie_embeddings=False)
+    return ModelConfig(**(values | kw))
+
+
+def trained_like(cfg: ModelConfig, arch: Arch) -> torch.nn.Module:
+    """A model whose every tensor is random, norms and biases too, so that a copy missing any of them shows."""
+    torch.manual_seed(0)
+    model = build_model(cfg, arch).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_one_hot_supernet_equals_the_standalone_gpt(flavour):
+    cfg = tiny(flavour, n_layer=3)
+    arch = Arch.parse("attn:2 moe:top1 skip ffl:x2 attn:4 moe:top2")
+    torch.manual_seed(0)
+    net = SuperNet(cfg, SPACE, len(arch)).eval()
+    choices = [SPACE.index(str(b)) for b in arch]
+    for block, i in zip(net.blocks, choices):
+        block.alpha.data[i] = 10.0
+    assert net.derive() == arch
+    model = from_supernet(net, arch).eval()
+    x = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        expected = model(x)[0]
+        for mode in ("argmax", "hard"):
+            net.set_mode(mode)
+            for block, i in zip(net.blocks, choices):
+                block.choice = i
+            assert torch.equal(net(x)[0], expected)
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_inheriting_every_head_reproduces_the_gpt_source_exactly(flavour):
+    cfg = tiny(flavour)
+    source = trained_like(cfg, Arch.baseline(2, 4))
+    ranking = {0: [(2, 0.3), (0, 0.2), (3, 0.1), (1, 0.0)], 2: [(1, 0.5), (3, 0.4), (0, 0.2), (2, 0.1)]}
+    torch.manual_seed(1)
+    copy = inherit(source, source.arch, ranking).eval()
+    x = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(copy(x)[0], source(x)[0])
+        net = SuperNet(cfg, SPACE, 4).eval()
+        assert warm_start(net, source, ranking) == 2 * 3 + 2 * 4  # attn:1/2/4; ffl, ffl:x2 and two MoE
+        net.set_mode("hard")
+        for block, spec in zip(net.blocks, source.arch):
+            block.choice = SPACE.index(str(spec))
+        assert torch.equal(net(x)[0], source(x)[0])
+        for block, spec in zip(net.blocks, source.arch):
+            if spec.kind == "ffl":
+                block.choice = SPACE.index("ffl:x2")  # widened: the same function
+        torch.testing.assert_close(net(x)[0], source(x)[0], atol=1e-5, rtol=1e-5)
+        for block, spec in zip(net.blocks, source.arch):
+            if spec.kind == "ffl":
+                block.choice = SPACE.index("moe:top2")  # upcycled, top-2 gates sum to 1: the same function
+        torch.testing.assert_close(net(x)[0], source(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_llama_with_grouped_query_attention_keeps_whole_groups():
+    """8 query heads over 2 key/value heads (groups {0..3}, {4..7}): attn:4 has 1 key/value head, so it keeps the
+    group whose best 4 heads matter most, and computes the source with the other group's heads silenced."""
+    cfg = tiny("llama", d_model=64, n_head=8, n_kv_head=2)
+    source = trained_like(cfg, Arch.baseline(2, 8))
+    order = [(0, 0.9), (5, 0.5), (6, 0.4), (7, 0.4), (4, 0.3), (1, 0.0), (2, 0.0), (3, 0.0)]
+    assert kept_groups(order, 8, 2, 4, 1) == ([4, 5, 6, 7], [1])  # 1.6 beats 0.9
+    assert kept_groups(order, 8, 2, 1, 1) == ([0], [0])
+    assert kept_groups(order, 8, 2, 8, 2) == (list(range(8)), [0, 1])
+    assert kept_groups(order, 8, 4, 6, 1) is None  # 6 heads on one key/value head: no group holds them
+    model = inherit(source, Arch.parse("attn:4 ffl attn:8 ffl"), {0: order}).eval()
+    h = torch.randn(2, 10, 64)
+    full = source.blocks[0]
+    with torch.no_grad():
+        got = model.blocks[0](h)
+        full.out.weight[:, : 4 * 8] = 0.0  # heads 0..3 write nothing
+        torch.testing.assert_close(got, full(h), atol=1e-5, rtol=1e-5)
+
+
+def test_can_inherit_follows_the_backbone():
+    llama = trained_like(tiny("llama"), Arch.baseline(2, 4))
+    assert can_inherit(llama, Arch.parse("attn:1 moe:top1 skip ffl:x2"))
+    assert not can_inherit(llama, Arch.parse("ffl ffl attn:4 ffl"))  # an FFL where the source has attention
+    txl = ModelConfig(d_model=32, n_head=4, d_inner=48, n_layer=2, tgt_len=16, vocab_size=50)
+    assert not can_inherit(llama, llama.arch, txl)  # another backbone
