@@ -68,6 +68,7 @@ TINY = [
     "latency.batch_size=2",
 ]
 TEXT = "To be, or not to be, that is the question:\n" * 400
+OTHER_TEXT = "Now is the winter of our discontent, made glorious summer by this sun of York.\n" * 300
 
 
 @dataclass(frozen=True)
@@ -485,6 +486,30 @@ CASES = [
     pytest.param(train_with_arch('{"arch": []}'), "the architecture is empty", id="arch-empty"),
     pytest.param(train_with_arch(b'{"arch": ["attn:4", "ffl"]} \xff'), "is not UTF-8", id="arch-not-utf8"),
     pytest.param(train("--arch", "sandwich:5"), "sandwich:K needs 0 <= K <= n_layer (1), got 5", id="arch-sandwich-k"),
+    # -- phase 2's sources and the search method ----------------------------------------------------------------
+    pytest.param(
+        lambda w, t: [
+            "train",
+            *cfg_args(w, "--set", f"data.path={write(t / 'other.txt', OTHER_TEXT)}"),
+            "--teacher",
+            w.run,
+            "--out",
+            t / "out",
+        ],  # fmt: skip
+        "was trained on another vocabulary",
+        id="train-teacher-other-vocab",
+    ),
+    pytest.param(train("--init-from", "/nonexistent/model"), "config.json is missing", id="train-init-from-missing"),
+    pytest.param(
+        lambda w, t: ["search", *cfg_args(w), "--out", t / "out", "--target", "0.5", "--method", "knapsack"],
+        "give --init-from DIR",
+        id="search-knapsack-without-baseline",
+    ),
+    pytest.param(
+        lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--baseline", t / "nope"],
+        "config.json is missing",
+        id="run-baseline-missing",
+    ),
     # -- output aimed at the earlier run, and bad command-line values ------------------------------------------
     pytest.param(
         lambda w, t: ["train", *cfg_args(w), "--out", w.run], "is not empty; pass --force", id="train-into-earlier-run"
@@ -632,3 +657,10 @@ def test_cases_are_distinct():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 25
     assert set(IN_A_PROCESS) <= set(ids)
+
+
+@pytest.mark.parametrize("case", ["train-teacher-other-vocab", "train-init-from-missing"])
+def test_a_refused_training_leaves_no_output_folder(world, tmp_path, case):
+    build = next(c.values[0] for c in CASES if c.id == case)
+    assert main([str(a) for a in build(world, tmp_path)]) == 2
+    assert not (tmp_path / "out").exists()

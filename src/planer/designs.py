@@ -22,7 +22,7 @@ import torch
 
 from planer.arch import Arch, BlockSpec
 from planer.backbones import build_model
-from planer.config import Config, ModelConfig
+from planer.config import Config, ModelConfig, validate_backbone
 from planer.errors import PlanerError
 from planer.latency import DTYPES, LatencyTable, latency_device, measure_models, private_rng
 
@@ -133,6 +133,15 @@ def narrower(cfg: ModelConfig, d_model: int) -> dict:
     return {"d_model": d_model, "d_inner": max(1, round(cfg.d_inner * d_model / cfg.d_model))}
 
 
+def buildable(cfg: ModelConfig, d_model: int) -> bool:
+    """Whether the backbone allows ``cfg`` at ``d_model`` (rotary positions, for one, need an even head size)."""
+    try:
+        validate_backbone(dataclasses.replace(cfg, **narrower(cfg, d_model)))
+    except PlanerError:
+        return False
+    return True
+
+
 def measured_ms(cfg: Config) -> Callable[[dict], dict[str, float]]:
     """Median milliseconds of models timed side by side, as ``latency.measure_models`` times them."""
     lc = cfg.latency
@@ -146,8 +155,8 @@ def measured_ms(cfg: Config) -> Callable[[dict], dict[str, float]]:
 
 
 def width_rival(found: Arch, cfg: Config, measure: Callable[[dict], dict[str, float]] | None = None) -> Rival:
-    """``dense-width``: the baseline at a narrower d_model (a multiple of n_head, and even for the sinusoids),
-    d_inner in proportion; at most 16 widths from d_model / 4 up, evenly spaced.
+    """``dense-width``: the baseline at a narrower d_model (a multiple of n_head, and even for the sinusoids; one the
+    backbone can build), d_inner in proportion; at most 16 widths from d_model / 4 up, evenly spaced.
 
     The table holds blocks at the baseline's width only. Rather than profile a table at every candidate width (a
     profile per width, and tables taken minutes apart, which drift by up to 30% on a shared CPU), every
@@ -157,10 +166,12 @@ def width_rival(found: Arch, cfg: Config, measure: Callable[[dict], dict[str, fl
     """
     m = cfg.model
     step = math.lcm(m.n_head, 2)
-    widths = list(range(step * max(1, m.d_model // (4 * step)), m.d_model, step))
+    widths = [w for w in range(step * max(1, m.d_model // (4 * step)), m.d_model, step) if buildable(m, w)]
     widths = widths[:: max(1, math.ceil(len(widths) / 16))]
     if not widths:
-        raise PlanerError(f"d_model {m.d_model} has no narrower width that {m.n_head} heads divide")
+        raise PlanerError(
+            f"d_model {m.d_model} has no narrower width that {m.n_head} heads divide and the backbone builds"
+        )
     with private_rng(torch.device("cpu")):
         models = {"found": build_model(m, found)}
         for w in widths:
@@ -172,11 +183,17 @@ def width_rival(found: Arch, cfg: Config, measure: Callable[[dict], dict[str, fl
     return closest("dense-width", candidates, "measured")
 
 
-def rivals(found: Arch, table: LatencyTable, cfg: Config, measure: Callable | None = None) -> list[Rival]:
-    """The dense rivals of a found arch on every axis, each sized to its latency (see the three sizers)."""
+RIVALS = ("dense-depth", "dense-heads", "dense-width")
+
+
+def rivals(
+    found: Arch, table: LatencyTable, cfg: Config, names: tuple[str, ...] = RIVALS, measure: Callable | None = None
+) -> list[Rival]:
+    """The dense rivals of a found arch on the axes ``names``, each sized to its latency (see the three sizers)."""
     found_ms = table.estimate(found)
-    return [
-        depth_rival(found_ms, table, cfg.model),
-        heads_rival(found_ms, table, cfg.model),
-        width_rival(found, cfg, measure),
-    ]
+    sizers = {
+        "dense-depth": lambda: depth_rival(found_ms, table, cfg.model),
+        "dense-heads": lambda: heads_rival(found_ms, table, cfg.model),
+        "dense-width": lambda: width_rival(found, cfg, measure),
+    }
+    return [sizers[name]() for name in names]

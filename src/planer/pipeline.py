@@ -19,11 +19,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from planer.arch import Arch
-from planer.checkpoint import CONFIG, WEIGHTS, atomic_write_text, load_checkpoint, read_json_object
+from planer.checkpoint import CONFIG, WEIGHTS, atomic_write_text, load_checkpoint, load_meta, read_json_object
 from planer.config import Config, check_target, saved_config_matches
 from planer.data import load_corpus
-from planer.designs import iso_space, named_arch, rivals, sandwich_sweep
+from planer.designs import RIVALS, iso_space, named_arch, rivals, sandwich_sweep
 from planer.errors import PlanerError
 from planer.evaluate import evaluate_run
 from planer.inherit import can_inherit
@@ -34,7 +36,7 @@ from planer.searches import run_search
 from planer.train import Recipe, train
 
 BENCH_BATCHES = (1, 8, 64)
-DESIGNS = ("dense", "sandwich", "par", "iso")
+DESIGNS = ("dense", *RIVALS, "sandwich", "par", "iso")
 MANIFEST = "run.json"
 
 
@@ -43,11 +45,16 @@ class Plan:
     """What a run holds besides its config: targets, comparisons, repeats and where latency matters."""
 
     targets: tuple[float, ...] = (0.5,)
-    designs: tuple[str, ...] = ()  # dense, sandwich, par, iso, sandwich:K
+    designs: tuple[str, ...] = ()  # dense (every rival) or some of dense-depth/-heads/-width, sandwich, par, iso
     seeds: int = 1
     batches: tuple[int, ...] = BENCH_BATCHES  # the end-to-end benchmark's batch sizes
     baseline: Path | None = None  # a trained (or imported) baseline to use instead of training one
     stages: list = field(default_factory=list, compare=False)  # (stage, status) as the run went, for its summary
+
+    @property
+    def rivals(self) -> tuple[str, ...]:
+        """The rivals to train: every one for ``dense``, else those named."""
+        return RIVALS if "dense" in self.designs else tuple(r for r in RIVALS if r in self.designs)
 
     def check(self) -> None:
         for t in self.targets:
@@ -63,7 +70,8 @@ def target_name(target: float) -> str:
 
 
 def parse_designs(text: str) -> tuple[str, ...]:
-    """``dense,sandwich,par,iso`` and explicit ``sandwich:K``; an empty string means PLANER alone."""
+    """``dense,sandwich,par,iso`` (or single rivals, ``dense-depth``) and explicit ``sandwich:K``; an empty string
+    means PLANER alone."""
     designs = tuple(d.strip() for d in text.split(",") if d.strip())
     for d in designs:
         if d not in DESIGNS and not d.startswith("sandwich:"):
@@ -128,7 +136,9 @@ class Pipeline:
         path = self.out / "baseline"
         if self.plan.baseline is not None:
             self.stage(
-                "copy the given baseline", path / "summary.json", lambda: adopt_baseline(self.plan.baseline, path)
+                "copy the given baseline",
+                path / "summary.json",
+                lambda: adopt_baseline(self.plan.baseline, path, self.cfg),
             )
         else:
             arch = Arch.baseline(self.cfg.model.n_layer, self.cfg.model.n_head)
@@ -160,7 +170,7 @@ class Pipeline:
         table = LatencyTable.load(self.out / "lut.json")
         sized = self.out / found.name / "rivals.json"
         if self.force or not sized.exists():
-            found_rivals = [r.to_dict() for r in rivals(arch, table, self.cfg)]
+            found_rivals = [r.to_dict() for r in rivals(arch, table, self.cfg, self.plan.rivals)]
             atomic_write_text(sized, json.dumps(found_rivals, indent=1) + "\n")
         for rival in json.loads(sized.read_text()):
             name = f"{rival['name']}-{target_name(target)}" + (f"-s{seed + 1}" if seed else "")
@@ -199,13 +209,40 @@ class Pipeline:
                 )
 
 
-def adopt_baseline(source: Path, path: Path) -> None:
-    """Copy a trained or imported checkpoint in as the run's baseline (its files, and a summary marking it done)."""
-    model, _, _ = load_checkpoint(source)
+TRAINING_ONLY = ("dropout", "dropatt", "moe_dropout", "init_std", "n_experts")  # model keys a baseline may differ in
+
+
+def check_baseline(source: Path, cfg: Config, corpus=None) -> torch.nn.Module:
+    """The given baseline, refused unless its model section is the run's (but for ``TRAINING_ONLY``) and, given the
+    run's ``corpus``, its vocabulary the corpus's."""
+    model, own, vocab = load_checkpoint(source)
+    differ = [
+        k for k, v in dataclasses.asdict(cfg.model).items() if k not in TRAINING_ONLY and getattr(own.model, k) != v
+    ]
+    if differ:
+        theirs = ", ".join(f"model.{k}={getattr(own.model, k)!r}" for k in differ)
+        raise PlanerError(f"--baseline {source} has {theirs}; set the run's config to match (see its config.json)")
+    if corpus is not None and vocab.symbols != corpus.vocab.symbols:
+        raise PlanerError(f"--baseline {source} was trained on another vocabulary than this config's data")
+    return model
+
+
+def adopt_baseline(source: Path, path: Path, cfg: Config) -> None:
+    """Copy a trained or imported checkpoint in as the run's baseline: its weights and tokenizer, its config.json
+    with the run's data and eval sections, and a summary marking it done.
+
+    Its model section must be the run's but for what only training reads (``TRAINING_ONLY``): every later stage
+    builds, times and inherits from models of the run's config. The data sections are the run's because an
+    imported model knows no data, and every model of the run must be scored on the same splits.
+    """
+    model = check_baseline(source, cfg)
+    meta = load_meta(source)
+    meta["config"] |= {"data": dataclasses.asdict(cfg.data), "eval": dataclasses.asdict(cfg.eval)}
     path.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS, CONFIG, "tokenizer.json"):
+    for name in (WEIGHTS, "tokenizer.json"):
         if (source / name).exists():
             shutil.copy2(source / name, path / name)
+    atomic_write_text(path / CONFIG, json.dumps(meta, indent=1) + "\n")
     summary = {"params": model.num_params(), "arch": model.arch.specs(), "adopted_from": str(source)}
     atomic_write_text(path / "summary.json", json.dumps(summary, indent=2) + "\n")
 
@@ -218,6 +255,8 @@ def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool 
             named_arch(d, cfg.model)  # a bad K stops the run before any work
     out = Path(out)
     run = Pipeline(cfg, out, plan, force)
+    if plan.baseline is not None:
+        check_baseline(plan.baseline, cfg, run.corpus)
     _claim_run_dir(out, cfg, force)
     run.baseline_stage()
     lut = out / "lut.json"
@@ -229,7 +268,7 @@ def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool 
         for design, design_cfg in searched:
             for t in plan.targets:
                 found, arch = run.searched(design, design_cfg, t, seed)
-                if design == "planer" and "dense" in plan.designs:
+                if design == "planer" and plan.rivals:
                     run.rival_stage(found, arch, t, seed)
     run.fixed_designs()
     run.measure()
