@@ -25,32 +25,33 @@ def tiny_text(tmp_path) -> Path:
     return path
 
 
+def tiny_overrides(text: Path) -> list[str]:
+    """The config overrides of a model that trains in seconds on ``text`` (for fixtures of other scopes too)."""
+    return [
+        f"data.path={text}",
+        "model.d_model=32",
+        "model.n_head=4",
+        "model.d_inner=64",
+        "model.n_layer=2",
+        "model.tgt_len=16",
+        "model.mem_len=16",
+        "model.dropout=0.0",
+        "train.steps=300",
+        "train.batch_size=8",
+        "train.lr=0.05",
+        "train.warmup=10",
+        "train.eval_every=150",
+        "train.eval_batches=4",
+        "eval.batch_size=4",
+        "latency.repeats=3",
+        "latency.warmup=1",
+    ]
+
+
 @pytest.fixture
 def tiny_cfg(tiny_text):
     def make(*overrides):
-        return load_config(
-            None,
-            [
-                f"data.path={tiny_text}",
-                "model.d_model=32",
-                "model.n_head=4",
-                "model.d_inner=64",
-                "model.n_layer=2",
-                "model.tgt_len=16",
-                "model.mem_len=16",
-                "model.dropout=0.0",
-                "train.steps=300",
-                "train.batch_size=8",
-                "train.lr=0.05",
-                "train.warmup=10",
-                "train.eval_every=150",
-                "train.eval_batches=4",
-                "eval.batch_size=4",
-                "latency.repeats=3",
-                "latency.warmup=1",
-                *overrides,
-            ],
-        )
+        return load_config(None, [*tiny_overrides(tiny_text), *overrides])
 
     return make
 

@@ -120,7 +120,8 @@ def test_killed_search_resumes_to_the_same_weights_and_alpha(tiny_text, tmp_path
     assert all(
         torch.isfinite(torch.tensor(r["alpha"])).all() and r.get("arch_ce", 0) == r.get("arch_ce", 0) for r in full
     )
-    assert (tmp_path / "full" / "arch.json").read_text() == (tmp_path / "cut" / "arch.json").read_text()
+    full_arch, cut_arch = (json.loads((tmp_path / run / "arch.json").read_text()) for run in ("full", "cut"))
+    assert full_arch.pop("seconds") > 0 and cut_arch.pop("seconds") > 0 and full_arch == cut_arch  # wall times differ
     again = subprocess.run(
         command("search", config, tmp_path / "full", *lut, "--resume"), capture_output=True, text=True
     )

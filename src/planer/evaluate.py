@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from planer.checkpoint import load_checkpoint, read_json_object
+from planer.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_json_object
 from planer.config import Config
 from planer.data import Segments, load_corpus, read_text
 from planer.distributed import resolve_device
@@ -110,10 +110,24 @@ def summarize(result: dict, level: str, unk: int) -> dict:
     }
 
 
+def refuse_run_folder(path: Path) -> None:
+    """A folder of model folders (a ``planer run`` directory) is not a checkpoint: say so, and name its models,
+    rather than report a missing config.json."""
+    if (path / CONFIG).exists() or not path.is_dir():
+        return
+    models = sorted(p.name for p in path.iterdir() if (p / WEIGHTS).is_file() and (p / CONFIG).is_file())
+    if models:
+        raise PlanerError(
+            f"{path} is a run folder, not a checkpoint: evaluate one of its models, e.g. --run {path / models[0]}; "
+            f"it holds {', '.join(models)}"
+        )
+
+
 def evaluate_run(
     run_dir: str | Path, split: str = "valid", text_file: str | Path | None = None, device: str = "cpu"
 ) -> dict:
     """Evaluate a checkpoint on a split of its corpus, or on any text file; split results go to eval.json."""
+    refuse_run_folder(Path(run_dir))
     model, cfg, vocab = load_checkpoint(run_dir, resolve_device(str(device)))
     score = scorer(model, cfg)
     if text_file is not None:

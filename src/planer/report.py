@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from planer.arch import Arch
 from planer.checkpoint import load_meta, read_json_object
 from planer.errors import PlanerError
 from planer.latency import LatencyTable
+from planer.report_details import latency_ms, samples_section, search_confidence, searches, wall_times
+from planer.samples import SAMPLE_FILE, model_sample, prompt_text
 from planer.verdict import verdicts
 
 DESIGN_ORDER = ("baseline", "planer", "dense-depth", "dense-heads", "dense-width", "iso", "sandwich", "par")
@@ -81,7 +84,8 @@ def collect(run_dir: Path) -> list[dict]:
         search = read_json_object(run_dir / info["search"] / "arch.json") if info["search"] else {}
         arch = Arch.parse(" ".join(summary["arch"]))
         rows.append({"name": d.name, "path": d, **info, "chosen": d.name == chosen, "arch": arch,
-                     "params": summary["params"], "seconds": summary.get("seconds"),
+                     "params": summary["params"], "seconds": summary.get("seconds"), "summary": summary,
+                     "sample": read_json_object(d / SAMPLE_FILE),
                      "eval": read_json_object(d / "eval.json"), "bench": read_json_object(d / "bench.json"),
                      "target": info["target"] if info["target"] is not None else search.get("target"),
                      "estimated_ratio": search.get("estimated_ratio") or estimate(arch), "found": search})  # fmt: skip
@@ -181,38 +185,64 @@ def repeatability_table(rows: list[dict], level_char: bool) -> str:
 
 
 def write_report(run_dir: str | Path) -> Path:
+    """``run_dir/report.md`` and its figures: the verdict first, then the table of every model, then the rest."""
     run_dir = Path(run_dir)
     rows = collect(run_dir)
     meta = read_json_object(rows[0]["path"] / "config.json")
     level_char = meta.get("vocab", {}).get("level") == "char"
-    sweep = read_json_object(run_dir / "sandwich.json").get("valid_loss", {})
     lut = read_json_object(run_dir / "lut.json")
-    text = [
-        f"# planer report: {run_dir.name}",
-        "",
-        *[line for v in verdicts(rows, level_char) for line in (v, "")],
-        _settings(lut, rows),
-        "",
-        results_table(rows, level_char),
-        "",
-        "Architectures, block by block (s skip, aH attention with H heads, f feed-forward, m1/m2 MoE top-1/top-2):",
-        "",
+    sampled, missing = draw_samples(rows)
+    found = searches(run_dir)
+    text = [f"# planer report: {run_dir.name}", ""]
+    text += [line for v in verdicts(rows, level_char) for line in (v, "")]
+    text += [_settings(lut, rows), "", results_table(rows, level_char), ""]
+    sections = [
+        architectures(rows),
+        repeatability(rows, level_char),
+        sandwich_sweep(read_json_object(run_dir / "sandwich.json").get("valid_loss", {})),
+        latency_ms(rows),
+        wall_times(rows, found, lut),
+        search_confidence(found),
+        samples_section(rows, sampled, missing),
     ]
-    text += [f"- {r['name']}: `{r['arch']}`" for r in rows]
-    repeats = repeatability_table(rows, level_char)
-    if repeats:
-        text += ["", "Repeatability over seeds (mean ± standard deviation, and range):", "", repeats]
-    if sweep:
-        text += [
-            "",
-            "Sandwich: K chosen on the valid split; valid loss (nats per token) of each K: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in sweep.items())
-            + ".",
-        ]
-    text += ["", *figures(run_dir, rows, lut, "BPC" if level_char else "PPL")]
+    text += [line for section in sections if section for line in (*section, "")]
+    text += figures(run_dir, rows, lut, "BPC" if level_char else "PPL")
     path = run_dir / "report.md"
     path.write_text("\n".join(text) + "\n")
     return path
+
+
+def draw_samples(rows: list[dict]) -> tuple[dict[str, dict], str]:
+    """Every model's text sample (drawn once, see ``samples``), by name, and why there are none where that failed:
+    a report made after the data moved away still stands, without the samples it cannot draw."""
+    prompt = cache(lambda: prompt_text(rows[0]["path"]))
+    sampled = {}
+    try:
+        for r in rows:
+            r["sample"] = sampled[r["name"]] = model_sample(r["path"], prompt)
+    except PlanerError as e:
+        return sampled, str(e)
+    return sampled, ""
+
+
+def architectures(rows: list[dict]) -> list[str]:
+    return [
+        "Architectures, block by block (s skip, aH attention with H heads, f feed-forward, m1/m2 MoE top-1/top-2):",
+        "",
+        *[f"- {r['name']}: `{r['arch']}`" for r in rows],
+    ]
+
+
+def repeatability(rows: list[dict], level_char: bool) -> list[str]:
+    table = repeatability_table(rows, level_char)
+    return ["Repeatability over seeds (mean ± standard deviation, and range):", "", table] if table else []
+
+
+def sandwich_sweep(sweep: dict) -> list[str]:
+    if not sweep:
+        return []
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in sweep.items())
+    return [f"Sandwich: K chosen on the valid split; valid loss (nats per token) of each K: {losses}."]
 
 
 def _settings(lut: dict, rows: list[dict]) -> str:

@@ -56,6 +56,7 @@ class SearchProgress:
     epoch_start: int = 0  # position at the start of the current epoch
     ce_sum: float = 0.0  # the current epoch's weight-step cross-entropy so far
     log_bytes: int = 0
+    seconds: float = 0.0  # wall time so far, over every session of a resumed search
 
 
 def load_table(loop: Loop, lut_path: str | Path | None) -> LatencyTable:
@@ -136,6 +137,7 @@ class GumbelSearch:
     def run(self) -> Arch:
         loop, sc = self.loop, self.loop.cfg.search
         frozen_epochs = math.ceil(sc.freeze_fraction * sc.epochs)
+        self.started = time.perf_counter() - self.at.seconds
         self.log = loop.open_log("search.jsonl", self.at.log_bytes)
         bar = loop.bar(f"search t={self.target:g}", self.at.epoch, sc.epochs)
         try:
@@ -181,7 +183,8 @@ class GumbelSearch:
     def save(self) -> None:
         self.log.flush()
         tensors, alpha_meta = resume_lib.optimizer_state(self.alpha_opt, "alpha_optim")
-        meta = {"progress": {**dataclasses.asdict(self.at), "log_bytes": self.log.tell()},
+        meta = {"progress": {**dataclasses.asdict(self.at), "log_bytes": self.log.tell(),
+                             "seconds": time.perf_counter() - self.started},
                 "alpha_optimizer": alpha_meta, "arch_rng": resume_lib.python_rng(self.rng)}  # fmt: skip
         self.loop.save_state(
             {"net": self.net}, self.weights, self.mems, meta, {**tensors, "gumbel": self.gumbel.get_state()}
@@ -270,7 +273,8 @@ class GumbelSearch:
         def write() -> None:
             found.save(out / "arch.json", target=self.target, estimated_ms=estimated, baseline_ms=self.baseline_ms,
                        estimated_ratio=estimated / self.baseline_ms, meets_target=estimated <= self.baseline_ms * self.target,
-                       space=self.net.space, init_from=str(self.init_from) if self.init_from is not None else None)  # fmt: skip
+                       space=self.net.space, init_from=str(self.init_from) if self.init_from is not None else None,
+                       seconds=round(time.perf_counter() - self.started, 1))  # fmt: skip
             save_weights(out / "supernet.safetensors", self.net)
 
         self.loop.finish(write)

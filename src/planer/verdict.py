@@ -7,6 +7,8 @@ A difference between two models is only called a win when it exceeds twice the l
 
 from __future__ import annotations
 
+import math
+import shlex
 import statistics
 
 COMPETITORS = ("planer", "iso", "dense-depth", "dense-heads", "dense-width")
@@ -89,6 +91,24 @@ def target_verdict(rows: list[dict], target: float, level_char: bool) -> str:
     return text + (" " + ranking if ranking else "")
 
 
+def usage(found: list[dict]) -> str:
+    """Where the found model is (the best on valid of its seeds) and the commands that use it, with the prompt of
+    its text sample when it has one."""
+    best = min(found, key=lambda r: r["eval"].get("valid", {}).get("loss", math.inf))
+    path = shlex.quote(str(best["path"]))
+    prompt = shlex.quote(best["sample"].get("prompt") or "TEXT")
+    seeds = f" (the best on valid of its {len(found)} seeds)" if len(found) > 1 else ""
+    return (
+        f"The found model{seeds} is `{best['path']}`: `planer generate --run {path} --prompt {prompt}` writes text "
+        f"with it, and `planer export --run {path} --onnx model.onnx` exports it for onnxruntime."
+    )
+
+
 def verdicts(rows: list[dict], level_char: bool) -> list[str]:
+    """Per target, the verdict paragraph and the found model's path and commands."""
     targets = sorted({r["target"] for r in rows if r["design"] == "planer" and r["target"] is not None})
-    return [v for t in targets if (v := target_verdict(rows, t, level_char))]
+    paragraphs = []
+    for t in targets:
+        if verdict := target_verdict(rows, t, level_char):
+            paragraphs += [verdict, usage([r for r in rows if r["design"] == "planer" and r["target"] == t])]
+    return paragraphs
