@@ -117,9 +117,12 @@ def depth_rival(found_ms: float, table: LatencyTable, cfg: ModelConfig) -> Rival
 
 
 def heads_rival(found_ms: float, table: LatencyTable, cfg: ModelConfig) -> Rival:
-    """``dense-heads``: the same number of heads in every attention block (any ``attn:h`` the table holds), all
-    layers kept when some h alone lands within the tolerance, fewer layers too when none does."""
-    heads = sorted({BlockSpec.parse(s).heads for s in table.blocks if s.startswith("attn:")}, reverse=True)
+    """``dense-heads``: the same number of heads h < n_head in every attention block (any ``attn:h`` the table
+    holds), all layers kept when some h alone lands within the tolerance, fewer layers too when none does. The
+    baseline's own heads are left out: with fewer layers they are ``dense-depth``, a rival already trained."""
+    heads = sorted(
+        {BlockSpec.parse(s).heads for s in table.blocks if s.startswith("attn:")} - {cfg.n_head}, reverse=True
+    )
     full = [(a, {}, table.estimate(a) / found_ms) for a in (dense(cfg.n_layer, h, cfg.n_layer) for h in heads)]
     rival = closest("dense-heads", full, "table")
     if rival.within:
