@@ -116,6 +116,16 @@ def test_a_model_trained_again_is_sampled_again(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_without_weights_has_no_sample_and_the_report_says_why(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    for name in ("model.safetensors", "sample.json"):
+        (run / "planer-t0.50" / name).unlink()
+    report = write_report(run).read_text()
+    baseline = json.loads((run / "baseline" / "sample.json").read_text())["text"]
+    assert baseline in report and f"No text sample of planer-t0.50: {run / 'planer-t0.50'} has no" in report
+
+
+@pytest.mark.slow
 def test_report_gives_the_final_probability_of_each_chosen_option(tiny_run):
     lines = report_lines(tiny_run)
     records = (tiny_run / "search-t0.50" / "search.jsonl").read_text().splitlines()

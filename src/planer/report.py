@@ -213,16 +213,16 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def draw_samples(rows: list[dict]) -> tuple[dict[str, dict], str]:
-    """Every model's text sample (drawn once, see ``samples``), by name, and why there are none where that failed:
-    a report made after the data moved away still stands, without the samples it cannot draw."""
+    """Every model's text sample (drawn once, see ``samples``) by name, and why the first one missing is: a report
+    made after the data or a model's weights went away still stands, without the samples it cannot draw."""
     prompt = cache(lambda: prompt_text(rows[0]["path"]))
-    sampled = {}
-    try:
-        for r in rows:
+    sampled, missing = {}, ""
+    for r in rows:
+        try:
             r["sample"] = sampled[r["name"]] = model_sample(r["path"], prompt)
-    except PlanerError as e:
-        return sampled, str(e)
-    return sampled, ""
+        except PlanerError as e:
+            missing = missing or f"{r['name']}: {e}"
+    return sampled, missing
 
 
 def architectures(rows: list[dict]) -> list[str]:

@@ -171,8 +171,9 @@ def fenced(text: str) -> list[str]:
 
 def samples_section(rows: list[dict], sampled: dict[str, dict], missing: str) -> list[str]:
     """Each model's text after the shared prompt, and the command that prints it again."""
+    note = [f"No text sample of {missing}"] if missing else []
     if not sampled:
-        return [f"No text samples: {missing}"] if missing else []
+        return note
     prompt = next(iter(sampled.values()))["prompt"]
     lines = [
         f"What each model writes after the prompt {prompt!r} (the first whole line of the valid split): {TOKENS} "
@@ -183,4 +184,4 @@ def samples_section(rows: list[dict], sampled: dict[str, dict], missing: str) ->
     for r in rows:
         if r["name"] in sampled:
             lines += [f"**{r['name']}**:", "", *fenced(sampled[r["name"]]["text"]), ""]
-    return lines[:-1]
+    return [*lines, *note] if note else lines[:-1]

@@ -20,6 +20,7 @@ from planer import load
 from planer.checkpoint import WEIGHTS, atomic_write_text, load_meta, read_json_object, read_vocab
 from planer.config import config_from_dict
 from planer.data import EOS, load_corpus
+from planer.errors import PlanerError
 from planer.generate import generate
 
 SAMPLE_FILE = "sample.json"
@@ -55,6 +56,8 @@ def _digest(path: Path) -> str:
 def model_sample(model_dir: Path, prompt: Callable[[], str]) -> dict:
     """``model_dir``'s sample: the one in its sample.json while that was drawn from these weights, else a new one
     (``prompt()`` is only asked then, so a report made again needs no data files)."""
+    if not (model_dir / WEIGHTS).is_file():
+        raise PlanerError(f"{model_dir} has no {WEIGHTS}")
     digest = _digest(model_dir / WEIGHTS)
     saved = read_json_object(model_dir / SAMPLE_FILE)
     if saved.get("weights_sha256") == digest and (saved.get("tokens"), saved.get("seed")) == (TOKENS, SEED):
