@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from planer.arch import Arch
 from planer.checkpoint import load_checkpoint
 from planer.data import Segments, load_corpus
-from planer.loop import Loop, RunOptions, distill_loss
+from planer.loop import Loop, RunOptions
 from planer.model import TransformerXL, token_nll
 from planer.optim import Lamb, lr_at
 from planer.search import GumbelSearch, latency_loss, search
+from planer.step import distill_loss
 from planer.supernet import SuperNet
 from planer.train import Recipe, train
 

@@ -147,8 +147,9 @@ def test_divergence_stops_and_keeps_the_last_good_state(tiny_cfg, tmp_path, monk
 
     from planer.arch import Arch
     from planer.errors import PlanerError
-    from planer.loop import RunOptions, WeightTrainer
+    from planer.loop import RunOptions
     from planer.resume import load_state, newest_state
+    from planer.step import WeightTrainer
     from planer.train import train
 
     step = WeightTrainer.step

@@ -24,8 +24,9 @@ from planer.checkpoint import load_checkpoint, save_weights
 from planer.config import Config, check_target
 from planer.errors import PlanerError
 from planer.latency import LatencyTable, load_or_profile
-from planer.loop import Loop, RunOptions, autocast
+from planer.loop import Loop, RunOptions
 from planer.model import token_nll
+from planer.step import autocast
 from planer.supernet import SuperNet, warm_start
 
 CORRECTION_EPOCHS = 10  # at most this many architecture epochs of steps after the last epoch, to meet the target

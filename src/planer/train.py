@@ -21,7 +21,8 @@ from planer.data import Corpus, Vocab
 from planer.errors import PlanerError
 from planer.importance import Sample, rank_heads
 from planer.inherit import from_supernet, inherit
-from planer.loop import Fit, Loop, RunOptions, Teacher
+from planer.loop import Fit, Loop, RunOptions
+from planer.step import Teacher
 from planer.supernet import SuperNet
 
 HEAD_SAMPLE_SEGMENTS = 8  # training segments of every stream that rank the source's heads
