@@ -87,6 +87,15 @@ DESIGN_STYLE = {
 SEED_LINES = ("-", "--", ":", "-.")
 
 
+def design_point(ax, design: str, x: float, y: float, labelled: set) -> str:
+    """One model as a point in its design's colour and marker, the legend naming each design once; its colour."""
+    color, marker = DESIGN_STYLE.get(design, DESIGN_STYLE["other"])
+    size = 150 if marker == "*" else 45
+    ax.scatter([x], [y], marker=marker, color=color, s=size, zorder=3, label=None if design in labelled else design)
+    labelled.add(design)
+    return color
+
+
 def lighter(color: str, amount: float) -> tuple[float, float, float]:
     """``color`` mixed with white: 0 keeps it, 1 is white."""
     return tuple(c + (1.0 - c) * amount for c in to_rgb(color))
@@ -142,17 +151,7 @@ def pareto(rows: list[dict], batch: int, metric: str, path: Path) -> None:
         if not valid or latency is None:
             continue
         score = valid["bpc"] if metric == "BPC" else valid["ppl"]
-        color, marker = DESIGN_STYLE.get(r["design"], DESIGN_STYLE["other"])
-        ax.scatter(
-            [latency],
-            [score],
-            marker=marker,
-            color=color,
-            s=150 if marker == "*" else 45,
-            zorder=3,
-            label=None if r["design"] in labelled else r["design"],
-        )
-        labelled.add(r["design"])
+        color = design_point(ax, r["design"], latency, score, labelled)
         tags.append((latency, score, color, point_tag(r)))
     label_points(ax, tags)
     ax.set_xlabel(f"measured latency relative to the baseline (batch {batch})")
@@ -319,16 +318,7 @@ def estimate_vs_measured(points: list[tuple[dict, float, float]], batch: int, pa
     ax.plot([0, top], [0, top], color="grey", ls="--", lw=0.8, label="y = x")
     labelled, tags = set(), []
     for row, est, meas in points:
-        color, marker = DESIGN_STYLE.get(row["design"], DESIGN_STYLE["other"])
-        ax.scatter(
-            [est],
-            [meas],
-            color=color,
-            marker=marker,
-            zorder=3,
-            label=None if row["design"] in labelled else row["design"],
-        )
-        labelled.add(row["design"])
+        color = design_point(ax, row["design"], est, meas, labelled)
         tags.append((est, meas, color, point_tag(row)))
     label_points(ax, tags)
     ax.set_xlim(0, top)
