@@ -1,6 +1,8 @@
 """Every stage over the gpt backbone: the supernet, warm start, inheritance of grouped-query heads, the knapsack
 search and a whole tiny ``planer run`` from an imported Hugging Face Llama."""
 
+import json
+
 import pytest
 import torch
 
@@ -103,3 +105,70 @@ def test_can_inherit_follows_the_backbone():
     assert not can_inherit(llama, Arch.parse("ffl ffl attn:4 ffl"))  # an FFL where the source has attention
     txl = ModelConfig(d_model=32, n_head=4, d_inner=48, n_layer=2, tgt_len=16, vocab_size=50)
     assert not can_inherit(llama, llama.arch, txl)  # another backbone
+
+
+def llama_run_cfg(root, imported, *overrides):
+    """A run config that matches the imported tiny Llama of test_hf (its model section) on a small corpus."""
+    from planer.config import load_config
+
+    model = ["backbone=gpt", "flavour=llama", "d_model=32", "n_head=4", "n_kv_head=2", "d_inner=48", "n_layer=2",
+             "tgt_len=64", "mem_len=0", "n_positions=64", "tie_embeddings=false", "rope_theta=500.0",
+             "norm_eps=1e-6", "dropout=0.0", "n_experts=4"]  # fmt: skip
+    rest = ["train.steps=4", "train.eval_every=4", "train.batch_size=4", "train.eval_batches=1", "eval.batch_size=4",
+            "latency.batch_size=2", "latency.repeats=2", "latency.warmup=1", "search.method=knapsack",
+            "phase2.init=baseline", "search.space=[skip, attn:1, attn:2, attn:4, ffl]"]  # fmt: skip
+    sets = [f"data.path={root / 'tiny.txt'}", f"data.tokenizer={imported}", *(f"model.{m}" for m in model), *rest]
+    return load_config(None, [*sets, *overrides])
+
+
+@pytest.fixture
+def imported_llama(tmp_path):
+    """A tiny random transformers Llama with grouped-query attention, saved and imported with ``planer import``."""
+    pytest.importorskip("transformers")
+    from conftest import ROOT
+    from test_hf import hf_model, make_tokenizer
+
+    from planer.cli import main
+
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:12000]
+    (tmp_path / "tiny.txt").write_text(text)
+    hf_model("llama").save_pretrained(tmp_path / "hf")
+    make_tokenizer(tmp_path / "hf" / "tokenizer.json", text, 120)
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 0
+    return tmp_path / "imported"
+
+
+@pytest.mark.slow
+def test_planer_run_from_an_imported_llama(imported_llama, tmp_path):
+    from planer.pipeline import Plan, run_pipeline
+
+    cfg = llama_run_cfg(tmp_path, imported_llama)
+    plan = Plan(targets=(0.6,), designs=("dense",), batches=(2,), baseline=imported_llama)
+    out = run_pipeline(cfg, tmp_path / "run", plan)
+    report = (out / "report.md").read_text()
+    assert "| baseline |" in report and "| planer-t0.60 |" in report and "| dense-depth-t0.60 |" in report
+    assert json.loads((out / "search-t0.60" / "arch.json").read_text())["method"] == "knapsack"
+    manifest = json.loads((out / "planer-t0.60" / "run.json").read_text())
+    assert manifest["recipe"] == {"teacher": str(out / "baseline"), "init_from": str(out / "baseline")}
+    scored = {name: json.loads((out / name / "eval.json").read_text())["test"] for name in ("baseline", "planer-t0.60")}
+    assert scored["baseline"]["tokens"] == scored["planer-t0.60"]["tokens"]  # every model on the run's own splits
+
+
+def test_a_given_baseline_must_match_the_run_config(tiny_cfg, tmp_path):
+    """``planer run --baseline``: a model of another shape than the config's is refused before anything is copied."""
+    from planer.checkpoint import save_checkpoint
+    from planer.data import load_corpus
+    from planer.errors import PlanerError
+    from planer.pipeline import adopt_baseline
+
+    cfg = tiny_cfg("model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0")
+    corpus = load_corpus(cfg.data)
+    cfg.model.vocab_size = len(corpus.vocab)
+    save_checkpoint(tmp_path, build_model(cfg.model, Arch.baseline(2, 4)), cfg, corpus.vocab)
+    cfg.model.n_kv_head = 4
+    with pytest.raises(PlanerError, match=r"model.n_kv_head=2; set the run's config to match"):
+        adopt_baseline(tmp_path, tmp_path / "adopted", cfg)
+    assert not (tmp_path / "adopted").exists()
+    cfg.model.n_kv_head, cfg.model.dropout = 2, 0.3  # what only training reads may differ
+    adopt_baseline(tmp_path, tmp_path / "adopted", cfg)
+    assert (tmp_path / "adopted" / "summary.json").exists()
