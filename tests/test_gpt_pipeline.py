@@ -172,3 +172,16 @@ def test_a_given_baseline_must_match_the_run_config(tiny_cfg, tmp_path):
     cfg.model.n_kv_head, cfg.model.dropout = 2, 0.3  # what only training reads may differ
     adopt_baseline(tmp_path, tmp_path / "adopted", cfg)
     assert (tmp_path / "adopted" / "summary.json").exists()
+
+
+def test_the_shipped_gpt_config_builds_a_llama_with_grouped_queries():
+    from conftest import ROOT
+
+    from planer.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "shakespeare-gpt.yaml")
+    m = cfg.model
+    assert (m.backbone, m.flavour, m.n_kv_head, m.mem_len, cfg.search.method) == ("gpt", "llama", 2, 0, "knapsack")
+    m.vocab_size = 65
+    block = build_model(m, Arch.baseline(m.n_layer, m.n_head)).blocks[0]
+    assert (block.n_head, block.kv) == (8, 2)
