@@ -79,7 +79,8 @@ def copy_grouped_heads(dst: Attention, src: Attention, order: HeadOrder) -> bool
         return False
     queries, groups = kept
     H, K, Dh = src.heads, src.kv, src.d_head
-    rows = torch.tensor([*queries, *(H + g for g in groups), *(H + K + g for g in groups)])  # [q, k, v] row blocks
+    rows = [*queries, *(H + g for g in groups), *(H + K + g for g in groups)]  # the kept [q, k, v] row blocks
+    rows = torch.tensor(rows, device=src.qkv.weight.device)
     D = src.out.out_features
     with torch.no_grad():
         dst.qkv.weight.copy_(src.qkv.weight.view(H + 2 * K, Dh, -1)[rows].reshape(-1, src.qkv.in_features))
