@@ -245,7 +245,8 @@ def broken_lut(change, resign: bool = True, command: str = "profile"):
         (t / "lut").mkdir()
         write(t / "lut" / "lut.json", json.dumps(rechecksum(data) if resign else data, indent=1))
         if command == "search":
-            return ["search", *cfg_args(w), "--out", t / "out", "--target", "0.5", "--lut", t / "lut" / "lut.json"]
+            return ["search", *cfg_args(w), "--out", t / "out", "--target", "0.5", "--lut", t / "lut" / "lut.json",
+                    "--method", "gumbel"]  # fmt: skip
         return ["profile", *cfg_args(w), "--out", t / "lut"]
 
     return build
@@ -254,7 +255,18 @@ def broken_lut(change, resign: bool = True, command: str = "profile"):
 def truncated_lut(w, t):
     text = (w.lut / "lut.json").read_text()
     write(t / "lut.json", text[: len(text) // 2])
-    return ["search", *cfg_args(w), "--out", t / "out", "--target", "0.5", "--lut", t / "lut.json"]
+    return [
+        "search",
+        *cfg_args(w),
+        "--out",
+        t / "out",
+        "--target",
+        "0.5",
+        "--lut",
+        t / "lut.json",
+        "--method",
+        "gumbel",
+    ]
 
 
 def set_median(data):
@@ -515,7 +527,7 @@ CASES = [
         lambda w, t: ["train", *cfg_args(w), "--out", w.run], "is not empty; pass --force", id="train-into-earlier-run"
     ),
     pytest.param(
-        lambda w, t: ["search", *cfg_args(w), "--out", w.run, "--target", "0.5"],
+        lambda w, t: ["search", *cfg_args(w), "--out", w.run, "--target", "0.5", "--method", "gumbel"],
         "is not empty; pass --force",
         id="search-into-earlier-run",
     ),

@@ -10,6 +10,7 @@ from conftest import ROOT
 from planer.pipeline import Plan, run_pipeline
 
 TINY_RUN = [
+    "search.method=gumbel",
     "search.epochs=3",
     "search.steps_per_epoch=8",
     "search.freeze_fraction=0.3",

@@ -109,7 +109,7 @@ def test_killed_search_resumes_to_the_same_weights_and_alpha(tiny_text, tmp_path
         "  freeze_fraction: 0.2\n  space: [skip, attn:1, attn:4, ffl, moe:top1]\n"
     )
     profile_dir(load_config(config, TINY), tmp_path / "lut")
-    lut = ["--target", "0.6", "--lut", str(tmp_path / "lut" / "lut.json")]
+    lut = ["--target", "0.6", "--lut", str(tmp_path / "lut" / "lut.json"), "--method", "gumbel"]
     run(command("search", config, tmp_path / "full", *lut))
     kill_after_state(command("search", config, tmp_path / "cut", *lut), tmp_path / "cut", 130)
     assert not (tmp_path / "cut" / "arch.json").exists()

@@ -167,7 +167,7 @@ def test_search_over_target_at_the_end_gets_a_correction(tiny_cfg, tmp_path, cap
     hand_table(cfg).save(tmp_path / "lut.json")  # baseline 5.7 ms, all-skip 0.5 ms: 0.088
     config = tmp_path / "c.yaml"
     cfg.save(config)
-    code = main(["search", "--config", str(config), "--out", str(tmp_path / "s"), "--target", "0.1", "--lut",
+    code = main(["search", "--method", "gumbel", "--config", str(config), "--out", str(tmp_path / "s"), "--target", "0.1", "--lut",
                  str(tmp_path / "lut.json")])  # fmt: skip
     assert code == 0
     records = [json.loads(l) for l in (tmp_path / "s" / "search.jsonl").read_text().splitlines()]
@@ -185,7 +185,8 @@ def test_unreachable_target_is_refused_before_any_output(tiny_cfg, tmp_path, cap
     hand_table(cfg).save(tmp_path / "lut.json")
     config = tmp_path / "c.yaml"
     cfg.save(config)
-    args = ["search", "--config", str(config), "--out", str(tmp_path / "s"), "--lut", str(tmp_path / "lut.json")]
+    args = ["search", "--method", "gumbel", "--config", str(config), "--out", str(tmp_path / "s"), "--lut",
+            str(tmp_path / "lut.json")]  # fmt: skip
     assert main([*args, "--target", "0.05"]) == 2
     err = capsys.readouterr().err
     assert "target 0.05 cannot be met" in err and "at least 0.088" in err

@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="trained baseline checkpoint to start from (gumbel: the supernet's options; "
         "knapsack: required, the options are swapped into it)",
     )
-    p.add_argument("--method", choices=["gumbel", "knapsack"], help="search method (default: search.method, gumbel)")
+    p.add_argument("--method", choices=["gumbel", "knapsack"], help="search method (default: search.method, knapsack)")
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
     p.add_argument(
         "--space",
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batches", default="1,8,64", help="batch sizes of the end-to-end latency (default 1,8,64)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every search and retraining with this many seeds")
-    p.add_argument("--method", choices=["gumbel", "knapsack"], help="search method (default: search.method)")
+    p.add_argument("--method", choices=["gumbel", "knapsack"], help="search method (default: search.method, knapsack)")
     p.add_argument(
         "--batch",
         type=int,

@@ -106,7 +106,7 @@ class SearchConfig:
     tau_decay: float = 0.6
     alpha_lr: float = 0.01
     balance: bool = False  # add the MoE balance loss to the search's losses too (the paper: phase 2 only)
-    method: str = "gumbel"  # gumbel (the paper's supernet) | knapsack (options swapped into the trained baseline)
+    method: str = "knapsack"  # knapsack (options swapped into the trained baseline) | gumbel (the paper's supernet)
     distill_blocks: bool = False  # knapsack: distil each option locally before measuring it (Puzzle-style)
 
 
@@ -115,7 +115,7 @@ class Phase2Config:
     """The recipe ``planer run`` trains every searched model, design and rival with: the same for all of them."""
 
     teacher: bool = True  # distil from the trained baseline (distill.weight, distill.temperature)
-    init: str = "scratch"  # scratch | baseline: start from its ranked heads, FFL and experts where the arch allows
+    init: str = "baseline"  # baseline: start from its ranked heads, FFL and experts where the arch allows | scratch
     steps: int = 0  # weight steps; 0: train.steps, the baseline's budget
 
 

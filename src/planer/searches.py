@@ -35,10 +35,14 @@ def run_search(
     """Search ``target`` with ``method`` into ``out_dir``; ``baseline`` is the trained model both start from."""
     if method not in METHODS:
         raise PlanerError(f"unknown search method '{method}': expected {' or '.join(METHODS)}")
+    check_target(target)
     if method == "gumbel":
         return search(cfg, out_dir, target, lut_path, baseline, options)
     if baseline is None:
-        raise PlanerError("the knapsack search starts from a trained baseline: give --init-from DIR")
+        raise PlanerError(
+            "the knapsack search (search.method, the default) starts from a trained baseline: give --init-from DIR, "
+            "or --method gumbel"
+        )
     return knapsack_into(cfg, out_dir, target, lut_path, Path(baseline), options)
 
 
