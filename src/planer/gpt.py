@@ -23,6 +23,7 @@ from planer.arch import Arch, BlockSpec
 from planer.blocks import Block, Skip
 from planer.config import ModelConfig
 from planer.errors import PlanerError
+from planer.lm import LanguageModel, init_normal
 from planer.moe import MoEFeedForward, activate
 
 
@@ -147,35 +148,26 @@ def build_block(spec: BlockSpec, cfg: ModelConfig) -> Block:
 def init_weights(module: nn.Module, std: float) -> None:
     """N(0, std) weights, zero biases, identity norms (GPT-2's initialisation without its depth scaling)."""
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+        if init_normal(m, std):
+            continue
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
             m.reset_parameters()
         elif isinstance(m, MoEFeedForward):
             m.reset_parameters(std=std)
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
     """The decoder-only language model; the same interface as ``TransformerXL``, with no memory (``mem_len`` 0)."""
 
     def __init__(self, cfg: ModelConfig, arch: Arch | None = None, blocks: list[nn.Module] | None = None):
         """Build the blocks from ``arch``, or take ready-made ``blocks`` (the supernet's super blocks)."""
-        super().__init__()
-        self.cfg = cfg
-        self.arch = arch
-        self.mem_len = 0
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        super().__init__(cfg, arch, 0)
         self.pos = nn.Embedding(cfg.context, cfg.d_model) if cfg.flavour == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(blocks if blocks is not None else [build_block(s, cfg) for s in arch])
         self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, cfg.init_std)
-
-    def init_mems(self) -> list:
-        return [None] * len(self.blocks)
 
     def forward(self, idx: torch.Tensor, mems: list | None = None) -> tuple[torch.Tensor, list]:
         """Logits (batch, len, vocab) for token ids (batch, len); ``mems`` is accepted and returned empty."""
@@ -191,11 +183,3 @@ class GPT(nn.Module):
         h = self.norm(h)
         logits = F.linear(h, self.embed.weight if self.head is None else self.head.weight)  # (B, T, vocab)
         return logits, self.init_mems()
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the blocks' auxiliary losses in the last forward (the MoE balance loss; 0 without MoE)."""
-        losses = [loss for block in self.blocks if (loss := block.aux_loss()) is not None]
-        return torch.stack(losses).sum() if losses else self.embed.weight.new_zeros(())
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())

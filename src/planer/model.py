@@ -16,6 +16,7 @@ from torch import nn
 from planer.arch import Arch, BlockSpec
 from planer.blocks import FeedForward, RelAttention, Skip
 from planer.config import ModelConfig
+from planer.lm import LanguageModel, init_normal
 
 Mems = list  # one tensor (batch, <= mem_len, d_model) per block, or None for blocks without memory
 
@@ -37,11 +38,9 @@ def build_block(spec: BlockSpec, cfg: ModelConfig) -> nn.Module:
 def init_weights(module: nn.Module, std: float) -> None:
     """Transformer-XL's initialisation: N(0, std) weights, zero biases, identity LayerNorms."""
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
+        if init_normal(m, std):
+            continue
+        if isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, RelAttention):
@@ -51,21 +50,14 @@ def init_weights(module: nn.Module, std: float) -> None:
             m.reset_parameters(std=std)
 
 
-class TransformerXL(nn.Module):
+class TransformerXL(LanguageModel):
     def __init__(self, cfg: ModelConfig, arch: Arch | None = None, blocks: list[nn.Module] | None = None):
         """Build the blocks from ``arch``, or take ready-made ``blocks`` (the supernet's super blocks)."""
-        super().__init__()
-        self.cfg = cfg
-        self.arch = arch
-        self.mem_len = cfg.mem_len
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        super().__init__(cfg, arch, cfg.mem_len)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(blocks if blocks is not None else [build_block(s, cfg) for s in arch])
         self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         init_weights(self, cfg.init_std)
-
-    def init_mems(self) -> Mems:
-        return [None] * len(self.blocks)
 
     def forward(self, idx: torch.Tensor, mems: Mems | None = None) -> tuple[torch.Tensor, Mems]:
         """Logits (batch, len, vocab) for a segment of token ids (batch, len), and the memories for the next."""
@@ -84,14 +76,6 @@ class TransformerXL(nn.Module):
         with torch.no_grad():
             cat = h if mem is None else torch.cat([mem, h], dim=1)
             return cat[:, -self.mem_len :].detach()
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the blocks' auxiliary losses in the last forward (the MoE balance loss; 0 without MoE)."""
-        losses = [loss for block in self.blocks if (loss := block.aux_loss()) is not None]
-        return torch.stack(losses).sum() if losses else self.out_bias.new_zeros(())
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
