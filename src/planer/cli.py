@@ -296,7 +296,12 @@ def _override(text: str) -> str:
     return text
 
 
-def _config_command(sub, name: str, help: str, out_help: str, force_help: str, func) -> argparse.ArgumentParser:
+OVERWRITE = "overwrite a non-empty output directory"
+
+
+def _config_command(
+    sub, name: str, help: str, func, out_help: str = "output directory", force_help: str = OVERWRITE
+) -> argparse.ArgumentParser:
     """A sub-command that reads a config (with overrides) and writes into an output directory."""
     p = sub.add_parser(name, help=help)
     p.add_argument("--config", required=True, help="YAML config")
@@ -341,14 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="planer COMMAND --help: its options",
     )
 
-    p = _config_command(
-        sub,
-        "train",
-        "train an architecture from scratch",
-        "output directory",
-        "overwrite a non-empty output directory",
-        cmd_train,
-    )
+    p = _config_command(sub, "train", "train an architecture (default: the baseline, from scratch)", cmd_train)
     p.add_argument("--arch", help="baseline (default), sandwich:K, par, a list of block specs, or an arch.json file")
     p.add_argument("--teacher", help="trained model directory to distil from (distill.weight, distill.temperature)")
     p.add_argument(
@@ -366,14 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
-    p = _config_command(
-        sub,
-        "profile",
-        "measure every candidate block on this device into DIR/lut.json",
-        "directory for lut.json (a run directory)",
-        "profile again even if DIR/lut.json exists",
-        cmd_profile,
-    )
+    p = _config_command(sub, "profile", "measure every candidate block on this device into DIR/lut.json", cmd_profile,
+                        "directory for lut.json (a run directory)", "profile again even if DIR/lut.json exists")  # fmt: skip
     p.add_argument("--batch", help="batch size to profile at (default: latency.batch_size)")
     p.add_argument("--device", help="cpu, cuda or auto (default: latency.device)")
 
@@ -386,14 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed rounds per batch size (default: the run's latency.repeats)")
     p.set_defaults(func=cmd_bench)
 
-    p = _config_command(
-        sub,
-        "search",
-        "phase 1: search an architecture for a latency target",
-        "output directory (search.jsonl, arch.json)",
-        "overwrite a non-empty output directory",
-        cmd_search,
-    )
+    p = _config_command(sub, "search", "phase 1: search an architecture for a latency target", cmd_search,
+                        "output directory (arch.json; the gumbel search also search.jsonl)")  # fmt: skip
     p.add_argument("--target", required=True, type=float, help="latency target, a fraction of the baseline's in (0, 1]")
     p.add_argument("--lut", help="latency table to use (default: OUT/lut.json, profiled if absent)")
     p.add_argument(
@@ -410,14 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="iso: the config's space with every MoE option replaced by an FFL of as many parameters",
     )
 
-    p = _config_command(
-        sub,
-        "run",
-        "the whole pipeline into one run directory (resumable)",
-        "run directory",
-        "redo every stage",
-        cmd_run,
-    )
+    p = _config_command(sub, "run", "the whole pipeline into one run directory (resumable)", cmd_run, "run directory",
+                        "redo every stage")  # fmt: skip
     p.add_argument("--targets", default="0.5", help="comma-separated latency targets (default 0.5)")
     p.add_argument(
         "--designs",
