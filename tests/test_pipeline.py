@@ -163,5 +163,5 @@ def test_run_with_knapsack_rivals_and_the_phase2_recipe(tiny_cfg, tmp_path):
     assert found["method"] == "knapsack" and json.loads((out / "planer-t0.60" / "run.json").read_text())["search"]
     report = (out / "report.md").read_text()
     assert (
-        "**Target 0.60**" in report and "Best at this latency on test" in report and "| dense-width-t0.60 |" in report
+        "**Target 0.60**" in report and "Against the rivals (latency at batch 2)" in report and "| dense-width-t0.60 |" in report
     )

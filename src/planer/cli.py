@@ -171,7 +171,7 @@ def cmd_run(args) -> None:
         print(f"planer run: {len(skipped)} stage(s) were done before and skipped: {', '.join(skipped)}")
     rows = collect(out)
     level_char = rows[0]["eval"].get("valid", {}).get("bpc") is not None
-    for line in verdicts(rows, level_char):
+    for line in verdicts(rows, level_char, cfg.latency.batch_size):
         print(line.replace("**", ""))
     print(f"report: {out / 'report.md'}")
 

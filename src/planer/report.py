@@ -194,7 +194,7 @@ def write_report(run_dir: str | Path) -> Path:
     sampled, missing = draw_samples(rows)
     found = searches(run_dir)
     text = [f"# planer report: {run_dir.name}", ""]
-    text += [line for v in verdicts(rows, level_char) for line in (v, "")]
+    text += [line for v in verdicts(rows, level_char, lut.get("fingerprint", {}).get("batch")) for line in (v, "")]
     text += [_settings(lut, rows), "", results_table(rows, level_char), ""]
     sections = [
         architectures(rows),

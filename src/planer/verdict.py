@@ -1,5 +1,6 @@
 """The report's verdict in words: for every target, how much faster the found model is than the baseline, what
-that costs in accuracy, whether the target was met, and which model is best at that latency.
+that costs in accuracy, whether the target was met, and how it does against every rival: their measured latency
+relative to it, and their accuracy, and whether it beats every rival of matched latency (within 5%).
 
 A difference between two models is only called a win when it exceeds twice the larger of their seed spreads
 (standard deviations over repeats); with a single seed there is no spread, and the verdict says so.
@@ -39,26 +40,59 @@ def _fmt(stats: tuple[float, float, int], digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if n > 1 else "")
 
 
-def ranking_sentence(groups: dict[str, list[dict]], metric: str, digits: int) -> str:
-    """Which design scores best on test at this latency, and whether its lead beats twice the seed spread."""
-    scored = {d: s for d, m in groups.items() if (s := group_stats(m, "test", metric)) is not None}
-    if len(scored) < 2:
+MATCHED = 0.05  # a rival is at the found model's latency when its measured latency is within this fraction of it
+
+
+def compare(found: list[dict], rival: list[dict], split: str, metric: str, digits: int) -> str:
+    """How the found model scores against a rival on one split: better or worse only beyond twice the larger seed
+    spread, a tie within it; with one seed each there is no spread, and the words say so."""
+    a, b = group_stats(found, split, metric), group_stats(rival, split, metric)
+    if a is None or b is None:
+        return f"no {split} score"
+    gap, spread = b[0] - a[0], max(a[1], b[1])
+    if a[2] < 2 or b[2] < 2:
+        return f"{'better' if gap > 0 else 'worse'} on {split} by {abs(gap):.{digits}f}"
+    if abs(gap) <= 2 * spread:
+        return f"tied on {split} ({gap:+.{digits}f}, within twice the seed spread {spread:.{digits}f})"
+    return f"{'better' if gap > 0 else 'worse'} on {split} by {abs(gap):.{digits}f} (seed spread {spread:.{digits}f})"
+
+
+def rivals_sentence(groups: dict[str, list[dict]], metric: str, digits: int, batch: int | None) -> str:
+    """The found model against every rival: their measured latency relative to it at ``batch`` (the latency
+    table's), and the accuracy comparison on valid and test; then whether it beats every rival of matched latency."""
+    found = groups["planer"]
+    mine = mean_speedups(found)
+    batch = batch if batch in mine else (sorted(mine)[len(mine) // 2] if mine else None)
+    parts, matched, beaten = [], [], []
+    for design, members in groups.items():
+        if design == "planer":
+            continue
+        theirs = mean_speedups(members)
+        where = ""
+        if batch in theirs:
+            rel = mine[batch] / theirs[batch]  # the rival's latency over the found model's
+            where = (f", {abs(rel - 1):.1%} {'slower' if rel > 1 else 'faster'}" if abs(rel - 1) > MATCHED
+                     else f", at its latency ({rel - 1:+.1%})")  # fmt: skip
+            if abs(rel - 1) <= MATCHED:
+                matched.append(design)
+        words = [compare(found, members, split, metric, digits) for split in ("valid", "test")]
+        if all(w.startswith("better") for w in words) and len(found) > 1 and len(members) > 1:
+            beaten.append(design)
+        parts.append(f"{design}{where}: the found model is {' and '.join(words)}")
+    if not parts:
         return ""
-    order = sorted(scored, key=lambda d: scored[d][0])
-    best, second = order[0], order[1]
-    gap = scored[second][0] - scored[best][0]
-    spread = max(scored[best][1], scored[second][1])
-    listing = ", ".join(f"{d} {_fmt(scored[d], digits)}" for d in order)
-    if spread == 0:
-        sure = "one seed each, so the margin has no spread to compare with"
-    elif gap > 2 * spread:
-        sure = f"a lead of {gap:.{digits}f}, more than twice the seed spread ({spread:.{digits}f})"
+    one_seed = " (one seed each, so no seed spread to weigh the differences against)" if len(found) < 2 else ""
+    text = f"Against the rivals (latency at batch {batch}){one_seed}: " + "; ".join(parts) + "."
+    if matched:
+        won = all(d in beaten for d in matched)
+        text += (f" It {'beats' if won else 'does not beat'} every rival within {MATCHED:.0%} of its latency "
+                 f"({', '.join(matched)}) on both splits by more than twice the seed spread.")  # fmt: skip
     else:
-        sure = f"a lead of {gap:.{digits}f}, within twice the seed spread ({spread:.{digits}f}): not a clear win"
-    return f"Best at this latency on test: **{best}** ({listing}); {sure}."
+        text += f" No rival lands within {MATCHED:.0%} of its measured latency."
+    return text
 
 
-def target_verdict(rows: list[dict], target: float, level_char: bool) -> str:
+def target_verdict(rows: list[dict], target: float, level_char: bool, batch: int | None) -> str:
     """One paragraph for ``target``: speed-ups, accuracy against the baseline, target met, best model."""
     metric, digits = metric_name(level_char), 3 if level_char else 2
     base = next((r for r in rows if r["design"] == "baseline"), None)
@@ -87,8 +121,8 @@ def target_verdict(rows: list[dict], target: float, level_char: bool) -> str:
     if ratios:
         parts.append(f"; target {'met' if met else 'NOT met'} (estimate {statistics.mean(ratios):.2f})")
     text = "".join(parts) + "."
-    ranking = ranking_sentence(groups, metric, digits)
-    return text + (" " + ranking if ranking else "")
+    against = rivals_sentence(groups, metric, digits, batch)
+    return text + (" " + against if against else "")
 
 
 def usage(found: list[dict]) -> str:
@@ -104,11 +138,12 @@ def usage(found: list[dict]) -> str:
     )
 
 
-def verdicts(rows: list[dict], level_char: bool) -> list[str]:
-    """Per target, the verdict paragraph and the found model's path and commands."""
+def verdicts(rows: list[dict], level_char: bool, batch: int | None = None) -> list[str]:
+    """Per target, the verdict paragraph and the found model's path and commands; rivals' latencies are compared
+    at ``batch`` (the latency table's; by default the middle batch benchmarked)."""
     targets = sorted({r["target"] for r in rows if r["design"] == "planer" and r["target"] is not None})
     paragraphs = []
     for t in targets:
-        if verdict := target_verdict(rows, t, level_char):
+        if verdict := target_verdict(rows, t, level_char, batch):
             paragraphs += [verdict, usage([r for r in rows if r["design"] == "planer" and r["target"] == t])]
     return paragraphs

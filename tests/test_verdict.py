@@ -1,0 +1,32 @@
+"""The verdict's words follow the numbers: latency relative to the found model, wins only beyond twice the spread."""
+
+from planer.arch import Arch
+from planer.verdict import verdicts
+
+
+def row(design: str, valid: float, test: float, speedup: float, target: float | None = 0.5) -> dict:
+    return {"design": design, "target": target, "arch": Arch.parse("attn:2 ffl"), "estimated_ratio": 0.48,
+            "found": {"meets_target": True}, "path": design, "sample": {},
+            "eval": {"valid": {"bpc": valid, "loss": valid}, "test": {"bpc": test, "loss": test}},
+            "bench": {"batches": [{"batch": 8, "speedup": speedup}]}}  # fmt: skip
+
+
+BASE = row("baseline", 2.30, 2.45, 1.0, None)
+
+
+def test_a_matched_rival_beaten_beyond_twice_the_spread():
+    rows = [BASE] + [row("planer", 2.30 + d, 2.44 + d, 2.0) for d in (0.0, 0.002, 0.004)]
+    rows += [row("dense-depth", 2.33 + d, 2.49 + d, 1.96) for d in (0.0, 0.002, 0.004)]
+    text = verdicts(rows, level_char=True, batch=8)[0]
+    assert "dense-depth, at its latency (+2.0%)" in text and "better on valid by 0.030" in text
+    assert "It beats every rival within 5% of its latency (dense-depth)" in text
+    assert "2.442 ± 0.002 (-0.3% on the baseline's 2.450)" in text
+
+
+def test_a_tie_within_the_spread_and_a_slower_rival():
+    rows = [BASE] + [row("planer", 2.30 + d, 2.44 + d, 2.0) for d in (0.0, 0.02, 0.04)]
+    rows += [row("dense-heads", 2.31 + d, 2.43 + d, 1.80) for d in (0.0, 0.02, 0.04)]
+    rows += [row("dense-depth", 2.32 + d, 2.45 + d, 2.02) for d in (0.0, 0.02, 0.04)]
+    text = verdicts(rows, level_char=True, batch=8)[0]
+    assert "dense-heads, 11.1% slower" in text and "tied on test" in text
+    assert "It does not beat every rival within 5% of its latency (dense-depth)" in text
