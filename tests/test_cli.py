@@ -56,6 +56,7 @@ def trained(tmp_path_factory):
     return root, config
 
 
+@pytest.mark.slow
 def test_evaluate_json_and_unseen_symbols(trained):
     root, _ = trained
     result = planer("evaluate", "--run", root / "run", "--json")
@@ -68,6 +69,7 @@ def test_evaluate_json_and_unseen_symbols(trained):
     assert data["unk"] > 0 and data["loss"] < float("inf") and data["tokens"] > 0
 
 
+@pytest.mark.slow
 def test_existing_output_is_not_overwritten(trained):
     root, config = trained
     before = (root / "run" / "model.safetensors").read_bytes()
@@ -90,6 +92,7 @@ def test_existing_output_is_not_overwritten(trained):
         (lambda r: ["--config", r / "c.yaml", "--set", "search.target=1.5"], "unknown config key 'search.target'"),
     ],
 )
+@pytest.mark.slow
 def test_bad_train_input(trained, tmp_path, make_case, fragment):
     root, _ = trained
     (root / "empty.txt").write_text("")
@@ -98,6 +101,7 @@ def test_bad_train_input(trained, tmp_path, make_case, fragment):
     assert_user_error(planer("train", "--out", tmp_path / "out", *TINY, *make_case(root)), fragment)
 
 
+@pytest.mark.slow
 def test_missing_and_corrupt_checkpoints(trained, tmp_path):
     root, _ = trained
     assert_user_error(planer("evaluate", "--run", tmp_path), "config.json is missing")
@@ -157,6 +161,7 @@ def test_every_option_has_help():
             assert action.help, f"{name} {'/'.join(action.option_strings) or action.dest} has no help text"
 
 
+@pytest.mark.slow
 def test_profile_shows_a_progress_bar(trained, tmp_path):
     _, config = trained
     fast = ["--set", "latency.repeats=3", "--set", "latency.warmup=1", "--set", "latency.batch_size=2"]

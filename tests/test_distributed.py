@@ -10,12 +10,15 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
 from planer.config import load_config
 from planer.latency import profile_dir
+
+pytestmark = pytest.mark.slow  # trains, or starts processes that do
 
 SETTINGS = [
     "model.d_model=32",

@@ -657,6 +657,7 @@ def test_refused_in_process(world, before, tmp_path, capsys, build, fragment):
     assert_untouched(world, before, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build, fragment", [c for c in CASES if c.id in IN_A_PROCESS])
 def test_refused_by_the_process(world, before, tmp_path, build, fragment):
     argv = [str(a) for a in build(world, tmp_path)]

@@ -189,6 +189,7 @@ def trained(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_cli_profile_writes_reuses_and_refuses(trained):
     root = trained
     args = [

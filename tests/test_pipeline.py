@@ -22,6 +22,7 @@ TINY_RUN = [
 ]
 
 
+@pytest.mark.slow
 def test_run_pipeline_end_to_end_and_resume(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*TINY_RUN)
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl", "moe:top1"]
@@ -103,6 +104,7 @@ def test_run_with_every_design_and_seeds(tiny_cfg, tmp_path):
         assert (out / figure).stat().st_size > 1000 and f"]({figure})" in report
 
 
+@pytest.mark.slow
 def test_run_rejects_unknown_design(tmp_path):
     result = subprocess.run(
         [
@@ -125,6 +127,7 @@ def test_run_rejects_unknown_design(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_run_refuses_another_config(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*TINY_RUN)
     (tmp_path / "run").mkdir()
@@ -142,6 +145,7 @@ def test_run_refuses_another_config(tiny_cfg, tmp_path):
         raise AssertionError("a run directory made with another config was reused")
 
 
+@pytest.mark.slow
 def test_run_with_knapsack_rivals_and_the_phase2_recipe(tiny_cfg, tmp_path):
     """The knapsack search, the dense rivals of the found model sized to its latency, every phase-2 model distilled
     from the baseline and inherited from it where the arch allows, manifests, and a report that names the best."""
@@ -163,5 +167,7 @@ def test_run_with_knapsack_rivals_and_the_phase2_recipe(tiny_cfg, tmp_path):
     assert found["method"] == "knapsack" and json.loads((out / "planer-t0.60" / "run.json").read_text())["search"]
     report = (out / "report.md").read_text()
     assert (
-        "**Target 0.60**" in report and "Against the rivals (latency at batch 2)" in report and "| dense-width-t0.60 |" in report
+        "**Target 0.60**" in report
+        and "Against the rivals (latency at batch 2)" in report
+        and "| dense-width-t0.60 |" in report
     )

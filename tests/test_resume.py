@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from planer.config import load_config
 from planer.latency import profile_dir
 
+pytestmark = pytest.mark.slow  # trains, or starts processes that do
+
 TINY = [
     "model.d_model=32",
     "model.n_head=4",

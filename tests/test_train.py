@@ -1,6 +1,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from planer.arch import Arch
@@ -12,6 +13,7 @@ from planer.optim import Lamb, lr_at
 from planer.train import train
 
 
+@pytest.mark.slow
 def test_training_beats_uniform_loss(tiny_cfg, tmp_path):
     cfg = tiny_cfg("train.eval_batches=0")  # score the whole valid split, as evaluate_run does
     summary = train(cfg, tmp_path / "run", Arch.baseline(2, 4), options=RunOptions(quiet=True))
@@ -54,6 +56,7 @@ def test_schedule_warms_up_then_decays():
     assert abs(lrs[100] - 0.1) < 1e-9
 
 
+@pytest.mark.slow
 def test_moe_model_trains_with_balanced_experts(tiny_cfg, tmp_path):
     cfg = tiny_cfg("model.n_experts=4", "train.balance_coef=0.01")
     summary = train(
