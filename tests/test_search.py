@@ -177,6 +177,7 @@ def test_search_over_target_at_the_end_gets_a_correction(tiny_cfg, tmp_path, cap
     assert saved["meets_target"] == (saved["estimated_ratio"] <= 0.1)
     err = capsys.readouterr().err
     assert ("over its target" in err) == (not saved["meets_target"])
+    assert "correcting to meet the target" in err  # the correction shows its progress
 
 
 def test_unreachable_target_is_refused_before_any_output(tiny_cfg, tmp_path, capsys):

@@ -282,8 +282,9 @@ def figures(run_dir: Path, rows: list[dict], lut: dict, metric: str) -> list[str
         batch = lut_batch if lut_batch in batches else batches[len(batches) // 2]
         plots.speedups(rows, run_dir / "speedup.png")
         add("speedup.png", "speed-up per batch size")
-        plots.pareto(rows, batch, metric, run_dir / "pareto.png")
-        add("pareto.png", "accuracy against latency")
+        if any(r["eval"].get("valid") and r["bench"] for r in rows):  # models trained by hand may be unscored
+            plots.pareto(rows, batch, metric, run_dir / "pareto.png")
+            add("pareto.png", "accuracy against latency")
         points = [
             (r, r["estimated_ratio"], 1.0 / per[batch]["speedup"])
             for r in rows
