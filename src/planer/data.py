@@ -165,6 +165,12 @@ def load_corpus(cfg: DataConfig, vocab: Vocab | TokenizerVocab | None = None) ->
     return Corpus(vocab, train, valid, test, {"train": unk_train, "valid": unk_valid, "test": unk_test})
 
 
+def check_same_vocab(vocab, corpus_vocab, source: str) -> None:
+    """A model another training made must predict this corpus's symbols, or its losses and logits mean nothing here."""
+    if vocab.symbols != corpus_vocab.symbols:
+        raise PlanerError(f"{source} was trained on another vocabulary than this config's data")
+
+
 def stream_share(batch_size: int, rank: int, world: int) -> tuple[int, int]:
     """The streams [lo, hi) of a batch that ``rank`` of ``world`` processes holds; sizes differ by at most one."""
     return rank * batch_size // world, (rank + 1) * batch_size // world

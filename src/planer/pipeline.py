@@ -24,7 +24,7 @@ import torch
 from planer.arch import Arch
 from planer.checkpoint import CONFIG, WEIGHTS, atomic_write_text, load_checkpoint, load_meta, read_json_object
 from planer.config import Config, check_target, saved_config_matches
-from planer.data import load_corpus
+from planer.data import check_same_vocab, load_corpus
 from planer.designs import RIVALS, iso_space, named_arch, rivals, sandwich_sweep
 from planer.errors import PlanerError
 from planer.evaluate import evaluate_run
@@ -222,8 +222,8 @@ def check_baseline(source: Path, cfg: Config, corpus=None) -> torch.nn.Module:
     if differ:
         theirs = ", ".join(f"model.{k}={getattr(own.model, k)!r}" for k in differ)
         raise PlanerError(f"--baseline {source} has {theirs}; set the run's config to match (see its config.json)")
-    if corpus is not None and vocab.symbols != corpus.vocab.symbols:
-        raise PlanerError(f"--baseline {source} was trained on another vocabulary than this config's data")
+    if corpus is not None:
+        check_same_vocab(vocab, corpus.vocab, f"--baseline {source}")
     return model
 
 

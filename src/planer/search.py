@@ -22,6 +22,7 @@ from planer import resume as resume_lib
 from planer.arch import Arch
 from planer.checkpoint import load_checkpoint, save_weights
 from planer.config import Config, check_target
+from planer.data import check_same_vocab
 from planer.errors import PlanerError
 from planer.latency import LatencyTable, load_or_profile
 from planer.loop import Loop, RunOptions
@@ -117,8 +118,7 @@ class GumbelSearch:
         self.net = SuperNet(cfg.model, sc.space, 2 * cfg.model.n_layer)
         if init_from is not None:
             baseline, _, vocab = load_checkpoint(init_from)
-            if vocab.symbols != loop.corpus.vocab.symbols:
-                raise PlanerError(f"{init_from} was trained on another vocabulary than this config's data")
+            check_same_vocab(vocab, loop.corpus.vocab, str(init_from))
             warm_start(self.net, baseline)
         self.net.use_generator(self.gumbel)
         loop.place(self.net)

@@ -12,6 +12,7 @@ from pathlib import Path
 from planer.arch import Arch
 from planer.checkpoint import load_checkpoint
 from planer.config import Config, check_target
+from planer.data import check_same_vocab
 from planer.errors import PlanerError
 from planer.importance import Sample
 from planer.knapsack import LocalDistill, knapsack_search
@@ -60,8 +61,7 @@ def knapsack_into(
     loop = Loop(cfg, out_dir, RunOptions(force=options.force or options.resume, quiet=options.quiet,
                                          corpus=options.corpus), done="arch.json")  # fmt: skip
     with loop.setting_up():
-        if vocab.symbols != loop.corpus.vocab.symbols:
-            raise PlanerError(f"{baseline_dir} was trained on another vocabulary than this config's data")
+        check_same_vocab(vocab, loop.corpus.vocab, str(baseline_dir))
         if len(baseline.blocks) != 2 * cfg.model.n_layer or baseline.cfg.d_model != cfg.model.d_model:
             raise PlanerError(f"{baseline_dir} does not have this config's length and width")
         table = load_table(loop, lut_path)

@@ -17,7 +17,7 @@ from planer.arch import Arch
 from planer.backbones import build_model
 from planer.checkpoint import atomic_write_text, load_checkpoint, load_weights, read_json_object
 from planer.config import Config
-from planer.data import Corpus, Vocab
+from planer.data import Corpus, Vocab, check_same_vocab
 from planer.errors import PlanerError
 from planer.importance import Sample, rank_heads
 from planer.inherit import from_supernet, inherit
@@ -48,8 +48,7 @@ def inherited_weights(source: Path, cfg: Config, arch: Arch, corpus: Corpus) -> 
         load_weights(net, source / "supernet.safetensors")
         return from_supernet(net, arch, cfg.model).state_dict()
     model, _, vocab = load_checkpoint(source)
-    if vocab.symbols != corpus.vocab.symbols:
-        raise PlanerError(f"{source} was trained on another vocabulary than this config's data")
+    check_same_vocab(vocab, corpus.vocab, str(source))
     m = cfg.model
     sample = Sample(corpus.train, cfg.eval.batch_size, m.tgt_len, m.mem_len, HEAD_SAMPLE_SEGMENTS)
     return inherit(model, arch, rank_heads(model, sample), cfg.model).state_dict()
@@ -57,8 +56,7 @@ def inherited_weights(source: Path, cfg: Config, arch: Arch, corpus: Corpus) -> 
 
 def check_teacher(teacher: Teacher, vocab: Vocab, where: Path) -> None:
     """A teacher must predict the same symbols as the student, so that their distributions compare."""
-    if teacher.vocab.symbols != vocab.symbols:
-        raise PlanerError(f"teacher {where} was trained on another vocabulary than this config's data")
+    check_same_vocab(teacher.vocab, vocab, f"teacher {where}")
 
 
 def train(
