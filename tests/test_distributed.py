@@ -46,25 +46,26 @@ SETTINGS = [
 ]
 
 
-def worker(launcher: list[str], config, lut, out) -> None:
+LLAMA = ["model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0"]
+
+
+def worker(launcher: list[str], config, lut, out, settings: list[str]) -> None:
     cmd = [*launcher, str(ROOT / "tests" / "ddp_worker.py"), str(config), str(lut), str(out)]
-    cmd += [a for s in SETTINGS for a in ("--set", s)]
+    cmd += [a for s in settings for a in ("--set", s)]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_two_ranks_agree_with_each_other_and_with_one_process(tiny_text, tmp_path):
+@pytest.mark.parametrize("backbone", [[], LLAMA], ids=["txl", "llama"])
+def test_two_ranks_agree_with_each_other_and_with_one_process(tiny_text, tmp_path, backbone):
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  path: {tiny_text}\nsearch:\n  space: [skip, attn:1, attn:4, ffl, moe:top1]\n")
-    lut, _ = profile_dir(load_config(config, SETTINGS), tmp_path / "lut")
+    settings = SETTINGS + backbone
+    profile_dir(load_config(config, settings), tmp_path / "lut")
     lut = tmp_path / "lut" / "lut.json"
-    worker([sys.executable], config, lut, tmp_path / "single")
-    worker(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
-        config,
-        lut,
-        tmp_path / "ddp",
-    )
+    worker([sys.executable], config, lut, tmp_path / "single", settings)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    worker(torchrun, config, lut, tmp_path / "ddp", settings)
     for stage in ("train", "search"):
         one = load_file(str(tmp_path / "single" / f"{stage}-rank0.safetensors"))
         r0 = load_file(str(tmp_path / "ddp" / f"{stage}-rank0.safetensors"))

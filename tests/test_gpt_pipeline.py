@@ -185,3 +185,25 @@ def test_the_shipped_gpt_config_builds_a_llama_with_grouped_queries():
     m.vocab_size = 65
     block = build_model(m, Arch.baseline(m.n_layer, m.n_head)).blocks[0]
     assert (block.n_head, block.kv) == (8, 2)
+
+
+def test_the_report_names_the_export_each_model_allows(tiny_cfg, tmp_path):
+    """A gpt model whose layers are alike goes out as a Hugging Face folder, a mixed one says why it cannot, and a
+    Transformer-XL goes to ONNX: the report's commands must work for the model they name."""
+    from planer.checkpoint import save_checkpoint
+    from planer.data import load_corpus
+    from planer.verdict import export_hint
+
+    def saved(name: str, arch: str, *overrides: str):
+        cfg = tiny_cfg(*overrides)
+        corpus = load_corpus(cfg.data)
+        cfg.model.vocab_size = len(corpus.vocab)
+        (tmp_path / name).mkdir()
+        save_checkpoint(tmp_path / name, build_model(cfg.model, Arch.parse(arch)), cfg, corpus.vocab)
+        return tmp_path / name
+
+    llama = ("model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0")
+    assert "--hf OUT" in export_hint(saved("uniform", "attn:2 ffl attn:2 ffl", *llama))
+    mixed = export_hint(saved("mixed", "attn:2 ffl skip ffl", *llama))
+    assert "no Hugging Face form" in mixed and "every layer must be attn:H then ffl" in mixed
+    assert "--onnx model.onnx" in export_hint(saved("txl", "attn:2 ffl skip ffl"))

@@ -242,3 +242,22 @@ def test_hostile_folders_are_refused_with_one_line(folders, tmp_path, capsys, co
         assert fragment in err and err.count("\n") == 1 and err.startswith("planer: error:"), (name, err)
         assert not (tmp_path / f"{name}-out").exists(), name
     assert main(["import", "--hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_llama_shapes_planer_cannot_hold_are_refused(folders, tmp_path, capsys):
+    """A head size that does not split hidden_size (Qwen3-style) would import with a wrong head count; refuse it."""
+    _, folder, _ = folders["llama"]
+    hf = json.loads((folder / "config.json").read_text())
+    cases = [
+        ("head-dim", {"head_dim": 2 * hf["hidden_size"] // hf["num_attention_heads"]}, "head_dim"),
+        ("kv-heads", {"num_key_value_heads": hf["num_attention_heads"] - 1}, "key/value heads"),
+    ]
+    for name, changes, fragment in cases:
+        bad = tmp_path / name
+        shutil.copytree(folder, bad)
+        (bad / "config.json").write_text(json.dumps(hf | changes))
+        capsys.readouterr()
+        assert main(["import", "--hf", str(bad), "--out", str(tmp_path / f"{name}-out")]) == 2, name
+        err = capsys.readouterr().err
+        assert fragment in err and err.count("\n") == 1 and "unsupported model" in err, (name, err)
+        assert not (tmp_path / f"{name}-out").exists(), name

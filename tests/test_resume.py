@@ -87,13 +87,18 @@ def test_killed_training_resumes_to_the_same_weights(tiny_text, tmp_path):
     assert not (tmp_path / "cut" / "resume").exists()  # states are removed once the run has finished
 
 
+LLAMA = ["--set", "model.backbone=gpt", "--set", "model.flavour=llama", "--set", "model.n_kv_head=2", "--set",
+         "model.mem_len=0"]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_killed_distilled_inherited_training_resumes_to_the_same_weights(tiny_text, tmp_path):
+@pytest.mark.parametrize("backbone", [[], LLAMA], ids=["txl", "llama"])
+def test_killed_distilled_inherited_training_resumes_to_the_same_weights(tiny_text, tmp_path, backbone):
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  path: {tiny_text}\ntrain:\n  steps: 300\n  eval_every: 100\n")
-    run(command("train", config, tmp_path / "base", "--set", "train.steps=100"))
+    run(command("train", config, tmp_path / "base", "--set", "train.steps=100", *backbone))
     recipe = ["--arch", "attn:2 ffl attn:1 moe:top1", "--teacher", str(tmp_path / "base"), "--init-from",
-              str(tmp_path / "base")]  # fmt: skip
+              str(tmp_path / "base"), *backbone]  # fmt: skip
     run(command("train", config, tmp_path / "full", *recipe))
     kill_after_state(command("train", config, tmp_path / "cut", *recipe), tmp_path / "cut", 150)
     run(command("train", config, tmp_path / "cut", *recipe, "--resume"))

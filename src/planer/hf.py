@@ -113,7 +113,8 @@ def _llama_layout(hf: dict) -> tuple[Layout, dict]:
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     kv = hf.get("num_key_value_heads") or heads
     d_head = hf.get("head_dim") or d // heads
-    _require(d % d_head == 0 and heads % kv == 0, f"head_dim {d_head}, {heads} heads, {kv} key/value heads")
+    _require(heads % kv == 0, f"{heads} query heads over {kv} key/value heads")
+    _require(heads * d_head == d, f"head_dim {d_head} x {heads} heads != hidden_size {d}")
     layout = Layout(
         "llama",
         hf["num_hidden_layers"],
