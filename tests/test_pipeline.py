@@ -151,6 +151,10 @@ def test_run_with_knapsack_rivals_and_the_phase2_recipe(tiny_cfg, tmp_path):
     from the baseline and inherited from it where the arch allows, manifests, and a report that names the best."""
     cfg = tiny_cfg(*TINY_RUN, "search.method=knapsack", "phase2.init=baseline", "train.steps=30", "train.eval_every=30")
     cfg.search.space = ["skip", "attn:1", "attn:2", "attn:4", "ffl"]
+    run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.6,), designs=("dense-depth",), batches=(2,)))
+    depth = json.loads((tmp_path / "run" / "planer-t0.60" / "rivals.json").read_text())
+    assert [r["name"] for r in depth] == ["dense-depth"]
+    # resumed with every rival and a second seed: the first seed's found model gets the rivals it lacked
     out = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.6,), designs=("dense",), seeds=2, batches=(2,)))
     rivals = {
         json.loads((out / n / "run.json").read_text())["rival"] for n in ("dense-depth-t0.60", "dense-heads-t0.60")
@@ -162,7 +166,7 @@ def test_run_with_knapsack_rivals_and_the_phase2_recipe(tiny_cfg, tmp_path):
     width = json.loads((out / "dense-width-t0.60" / "run.json").read_text())
     assert width["recipe"]["init_from"] is None and width["recipe"]["teacher"] == str(out / "baseline")
     sized = json.loads((out / "planer-t0.60" / "rivals.json").read_text())
-    assert {r["name"] for r in sized} == {"dense-depth", "dense-heads", "dense-width"}
+    assert [r["name"] for r in sized] == ["dense-depth", "dense-heads", "dense-width"] and sized[0] == depth[0]
     found = json.loads((out / "search-t0.60" / "arch.json").read_text())
     assert found["method"] == "knapsack" and json.loads((out / "planer-t0.60" / "run.json").read_text())["search"]
     report = (out / "report.md").read_text()

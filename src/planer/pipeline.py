@@ -167,12 +167,14 @@ class Pipeline:
 
     def rival_stage(self, found: Path, arch: Arch, target: float, seed: int) -> None:
         """The dense rivals of one found model, sized to its estimate, trained with its recipe and seed."""
-        table = LatencyTable.load(self.out / "lut.json")
         sized = self.out / found.name / "rivals.json"
-        if self.force or not sized.exists():
-            found_rivals = [r.to_dict() for r in rivals(arch, table, self.cfg, self.plan.rivals)]
-            atomic_write_text(sized, json.dumps(found_rivals, indent=1) + "\n")
-        for rival in json.loads(sized.read_text()):
+        known = {} if self.force or not sized.exists() else {r["name"]: r for r in json.loads(sized.read_text())}
+        missing = tuple(name for name in self.plan.rivals if name not in known)
+        if missing:  # a resumed run that asks for more rivals sizes only the new ones
+            table = LatencyTable.load(self.out / "lut.json")
+            known |= {r.name: r.to_dict() for r in rivals(arch, table, self.cfg, missing)}
+            atomic_write_text(sized, json.dumps(list(known.values()), indent=1) + "\n")
+        for rival in (known[name] for name in self.plan.rivals):
             name = f"{rival['name']}-{target_name(target)}" + (f"-s{seed + 1}" if seed else "")
             rival_arch = Arch.parse(" ".join(rival["arch"]))
             cfg = self.phase2_cfg(self.cfg.train.seed + seed, rival["model"])
