@@ -6,7 +6,7 @@ from planer.verdict import verdicts
 
 def row(design: str, valid: float, test: float, speedup: float, target: float | None = 0.5) -> dict:
     return {"design": design, "target": target, "arch": Arch.parse("attn:2 ffl"), "estimated_ratio": 0.48,
-            "found": {"meets_target": True}, "path": design, "sample": {},
+            "found": {"meets_target": True}, "path": design, "sample": {}, "export": "",
             "eval": {"valid": {"bpc": valid, "loss": valid}, "test": {"bpc": test, "loss": test}},
             "bench": {"batches": [{"batch": 8, "speedup": speedup}]}}  # fmt: skip
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import statistics
 from functools import cache
 from pathlib import Path
@@ -16,7 +17,9 @@ import torch
 from planer import plots
 from planer.arch import Arch
 from planer.checkpoint import load_meta, read_json_object
+from planer.config import config_from_dict
 from planer.errors import PlanerError
+from planer.hf import export_layout
 from planer.latency import LatencyTable
 from planer.report_details import latency_ms, samples_section, search_confidence, searches, wall_times
 from planer.samples import SAMPLE_FILE, model_sample, prompt_text
@@ -70,6 +73,21 @@ def describe(d: Path) -> dict:
     return {"design": "baseline" if is_base else "other", "target": None, "seed": 1, "search": None, "recipe": {}}
 
 
+def export_hint(model_dir: Path) -> str:
+    """The export the model's backbone allows: ONNX for a Transformer-XL, a Hugging Face folder for a gpt model
+    whose layers are alike, and otherwise why there is none."""
+    path = shlex.quote(str(model_dir))
+    meta = load_meta(model_dir)
+    cfg = config_from_dict(meta["config"]).model
+    if cfg.backbone != "gpt":
+        return f"`planer export --run {path} --onnx model.onnx` exports it for onnxruntime."
+    try:
+        export_layout(cfg, Arch.parse(" ".join(meta["arch"])))
+    except PlanerError as e:
+        return f"`planer.load({str(model_dir)!r})` loads it in Python; it has no Hugging Face form ({e})."
+    return f"`planer export --run {path} --hf OUT` writes it as a Hugging Face folder for transformers."
+
+
 def collect(run_dir: Path) -> list[dict]:
     """One row per trained model in the folder: the baseline, then PLANER, the rivals, iso, Sandwich and PAR."""
     chosen = read_json_object(run_dir / "sandwich.json").get("chosen")
@@ -85,7 +103,7 @@ def collect(run_dir: Path) -> list[dict]:
         arch = Arch.parse(" ".join(summary["arch"]))
         rows.append({"name": d.name, "path": d, **info, "chosen": d.name == chosen, "arch": arch,
                      "params": summary["params"], "seconds": summary.get("seconds"), "summary": summary,
-                     "sample": read_json_object(d / SAMPLE_FILE),
+                     "sample": read_json_object(d / SAMPLE_FILE), "export": export_hint(d),
                      "eval": read_json_object(d / "eval.json"), "bench": read_json_object(d / "bench.json"),
                      "target": info["target"] if info["target"] is not None else search.get("target"),
                      "estimated_ratio": search.get("estimated_ratio") or estimate(arch), "found": search})  # fmt: skip

@@ -11,13 +11,6 @@ from __future__ import annotations
 import math
 import shlex
 import statistics
-from pathlib import Path
-
-from planer.arch import Arch
-from planer.checkpoint import load_meta
-from planer.config import config_from_dict
-from planer.errors import PlanerError
-from planer.hf import export_layout
 
 COMPETITORS = ("planer", "iso", "dense-depth", "dense-heads", "dense-width")
 
@@ -141,23 +134,8 @@ def usage(found: list[dict]) -> str:
     seeds = f" (the best on valid of its {len(found)} seeds)" if len(found) > 1 else ""
     return (
         f"The found model{seeds} is `{best['path']}`: `planer generate --run {path} --prompt {prompt}` writes text "
-        f"with it, and {export_hint(best['path'])}"
+        f"with it, and {best['export']}"
     )
-
-
-def export_hint(model_dir: Path) -> str:
-    """The export the model's backbone allows: ONNX for a Transformer-XL, a Hugging Face folder for a gpt model
-    whose layers are alike, and otherwise why there is none."""
-    path = shlex.quote(str(model_dir))
-    meta = load_meta(model_dir)
-    cfg = config_from_dict(meta["config"]).model
-    if cfg.backbone != "gpt":
-        return f"`planer export --run {path} --onnx model.onnx` exports it for onnxruntime."
-    try:
-        export_layout(cfg, Arch.parse(" ".join(meta["arch"])))
-    except PlanerError as e:
-        return f"`planer.load({str(model_dir)!r})` loads it in Python; it has no Hugging Face form ({e})."
-    return f"`planer export --run {path} --hf OUT` writes it as a Hugging Face folder for transformers."
 
 
 def verdicts(rows: list[dict], level_char: bool, batch: int | None = None) -> list[str]:
