@@ -194,16 +194,16 @@ def test_the_report_names_the_export_each_model_allows(tiny_cfg, tmp_path):
     from planer.data import load_corpus
     from planer.report import export_hint
 
-    def saved(name: str, arch: str, *overrides: str):
+    def hint(name: str, arch: str, *overrides: str) -> str:
         cfg = tiny_cfg(*overrides)
         corpus = load_corpus(cfg.data)
         cfg.model.vocab_size = len(corpus.vocab)
         (tmp_path / name).mkdir()
         save_checkpoint(tmp_path / name, build_model(cfg.model, Arch.parse(arch)), cfg, corpus.vocab)
-        return tmp_path / name
+        return export_hint(tmp_path / name, Arch.parse(arch))
 
     llama = ("model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0")
-    assert "--hf OUT" in export_hint(saved("uniform", "attn:2 ffl attn:2 ffl", *llama))
-    mixed = export_hint(saved("mixed", "attn:2 ffl skip ffl", *llama))
+    assert "--hf OUT" in hint("uniform", "attn:2 ffl attn:2 ffl", *llama)
+    mixed = hint("mixed", "attn:2 ffl skip ffl", *llama)
     assert "no Hugging Face form" in mixed and "every layer must be attn:H then ffl" in mixed
-    assert "--onnx model.onnx" in export_hint(saved("txl", "attn:2 ffl skip ffl"))
+    assert "--onnx model.onnx" in hint("txl", "attn:2 ffl skip ffl")

@@ -73,16 +73,15 @@ def describe(d: Path) -> dict:
     return {"design": "baseline" if is_base else "other", "target": None, "seed": 1, "search": None, "recipe": {}}
 
 
-def export_hint(model_dir: Path) -> str:
+def export_hint(model_dir: Path, arch: Arch) -> str:
     """The export the model's backbone allows: ONNX for a Transformer-XL, a Hugging Face folder for a gpt model
     whose layers are alike, and otherwise why there is none."""
     path = shlex.quote(str(model_dir))
-    meta = load_meta(model_dir)
-    cfg = config_from_dict(meta["config"]).model
+    cfg = config_from_dict(load_meta(model_dir)["config"]).model
     if cfg.backbone != "gpt":
         return f"`planer export --run {path} --onnx model.onnx` exports it for onnxruntime."
     try:
-        export_layout(cfg, Arch.parse(" ".join(meta["arch"])))
+        export_layout(cfg, arch)
     except PlanerError as e:
         return f"`planer.load({str(model_dir)!r})` loads it in Python; it has no Hugging Face form ({e})."
     return f"`planer export --run {path} --hf OUT` writes it as a Hugging Face folder for transformers."
@@ -103,7 +102,7 @@ def collect(run_dir: Path) -> list[dict]:
         arch = Arch.parse(" ".join(summary["arch"]))
         rows.append({"name": d.name, "path": d, **info, "chosen": d.name == chosen, "arch": arch,
                      "params": summary["params"], "seconds": summary.get("seconds"), "summary": summary,
-                     "sample": read_json_object(d / SAMPLE_FILE), "export": export_hint(d),
+                     "sample": read_json_object(d / SAMPLE_FILE), "export": export_hint(d, arch),
                      "eval": read_json_object(d / "eval.json"), "bench": read_json_object(d / "bench.json"),
                      "target": info["target"] if info["target"] is not None else search.get("target"),
                      "estimated_ratio": search.get("estimated_ratio") or estimate(arch), "found": search})  # fmt: skip
