@@ -8,6 +8,8 @@ import torch
 from planer.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# The Llama backbone on any tiny config (grouped-query attention, no memory)
+LLAMA_SETTINGS = ["model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0"]
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import LLAMA_SETTINGS, ROOT
 from safetensors.torch import load_file
 
 from planer.config import load_config
@@ -46,9 +46,6 @@ SETTINGS = [
 ]
 
 
-LLAMA = ["model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0"]
-
-
 def worker(launcher: list[str], config, lut, out, settings: list[str]) -> None:
     cmd = [*launcher, str(ROOT / "tests" / "ddp_worker.py"), str(config), str(lut), str(out)]
     cmd += [a for s in settings for a in ("--set", s)]
@@ -56,7 +53,7 @@ def worker(launcher: list[str], config, lut, out, settings: list[str]) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("backbone", [[], LLAMA], ids=["txl", "llama"])
+@pytest.mark.parametrize("backbone", [[], LLAMA_SETTINGS], ids=["txl", "llama"])
 def test_two_ranks_agree_with_each_other_and_with_one_process(tiny_text, tmp_path, backbone):
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  path: {tiny_text}\nsearch:\n  space: [skip, attn:1, attn:4, ffl, moe:top1]\n")

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import LLAMA_SETTINGS
 from safetensors.torch import load_file
 
 from planer.config import load_config
@@ -87,8 +88,7 @@ def test_killed_training_resumes_to_the_same_weights(tiny_text, tmp_path):
     assert not (tmp_path / "cut" / "resume").exists()  # states are removed once the run has finished
 
 
-LLAMA = ["--set", "model.backbone=gpt", "--set", "model.flavour=llama", "--set", "model.n_kv_head=2", "--set",
-         "model.mem_len=0"]  # fmt: skip
+LLAMA = [a for s in LLAMA_SETTINGS for a in ("--set", s)]
 
 
 @pytest.mark.slow
