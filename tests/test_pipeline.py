@@ -7,6 +7,9 @@ import sys
 import pytest
 from conftest import ROOT
 
+from planer.arch import Arch
+from planer.checkpoint import load_checkpoint
+from planer.inherit import can_inherit
 from planer.pipeline import Plan, run_pipeline
 
 TINY_RUN = [
@@ -175,3 +178,31 @@ def test_run_with_knapsack_rivals_and_the_phase2_recipe(tiny_cfg, tmp_path):
         and "Against the rivals (latency at batch 2)" in report
         and "| dense-width-t0.60 |" in report
     )
+
+
+@pytest.mark.slow
+def test_two_search_methods_against_the_same_rivals(tiny_cfg, tmp_path):
+    """``--method knapsack,gumbel``: both searches from one baseline, each found model trained with the same recipe
+    and seed, the rivals sized to the first method's model only, and a report that compares the methods."""
+    cfg = tiny_cfg(*TINY_RUN, "search.method=knapsack", "train.steps=30", "train.eval_every=30")
+    cfg.search.space = ["skip", "attn:1", "attn:2", "attn:4", "ffl"]
+    plan = Plan(targets=(0.6,), designs=("dense-depth",), methods=("gumbel",), batches=(2,))
+    out = run_pipeline(cfg, tmp_path / "run", plan)
+    knapsack = json.loads((out / "planer-t0.60" / "run.json").read_text())
+    gumbel = json.loads((out / "planer-gumbel-t0.60" / "run.json").read_text())
+    assert (knapsack["method"], gumbel["method"], gumbel["design"]) == ("knapsack", "gumbel", "planer-gumbel")
+    assert gumbel["recipe"]["teacher"] == knapsack["recipe"]["teacher"] and gumbel["seed"] == knapsack["seed"]
+    # the baseline's weights where the gumbel pick can take them, else the options its supernet trained
+    baseline = load_checkpoint(out / "baseline")[0]
+    inheritable = can_inherit(baseline, Arch.parse(" ".join(gumbel["arch"])))
+    start = out / ("baseline" if inheritable else "search-gumbel-t0.60")
+    assert gumbel["recipe"]["init_from"] == str(start) and knapsack["recipe"]["init_from"] == str(out / "baseline")
+    assert json.loads((out / "search-gumbel-t0.60" / "arch.json").read_text())["method"] == "gumbel"
+    assert (out / "planer-t0.60" / "rivals.json").exists() and not (
+        out / "planer-gumbel-t0.60" / "rivals.json"
+    ).exists()
+    assert sorted(p.name for p in out.glob("dense-*")) == ["dense-depth-t0.60"]
+    report = (out / "report.md").read_text()
+    gumbel_verdict = report.split("**Target 0.60, gumbel search**")[1]
+    assert "**Target 0.60, knapsack search**" in report and "dense-depth" in gumbel_verdict.split("\n")[0]
+    assert "**Search methods at target 0.60**" in report and "| planer-gumbel-t0.60 |" in report

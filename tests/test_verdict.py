@@ -30,3 +30,21 @@ def test_a_tie_within_the_spread_and_a_slower_rival():
     text = verdicts(rows, level_char=True, batch=8)[0]
     assert "dense-heads, 11.1% slower" in text and "tied on test" in text
     assert "It does not beat every rival within 5% of its latency (dense-depth)" in text
+
+
+def test_two_search_methods_share_the_rivals_and_are_compared():
+    """A second method's found model gets its own paragraph against the same rivals, then the methods compared."""
+    rows = [BASE] + [row("planer", 2.30 + d, 2.44 + d, 2.0) for d in (0.0, 0.002, 0.004)]
+    rows += [row("planer-gumbel", 2.35 + d, 2.50 + d, 2.1) for d in (0.0, 0.002, 0.004)]
+    rows += [row("dense-depth", 2.33 + d, 2.49 + d, 1.96) for d in (0.0, 0.002, 0.004)]
+    for r in rows:
+        r["found"] = {"meets_target": True, "method": "gumbel" if r["design"] == "planer-gumbel" else "knapsack",
+                      "seconds": 600.0 if r["design"] == "planer-gumbel" else 20.0}  # fmt: skip
+    text = verdicts(rows, level_char=True, batch=8)
+    knapsack, gumbel, methods = text[0], text[2], text[4]
+    assert knapsack.startswith("**Target 0.50, knapsack search**") and "dense-depth, at its latency" in knapsack
+    assert gumbel.startswith("**Target 0.50, gumbel search**") and "planer" not in gumbel.split("Against")[1]
+    assert "dense-depth, 7.1% slower: the found model is worse on valid by 0.020" in gumbel
+    assert methods.startswith("**Search methods at target 0.50**")
+    assert "the knapsack search's is better on valid by 0.050 (seed spread 0.002)" in methods
+    assert "knapsack 20 s, gumbel 600 s" in methods

@@ -26,6 +26,7 @@ from planer.data import TokenizerVocab, Vocab
 from planer.errors import PlanerError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+SUPERNET = "supernet.safetensors"  # a Gumbel search's trained supernet, beside its arch.json
 
 
 def atomic_write_text(path: Path, text: str) -> None:

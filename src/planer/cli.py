@@ -153,13 +153,15 @@ def cmd_run(args) -> None:
     from planer.verdict import verdicts
 
     overrides = list(args.set)
-    if args.method:
-        overrides.append(f"search.method={args.method}")
+    methods = [m.strip() for m in (args.method or "").split(",") if m.strip()]
+    if methods:
+        overrides.append(f"search.method={methods[0]}")
     if args.batch:
         overrides.append(f"latency.batch_size={args.batch}")
     cfg = load_config(args.config, overrides)
     plan = Plan(
         targets=tuple(_floats(args.targets, "--targets")),
+        methods=tuple(methods[1:]),
         designs=parse_designs(args.designs),
         seeds=args.seeds,
         batches=tuple(_ints(args.batches, "--batches")),
@@ -407,7 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batches", default="1,8,64", help="batch sizes of the end-to-end latency (default 1,8,64)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every search and retraining with this many seeds")
-    p.add_argument("--method", choices=["gumbel", "knapsack"], help="search method (default: search.method, knapsack)")
+    p.add_argument(
+        "--method",
+        help="search method, gumbel or knapsack (default: search.method, knapsack); knapsack,gumbel runs both, "
+        "the second against the first's rivals with the same recipe",
+    )
     p.add_argument(
         "--batch",
         type=int,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from planer.arch import Arch
-from planer.checkpoint import CONFIG, WEIGHTS, atomic_write_text, load_checkpoint, load_meta, read_json_object
+from planer.checkpoint import CONFIG, SUPERNET, WEIGHTS, atomic_write_text, load_checkpoint, load_meta, read_json_object
 from planer.config import Config, check_target, saved_config_matches
 from planer.data import check_same_vocab, load_corpus
 from planer.designs import RIVALS, iso_space, named_arch, rivals, sandwich_sweep
@@ -32,7 +32,7 @@ from planer.inherit import can_inherit
 from planer.latency import LatencyTable, bench, load_or_profile
 from planer.loop import RunOptions
 from planer.report import write_report
-from planer.searches import run_search
+from planer.searches import METHODS, run_search
 from planer.train import Recipe, train
 
 BENCH_BATCHES = (1, 8, 64)
@@ -46,6 +46,7 @@ class Plan:
 
     targets: tuple[float, ...] = (0.5,)
     designs: tuple[str, ...] = ()  # dense (every rival) or some of dense-depth/-heads/-width, sandwich, par, iso
+    methods: tuple[str, ...] = ()  # search methods besides the config's, each compared with the same rivals
     seeds: int = 1
     batches: tuple[int, ...] = BENCH_BATCHES  # the end-to-end benchmark's batch sizes
     baseline: Path | None = None  # a trained (or imported) baseline to use instead of training one
@@ -63,6 +64,9 @@ class Plan:
             raise PlanerError(f"--seeds must be a positive integer, got {self.seeds}")
         if not self.batches or any(b <= 0 for b in self.batches):
             raise PlanerError(f"batch sizes must be positive integers, got {list(self.batches)}")
+        for m in self.methods:
+            if m not in METHODS:
+                raise PlanerError(f"unknown search method '{m}': expected {' or '.join(METHODS)}")
 
 
 def target_name(target: float) -> str:
@@ -115,12 +119,19 @@ class Pipeline:
         self.models.append(path)
         return path
 
-    def recipe(self, arch: Arch, model: dict | None = None) -> Recipe:
+    def recipe(self, arch: Arch, model: dict | None = None, search: Path | None = None) -> Recipe:
         """Phase 2's recipe for ``arch``: the teacher, and the baseline's weights where the arch can take them
-        (not a rival of another width, nor an arch with a block its position's baseline block cannot start)."""
+        (not a rival of another width, nor an arch with a block its position's baseline block cannot start, such
+        as a feed-forward block where the baseline has attention); where it cannot, the options its ``search``'s
+        supernet trained (a Gumbel search's, itself warm-started from the baseline)."""
         p2, base = self.cfg.phase2, self.baseline
-        inherit = p2.init == "baseline" and not model and can_inherit(load_checkpoint(base)[0], arch)
-        return Recipe(teacher=base if p2.teacher else None, init_from=base if inherit else None)
+        init = None
+        if p2.init == "baseline" and not model:
+            if can_inherit(load_checkpoint(base)[0], arch):
+                init = base
+            elif search is not None and (search / SUPERNET).exists():
+                init = search
+        return Recipe(teacher=base if p2.teacher else None, init_from=init)
 
     def phase2_cfg(self, seed: int, model: dict | None = None) -> Config:
         """The config phase-2 models train with: the phase-2 budget, ``seed``, and ``model`` changes (a rival's)."""
@@ -163,7 +174,7 @@ class Pipeline:
         arch = Arch.load(found / "arch.json")
         manifest = {"design": design, "target": target, "repeat": seed + 1, "search": found.name,
                     "method": cfg.search.method}  # fmt: skip
-        return self.trained(name, arch, run_cfg, self.recipe(arch), manifest), arch
+        return self.trained(name, arch, run_cfg, self.recipe(arch, search=found), manifest), arch
 
     def rival_stage(self, found: Path, arch: Arch, target: float, seed: int) -> None:
         """The dense rivals of one found model, sized to its estimate, trained with its recipe and seed."""
@@ -264,6 +275,7 @@ def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool 
     lut = out / "lut.json"
     run.stage(f"profile blocks at batch {cfg.latency.batch_size}", lut, lambda: load_or_profile(cfg, lut, force=force))
     searched = [("planer", cfg)]
+    searched += [(f"planer-{m}", _with_method(cfg, m)) for m in plan.methods if m != cfg.search.method]
     if "iso" in plan.designs:
         searched.append(("iso", _with_space(cfg, iso_space(cfg.search.space, cfg.model.n_experts))))
     for seed in range(plan.seeds):
@@ -280,6 +292,10 @@ def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool 
 
 def _with_space(cfg: Config, space: list[str]) -> Config:
     return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=space))
+
+
+def _with_method(cfg: Config, method: str) -> Config:
+    return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, method=method))
 
 
 def _choose_sandwich(out: Path, runs: list[Path]) -> None:

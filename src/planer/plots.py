@@ -74,6 +74,8 @@ def arch_strips(rows: list[dict], path: Path) -> None:
 DESIGN_STYLE = {
     "baseline": ("black", "*"),
     "planer": ("#d62728", "o"),
+    "planer-gumbel": ("#e377c2", "h"),  # a second search method of the same run
+    "planer-knapsack": ("#e377c2", "h"),
     "dense-depth": ("#8c564b", "v"),
     "dense-heads": ("#ff7f0e", "P"),
     "dense-width": ("#17becf", "X"),

@@ -23,7 +23,7 @@ from planer.hf import export_layout
 from planer.latency import LatencyTable
 from planer.report_details import latency_ms, samples_section, search_confidence, searches, wall_times
 from planer.samples import SAMPLE_FILE, model_sample, prompt_text
-from planer.verdict import verdicts
+from planer.verdict import is_found, verdicts
 
 DESIGN_ORDER = ("baseline", "planer", "dense-depth", "dense-heads", "dense-width", "iso", "sandwich", "par")
 
@@ -107,7 +107,8 @@ def collect(run_dir: Path) -> list[dict]:
                      "target": info["target"] if info["target"] is not None else search.get("target"),
                      "estimated_ratio": search.get("estimated_ratio") or estimate(arch), "found": search})  # fmt: skip
     order = {d: i for i, d in enumerate(DESIGN_ORDER)}
-    rows.sort(key=lambda r: (order.get(r["design"], len(order)), r["target"] or 0.0, r["seed"], r["name"]))
+    rank = lambda d: order["planer"] + 0.5 if is_found(d) and d != "planer" else order.get(d, len(order))  # noqa: E731
+    rows.sort(key=lambda r: (rank(r["design"]), r["target"] or 0.0, r["seed"], r["name"]))
     return rows
 
 

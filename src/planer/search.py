@@ -20,7 +20,7 @@ import torch
 from planer import distributed
 from planer import resume as resume_lib
 from planer.arch import Arch
-from planer.checkpoint import load_checkpoint, save_weights
+from planer.checkpoint import SUPERNET, load_checkpoint, save_weights
 from planer.config import Config, check_target
 from planer.data import check_same_vocab
 from planer.errors import PlanerError
@@ -272,11 +272,11 @@ class GumbelSearch:
         estimated = self.table.estimate(found)
 
         def write() -> None:
-            found.save(out / "arch.json", target=self.target, estimated_ms=estimated, baseline_ms=self.baseline_ms,
+            found.save(out / "arch.json", method="gumbel", target=self.target, estimated_ms=estimated, baseline_ms=self.baseline_ms,
                        estimated_ratio=estimated / self.baseline_ms, meets_target=estimated <= self.baseline_ms * self.target,
                        space=self.net.space, init_from=str(self.init_from) if self.init_from is not None else None,
                        seconds=round(time.perf_counter() - self.started, 1))  # fmt: skip
-            save_weights(out / "supernet.safetensors", self.net)
+            save_weights(out / SUPERNET, self.net)
 
         self.loop.finish(write)
         return found

@@ -15,7 +15,7 @@ import torch
 
 from planer.arch import Arch
 from planer.backbones import build_model
-from planer.checkpoint import atomic_write_text, load_checkpoint, load_weights, read_json_object
+from planer.checkpoint import SUPERNET, atomic_write_text, load_checkpoint, load_weights, read_json_object
 from planer.config import Config
 from planer.data import Corpus, Vocab, check_same_vocab
 from planer.errors import PlanerError
@@ -42,10 +42,10 @@ class Recipe:
 def inherited_weights(source: Path, cfg: Config, arch: Arch, corpus: Corpus) -> dict[str, torch.Tensor]:
     """The weights ``arch`` starts from: a search folder's supernet options, or a trained model's blocks with
     each attention block's most important heads (ranked on a sample of training segments)."""
-    if (source / "supernet.safetensors").exists():
+    if (source / SUPERNET).exists():
         found = read_json_object(source / "arch.json")
         net = SuperNet(cfg.model, found.get("space", cfg.search.space), len(arch))
-        load_weights(net, source / "supernet.safetensors")
+        load_weights(net, source / SUPERNET)
         return from_supernet(net, arch, cfg.model).state_dict()
     model, _, vocab = load_checkpoint(source)
     check_same_vocab(vocab, corpus.vocab, str(source))

@@ -57,15 +57,21 @@ def compare(found: list[dict], rival: list[dict], split: str, metric: str, digit
     return f"{'better' if gap > 0 else 'worse'} on {split} by {abs(gap):.{digits}f} (seed spread {spread:.{digits}f})"
 
 
-def rivals_sentence(groups: dict[str, list[dict]], metric: str, digits: int, batch: int | None) -> str:
+def is_found(design: str) -> bool:
+    """A searched design: ``planer`` (the run's search method) or ``planer-METHOD`` (another one, same rivals)."""
+    return design == "planer" or design.startswith("planer-")
+
+
+def rivals_sentence(
+    found: list[dict], groups: dict[str, list[dict]], metric: str, digits: int, batch: int | None
+) -> str:
     """The found model against every rival: their measured latency relative to it at ``batch`` (the latency
     table's), and the accuracy comparison on valid and test; then whether it beats every rival of matched latency."""
-    found = groups["planer"]
     mine = mean_speedups(found)
     batch = batch if batch in mine else (sorted(mine)[len(mine) // 2] if mine else None)
     parts, matched, beaten = [], [], []
     for design, members in groups.items():
-        if design == "planer":
+        if is_found(design):
             continue
         theirs = mean_speedups(members)
         where = ""
@@ -92,18 +98,30 @@ def rivals_sentence(groups: dict[str, list[dict]], metric: str, digits: int, bat
     return text
 
 
-def target_verdict(rows: list[dict], target: float, level_char: bool, batch: int | None) -> str:
-    """One paragraph for ``target``: speed-ups, accuracy against the baseline, target met, best model."""
+def _method(found: list[dict]) -> str:
+    return found[0]["found"].get("method", "gumbel")
+
+
+def target_verdict(rows: list[dict], target: float, level_char: bool, batch: int | None, design: str = "planer") -> str:
+    """One paragraph for ``design``'s found model at ``target``: speed-ups, accuracy against the baseline, target
+    met, and the rivals (the same for every search method)."""
     metric, digits = metric_name(level_char), 3 if level_char else 2
     base = next((r for r in rows if r["design"] == "baseline"), None)
-    groups = {d: [r for r in rows if r["design"] == d and r["target"] == target] for d in COMPETITORS}
-    groups = {d: m for d, m in groups.items() if m}
-    found = groups.get("planer")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if (
+            r["target"] == target
+            and r["design"] != "baseline"
+            and (r["design"] in COMPETITORS or is_found(r["design"]))
+        ):
+            groups.setdefault(r["design"], []).append(r)
+    found = groups.get(design)
     if not found:
         return ""
     speed = mean_speedups(found)
     test = group_stats(found, "test", metric)
-    parts = [f"**Target {target:.2f}**: the found model (`{found[0]['arch'].short()}`"
+    label = "" if len(_found_designs(rows, target)) < 2 else f", {_method(found)} search"
+    parts = [f"**Target {target:.2f}{label}**: the found model (`{found[0]['arch'].short()}`"
              + (f", {len(found)} seeds" if len(found) > 1 else "") + ")"]  # fmt: skip
     if speed:
         parts.append(
@@ -121,8 +139,41 @@ def target_verdict(rows: list[dict], target: float, level_char: bool, batch: int
     if ratios:
         parts.append(f"; target {'met' if met else 'NOT met'} (estimate {statistics.mean(ratios):.2f})")
     text = "".join(parts) + "."
-    against = rivals_sentence(groups, metric, digits, batch)
+    against = rivals_sentence(found, groups, metric, digits, batch)
     return text + (" " + against if against else "")
+
+
+def _found_designs(rows: list[dict], target: float) -> list[str]:
+    designs = {r["design"] for r in rows if is_found(r["design"]) and r["target"] == target}
+    return sorted(designs, key=lambda d: (d != "planer", d))
+
+
+def methods_sentence(rows: list[dict], target: float, level_char: bool) -> str:
+    """The search methods against each other at ``target``: the same baseline, rivals and phase-2 recipe, so their
+    found models' accuracy and speed and the searches' wall time say which method to use."""
+    designs = _found_designs(rows, target)
+    if len(designs) < 2:
+        return ""
+    metric, digits = metric_name(level_char), 3 if level_char else 2
+    group = {d: [r for r in rows if r["design"] == d and r["target"] == target] for d in designs}
+    first = group[designs[0]]
+    parts = []
+    for d in designs[1:]:
+        words = [compare(first, group[d], split, metric, digits) for split in ("valid", "test")]
+        parts.append(
+            f"against the {_method(group[d])} search's model, the {_method(first)} search's is " + " and ".join(words)
+        )
+    seconds = ", ".join(f"{_method(group[d])} {_search_seconds(group[d])}" for d in designs)
+    return (
+        f"**Search methods at target {target:.2f}** (same baseline, rivals and phase-2 recipe): "
+        + "; ".join(parts)
+        + f". Search wall time per seed: {seconds}."
+    )
+
+
+def _search_seconds(found: list[dict]) -> str:
+    times = [r["found"]["seconds"] for r in found if r["found"].get("seconds")]
+    return f"{statistics.mean(times):.0f} s" if times else "not recorded"
 
 
 def usage(found: list[dict]) -> str:
@@ -141,9 +192,12 @@ def usage(found: list[dict]) -> str:
 def verdicts(rows: list[dict], level_char: bool, batch: int | None = None) -> list[str]:
     """Per target, the verdict paragraph and the found model's path and commands; rivals' latencies are compared
     at ``batch`` (the latency table's; by default the middle batch benchmarked)."""
-    targets = sorted({r["target"] for r in rows if r["design"] == "planer" and r["target"] is not None})
+    targets = sorted({r["target"] for r in rows if is_found(r["design"]) and r["target"] is not None})
     paragraphs = []
     for t in targets:
-        if verdict := target_verdict(rows, t, level_char, batch):
-            paragraphs += [verdict, usage([r for r in rows if r["design"] == "planer" and r["target"] == t])]
+        for design in _found_designs(rows, t):
+            if verdict := target_verdict(rows, t, level_char, batch, design):
+                paragraphs += [verdict, usage([r for r in rows if r["design"] == design and r["target"] == t])]
+        if methods := methods_sentence(rows, t, level_char):
+            paragraphs.append(methods)
     return paragraphs
