@@ -1,6 +1,8 @@
 """Phase 1: weight sharing in the supernet, the dynamic latency loss, and a whole tiny search."""
 
+import itertools
 import json
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -8,11 +10,11 @@ from conftest import hand_table
 
 from planer.arch import Arch
 from planer.cli import main
-from planer.config import ModelConfig
+from planer.config import LatencyConfig, ModelConfig
 from planer.data import load_corpus
 from planer.loop import RunOptions
 from planer.model import TransformerXL
-from planer.search import latency_loss, search
+from planer.search import GumbelSearch, latency_loss, search
 from planer.supernet import SuperNet
 
 SPACE = ["skip", "attn:1", "attn:2", "attn:4", "ffl", "moe:top1", "moe:top2"]
@@ -197,3 +199,35 @@ def test_unreachable_target_is_refused_before_any_output(tiny_cfg, tmp_path, cap
     hand_table(other).save(tmp_path / "foreign.json")
     assert main([*args[:-1], str(tmp_path / "foreign.json"), "--target", "0.5"]) == 2
     assert "was profiled for" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_an_argmax_under_the_window_is_filled_with_the_most_probable_arch_in_it():
+    """The Gumbel search spends its budget: an argmax under 0.95 x the target becomes the arch of largest summed
+    log-probability whose estimate lies in [0.95, 1] x the target (checked against every arch), and an argmax
+    already in the window is kept."""
+    cfg = ModelConfig(d_model=32, n_head=4, d_inner=64, n_layer=2, tgt_len=8, mem_len=8, dropout=0.0, vocab_size=40)
+    space = ["skip", "attn:1", "attn:4", "ffl"]
+    net = SuperNet(cfg, space, 4)
+    with torch.no_grad():
+        for a, row in zip(
+            net.alphas(), ([2.0, 1.0, 0.5, 0.0], [1.5, 0.0, 1.2, 0.3], [3.0, 0.1, 0.2, 1.0], [2.0, 0.0, 0.0, 1.9])
+        ):
+            a.copy_(torch.tensor(row))
+    table = hand_table(SimpleNamespace(model=cfg, latency=LatencyConfig()), fixed=0.5)
+    baseline_ms = table.estimate(Arch.baseline(2, 4))  # 0.5 + 2 x (2.0 + 0.6) = 5.7
+    run = SimpleNamespace(net=net, table=table, baseline_ms=baseline_ms, target=0.8)
+    argmax = net.derive()  # all skip: 0.5 ms, far under the budget
+    filled, record = GumbelSearch.fill_up(run, argmax)
+    budget = 0.8 * baseline_ms
+    assert record["unfilled"]["arch"] == argmax.specs() and 0.95 * budget <= table.estimate(filled) <= budget
+    log_p = torch.log_softmax(net.alpha_matrix(), dim=-1)
+    best = max(
+        (c for c in itertools.product(range(4), repeat=4)
+         if 0.95 * budget <= table.estimate([space[i] for i in c]) <= budget),
+        key=lambda c: sum(log_p[p, i].item() for p, i in enumerate(c)),
+    )  # fmt: skip
+    assert filled == Arch.parse(" ".join(space[i] for i in best))
+    in_window = Arch.parse(" ".join(space[i] for i in best))
+    assert GumbelSearch.fill_up(run, in_window) == (in_window, {})
+    run.target = 0.7  # blocks would need 3.29-3.49 ms: no sum of 0, 0.6, 1 and 2 ms lands there
+    assert GumbelSearch.fill_up(run, argmax) == (argmax, {})
