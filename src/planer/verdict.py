@@ -172,8 +172,11 @@ def methods_sentence(rows: list[dict], target: float, level_char: bool) -> str:
 
 
 def _search_seconds(found: list[dict]) -> str:
-    times = [r["found"]["seconds"] for r in found if r["found"].get("seconds")]
-    return f"{statistics.mean(times):.0f} s" if times else "not recorded"
+    times = [r["found"]["seconds"] for r in found if r["found"].get("seconds") is not None]
+    if not times:
+        return "not recorded"
+    mean = statistics.mean(times)
+    return f"{mean:.0f} s" if mean >= 10 else f"{mean:.1f} s"
 
 
 def usage(found: list[dict]) -> str:
