@@ -12,7 +12,7 @@ import math
 import shlex
 import statistics
 
-COMPETITORS = ("planer", "iso", "dense-depth", "dense-heads", "dense-width")
+COMPETITORS = ("iso", "dense-depth", "dense-heads", "dense-width")  # what a found model is compared with
 
 
 def metric_name(level_char: bool) -> str:
@@ -109,11 +109,7 @@ def target_verdict(rows: list[dict], target: float, level_char: bool, batch: int
     base = next((r for r in rows if r["design"] == "baseline"), None)
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        if (
-            r["target"] == target
-            and r["design"] != "baseline"
-            and (r["design"] in COMPETITORS or is_found(r["design"]))
-        ):
+        if r["target"] == target and (r["design"] in COMPETITORS or is_found(r["design"])):
             groups.setdefault(r["design"], []).append(r)
     found = groups.get(design)
     if not found:
