@@ -7,7 +7,7 @@ import pytest
 
 from planer.errors import PlanerError
 from planer.importance import Sample
-from planer.knapsack import Fill, LocalDistill, cheapest, knapsack_search, select
+from planer.knapsack import Fill, LocalDistill, cheapest, cut_picks, knapsack_search, pick, select
 from planer.latency import LatencyTable
 
 BLOCKS = {"skip": 0.0, "attn:1": 1.0, "attn:2": 1.6, "attn:4": 2.5, "ffl": 0.8, "moe:top1": 1.5, "moe:top2": 1.9}
@@ -57,6 +57,35 @@ def test_select_fills_the_budget_only_within_the_tolerance():
     assert choice == [0, 0] and not info["in_window"] and info["window_pick"]["choice"] == [1, 1]
     with pytest.raises(PlanerError, match="fits"):
         select(costs, losses, budget=1.5, floor=0.0, tolerance=0.0)
+
+
+def test_cut_picks_are_the_best_archs_with_their_top_layers_cut():
+    """Candidate k is the minimum-loss arch under the budget whose last k layers are skips (brute force over the
+    rest), and the archs differ; without skip in the space there is nothing to cut."""
+    options = ["skip", "attn:1", "attn:4", "ffl"]
+    latency = [0.0, 1.0, 2.5, 0.8]
+    rng = random.Random(1)
+    increases = [[rng.uniform(0.3, 1.0), rng.uniform(0.0, 0.2), 0.0, None] if p % 2 == 0
+                 else [rng.uniform(0.3, 1.0), None, None, 0.0] for p in range(6)]  # fmt: skip
+
+    def solver(budget):
+        return lambda rows: pick(options, latency, rows, budget, float("-inf"), 0.0)[0]
+
+    picks = cut_picks(increases, 0, 3, solver(5.0))
+    assert [cut for cut, _ in picks] == [0, 1, 2] and len({a for _, a in picks}) == 3
+    for cut, arch in picks:
+        specs = [str(s) for s in arch]
+        assert specs[len(specs) - 2 * cut :] == ["skip"] * (2 * cut)
+        free = [[i for i, inc in enumerate(row) if inc is not None] for row in increases[: 6 - 2 * cut]]
+        best = min(
+            (c for c in itertools.product(*free) if sum(latency[i] for i in c) <= 5.0),
+            key=lambda c: sum(increases[p][i] for p, i in enumerate(c)),
+        )
+        assert specs[: 6 - 2 * cut] == [options[i] for i in best]
+    tight = cut_picks(increases, 0, 3, solver(2.0))
+    assert [cut for cut, _ in tight] == [0, 2]  # the pick already skips its top layer: cutting it is the pick again
+    assert [str(s) for s in tight[0][1]][-2:] == ["skip", "skip"]
+    assert cut_picks(increases, None, 3, solver(5.0)) == []
 
 
 @pytest.fixture

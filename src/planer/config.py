@@ -108,6 +108,8 @@ class SearchConfig:
     balance: bool = False  # add the MoE balance loss to the search's losses too (the paper: phase 2 only)
     method: str = "knapsack"  # knapsack (options swapped into the trained baseline) | gumbel (the paper's supernet)
     distill_blocks: bool = False  # knapsack: distil each option locally before measuring it (Puzzle-style)
+    rerank: int = 0  # knapsack: train this many picks (the pick, then top layers cut) briefly, keep the best; 0 off
+    rerank_steps: int = 150  # knapsack: phase-2 steps of each reranked pick
 
 
 @dataclass
@@ -366,6 +368,8 @@ def validate(cfg: Config) -> None:
     if cfg.phase2.init not in ("scratch", "baseline"):
         raise PlanerError(f"config phase2.init must be scratch or baseline, got '{cfg.phase2.init}'")
     non_negative(cfg.phase2, ["steps"])
+    non_negative(s, ["rerank"])
+    positive(s, ["rerank_steps"])
     if s.method not in ("gumbel", "knapsack"):
         raise PlanerError(f"config search.method must be gumbel or knapsack, got '{s.method}'")
     if not 0.0 <= cfg.distill.weight <= 1.0:

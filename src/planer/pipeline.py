@@ -22,18 +22,17 @@ from pathlib import Path
 import torch
 
 from planer.arch import Arch
-from planer.checkpoint import CONFIG, SUPERNET, WEIGHTS, atomic_write_text, load_checkpoint, load_meta, read_json_object
+from planer.checkpoint import CONFIG, WEIGHTS, atomic_write_text, load_checkpoint, load_meta, read_json_object
 from planer.config import Config, check_target, saved_config_matches
 from planer.data import check_same_vocab, load_corpus
 from planer.designs import RIVALS, iso_space, named_arch, rivals, sandwich_sweep
 from planer.errors import PlanerError
 from planer.evaluate import evaluate_run
-from planer.inherit import can_inherit
 from planer.latency import LatencyTable, bench, load_or_profile
 from planer.loop import RunOptions
 from planer.report import write_report
 from planer.searches import METHODS, run_search
-from planer.train import Recipe, train
+from planer.train import Recipe, phase2_recipe, train
 
 BENCH_BATCHES = (1, 8, 64)
 DESIGNS = ("dense", *RIVALS, "sandwich", "par", "iso")
@@ -120,18 +119,8 @@ class Pipeline:
         return path
 
     def recipe(self, arch: Arch, model: dict | None = None, search: Path | None = None) -> Recipe:
-        """Phase 2's recipe for ``arch``: the teacher, and the baseline's weights where the arch can take them
-        (not a rival of another width, nor an arch with a block its position's baseline block cannot start, such
-        as a feed-forward block where the baseline has attention); where it cannot, the options its ``search``'s
-        supernet trained (a Gumbel search's, itself warm-started from the baseline)."""
-        p2, base = self.cfg.phase2, self.baseline
-        init = None
-        if p2.init == "baseline" and not model:
-            if can_inherit(load_checkpoint(base)[0], arch):
-                init = base
-            elif search is not None and (search / SUPERNET).exists():
-                init = search
-        return Recipe(teacher=base if p2.teacher else None, init_from=init)
+        """Phase 2's recipe for ``arch`` (``model``: a rival's changes to the config, such as another width)."""
+        return phase2_recipe(self.cfg.phase2, self.baseline, arch, search, same_width=not model)
 
     def phase2_cfg(self, seed: int, model: dict | None = None) -> Config:
         """The config phase-2 models train with: the phase-2 budget, ``seed``, and ``model`` changes (a rival's)."""

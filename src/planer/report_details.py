@@ -136,6 +136,17 @@ def chosen_probabilities(arch_json: dict, alpha: list[list[float]]) -> list[tupl
     return chosen
 
 
+def reranked(arch_json: dict) -> str:
+    """What the short training of the knapsack's candidates measured, and which it kept ("" without a rerank)."""
+    scores = arch_json.get("rerank")
+    if not scores:
+        return ""
+    shown = ", ".join(f"`{Arch.parse(' '.join(c['arch'])).short()}` {c['valid_loss']:.3f}" for c in scores)
+    pick = Arch.parse(" ".join(arch_json["knapsack_pick"]["arch"])).short()
+    return (f" The sum of single swaps picked `{pick}`; {len(scores)} picks trained {scores[0]['steps']} steps each "
+            f"with phase 2's recipe scored (valid nats per token) {shown}, and the lowest was kept.")  # fmt: skip
+
+
 def confidence(name: str, search: dict) -> str:
     """How sure one search was: the Gumbel search's final probabilities of its choices, or, for the knapsack's
     exact pick, the loss increase it predicted for each choice."""
@@ -143,9 +154,10 @@ def confidence(name: str, search: dict) -> str:
     if _method(arch_json) == "knapsack":
         increases = [p["increase"][p["options"].index(p["chosen"])] for p in arch_json.get("positions", [])]
         shown = ", ".join(f"{_code(p['chosen'])} {inc:+.3f}" for p, inc in zip(arch_json["positions"], increases))
-        return (f"- `{name}` (knapsack): an exact pick under the latency budget, so no probabilities; the loss "
+        text = (f"- `{name}` (knapsack): an exact pick under the latency budget, so no probabilities; the loss "
                 f"increase it predicted for each chosen option, swapped alone into the baseline (nats per token): "
                 f"{shown}; in all {sum(increases):+.3f} over the baseline's {arch_json['baseline_loss']:.3f}.")  # fmt: skip
+        return text + reranked(arch_json)
     if not records:
         return f"- `{name}`: no search.jsonl, so no probabilities to show."
     chosen = chosen_probabilities(arch_json, records[-1]["alpha"])

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from planer.arch import Arch
@@ -16,8 +17,10 @@ from planer.data import check_same_vocab
 from planer.errors import PlanerError
 from planer.importance import Sample
 from planer.knapsack import LocalDistill, knapsack_search
+from planer.latency import LatencyTable
 from planer.loop import Loop, RunOptions
 from planer.search import check_reachable, load_table, search
+from planer.train import phase2_recipe, train
 
 METHODS = ("gumbel", "knapsack")
 SAMPLE_SEGMENTS = 8  # training segments of every stream the knapsack's losses are measured on
@@ -72,7 +75,52 @@ def knapsack_into(
     if cfg.search.distill_blocks:
         later = loop.corpus.train[len(loop.corpus.train) // 2 :]  # other segments than the losses are measured on
         distill = LocalDistill(Sample(later, cfg.eval.batch_size, m.tgt_len, m.mem_len, SAMPLE_SEGMENTS), DISTILL_STEPS)
-    arch, record = knapsack_search(baseline.to(loop.device), cfg.search.space, table, target, sample, distill=distill)
+    arch, record = knapsack_search(
+        baseline.to(loop.device), cfg.search.space, table, target, sample, distill=distill, candidates=cfg.search.rerank
+    )
+    if len(record["candidates"]) > 1:
+        candidates = [Arch.parse(" ".join(c["arch"])) for c in record["candidates"]]
+        reranked, record["rerank"] = rerank(
+            cfg, loop.out_dir / "rerank", candidates, baseline_dir, dataclasses.replace(options, corpus=loop.corpus)
+        )
+        adopt(record, arch, reranked, table, target)
+        arch = reranked
     record.update(space=cfg.search.space, init_from=str(baseline_dir))
     loop.finish(lambda: arch.save(loop.out_dir / "arch.json", **record))
     return arch
+
+
+def rerank(
+    cfg: Config, out_dir: Path, candidates: list[Arch], baseline_dir: Path, options: RunOptions
+) -> tuple[Arch, list[dict]]:
+    """The candidate with the lowest validation loss after ``search.rerank_steps`` steps of phase 2's recipe (the
+    baseline's weights where the arch can take them, its logits as teacher, the schedule's warm-up in proportion),
+    and every candidate's score. A short training judges what single swaps into the untrained baseline cannot:
+    how much of a cut the training wins back (Minitron ranks its pruned candidates after a short retraining too).
+    """
+    steps, full = cfg.search.rerank_steps, cfg.phase2.steps or cfg.train.steps
+    warmup = round(cfg.train.warmup * steps / full)
+    short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=steps,
+                                                               warmup=warmup, ckpt_every=0))  # fmt: skip
+    scored = []
+    for i, arch in enumerate(candidates):
+        recipe = phase2_recipe(cfg.phase2, baseline_dir, arch)
+        fresh = RunOptions(force=True, quiet=options.quiet, corpus=options.corpus)
+        summary = train(short, out_dir / f"{i}-{arch.short()}", arch, recipe, fresh)
+        scored.append({"arch": arch.specs(), "valid_loss": summary["best_valid_loss"], "steps": steps})
+    best = min(range(len(candidates)), key=lambda i: scored[i]["valid_loss"])
+    return candidates[best], scored
+
+
+def adopt(record: dict, pick: Arch, chosen: Arch, table: LatencyTable, target: float) -> None:
+    """Make the knapsack's ``record`` describe the reranked ``chosen`` arch (its estimate, its options' predicted
+    increases), keeping the knapsack's own ``pick`` and its predicted increase as ``knapsack_pick``."""
+    record["knapsack_pick"] = {"arch": pick.specs(), "predicted_increase": record["predicted_increase"]}
+    increases = []
+    for position, spec in zip(record["positions"], chosen):
+        position["chosen"] = str(spec)
+        increases.append(position["increase"][position["options"].index(str(spec))])
+    estimate, baseline_ms = table.estimate(chosen), record["baseline_ms"]
+    record.update(estimated_ms=estimate, estimated_ratio=estimate / baseline_ms, blocks_ms=estimate - table.fixed_ms,
+                  meets_target=estimate <= target * baseline_ms, in_window=estimate >= record["window"][0] * baseline_ms,
+                  predicted_increase=sum(increases))  # fmt: skip

@@ -16,11 +16,11 @@ import torch
 from planer.arch import Arch
 from planer.backbones import build_model
 from planer.checkpoint import SUPERNET, atomic_write_text, load_checkpoint, load_weights, read_json_object
-from planer.config import Config
+from planer.config import Config, Phase2Config
 from planer.data import Corpus, Vocab, check_same_vocab
 from planer.errors import PlanerError
 from planer.importance import Sample, rank_heads
-from planer.inherit import from_supernet, inherit
+from planer.inherit import can_inherit, from_supernet, inherit
 from planer.loop import Fit, Loop, RunOptions
 from planer.step import Teacher
 from planer.supernet import SuperNet
@@ -37,6 +37,22 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return {k: None if v is None else str(v) for k, v in (("teacher", self.teacher), ("init_from", self.init_from))}
+
+
+def phase2_recipe(
+    p2: Phase2Config, baseline: Path, arch: Arch, search: Path | None = None, same_width: bool = True
+) -> Recipe:
+    """Phase 2's recipe for ``arch``: the baseline as teacher, and its weights where the arch can take them (not a
+    model of another width, nor an arch with a block its position's baseline block cannot start, such as a
+    feed-forward block where the baseline has attention); where it cannot, the options its ``search``'s supernet
+    trained (a Gumbel search's, itself warm-started from the baseline)."""
+    init = None
+    if p2.init == "baseline" and same_width:
+        if can_inherit(load_checkpoint(baseline)[0], arch):
+            init = baseline
+        elif search is not None and (search / SUPERNET).exists():
+            init = search
+    return Recipe(teacher=baseline if p2.teacher else None, init_from=init)
 
 
 def inherited_weights(source: Path, cfg: Config, arch: Arch, corpus: Corpus) -> dict[str, torch.Tensor]:
