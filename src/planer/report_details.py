@@ -101,11 +101,11 @@ def wall_times(rows: list[dict], found: dict[str, dict], lut: dict) -> list[str]
         name = r["search"]
         if name in found and name not in listed:
             listed.add(name)
-            stages.append((f"search {name}", found[name]["arch"].get("seconds"), _method(found[name]["arch"])))
+            stages.append((f"search {name}", found[name]["arch"].get("seconds"), search_method(found[name]["arch"])))
         if r["design"] != "baseline":
             training(r)
     stages += [
-        (f"search {n}", f["arch"].get("seconds"), _method(f["arch"])) for n, f in found.items() if n not in listed
+        (f"search {n}", f["arch"].get("seconds"), search_method(f["arch"])) for n, f in found.items() if n not in listed
     ]
     total = sum(s for _, s, _ in stages if s is not None)
     lines = [
@@ -117,7 +117,8 @@ def wall_times(rows: list[dict], found: dict[str, dict], lut: dict) -> list[str]
     return [*lines, _row(["total", duration(total), ""])]
 
 
-def _method(arch_json: dict) -> str:
+def search_method(arch_json: dict) -> str:
+    """The method a search's arch.json came from (one written before methods were recorded: the Gumbel search)."""
     return arch_json.get("method", "gumbel")
 
 
@@ -151,7 +152,7 @@ def confidence(name: str, search: dict) -> str:
     """How sure one search was: the Gumbel search's final probabilities of its choices, or, for the knapsack's
     exact pick, the loss increase it predicted for each choice."""
     arch_json, records = search["arch"], search["records"]
-    if _method(arch_json) == "knapsack":
+    if search_method(arch_json) == "knapsack":
         increases = [p["increase"][p["options"].index(p["chosen"])] for p in arch_json.get("positions", [])]
         shown = ", ".join(f"{_code(p['chosen'])} {inc:+.3f}" for p, inc in zip(arch_json["positions"], increases))
         text = (f"- `{name}` (knapsack): an exact pick under the latency budget, so no probabilities; the loss "

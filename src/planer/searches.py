@@ -102,10 +102,10 @@ def rerank(
     warmup = round(cfg.train.warmup * steps / full)
     short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=steps,
                                                                warmup=warmup, ckpt_every=0))  # fmt: skip
+    fresh = RunOptions(force=True, quiet=options.quiet, corpus=options.corpus)
     scored = []
     for i, arch in enumerate(candidates):
         recipe = phase2_recipe(cfg.phase2, baseline_dir, arch)
-        fresh = RunOptions(force=True, quiet=options.quiet, corpus=options.corpus)
         summary = train(short, out_dir / f"{i}-{arch.short()}", arch, recipe, fresh)
         scored.append({"arch": arch.specs(), "valid_loss": summary["best_valid_loss"], "steps": steps})
     best = min(range(len(candidates)), key=lambda i: scored[i]["valid_loss"])

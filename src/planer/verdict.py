@@ -12,6 +12,8 @@ import math
 import shlex
 import statistics
 
+from planer.report_details import search_method
+
 COMPETITORS = ("iso", "dense-depth", "dense-heads", "dense-width")  # what a found model is compared with
 
 
@@ -99,7 +101,7 @@ def rivals_sentence(
 
 
 def _method(found: list[dict]) -> str:
-    return found[0]["found"].get("method", "gumbel")
+    return search_method(found[0]["found"])
 
 
 def target_verdict(rows: list[dict], target: float, level_char: bool, batch: int | None, design: str = "planer") -> str:
