@@ -90,6 +90,7 @@ def test_existing_output_is_not_overwritten(trained):
         (lambda r: ["--config", r / "empty.yaml", "--set", f"data.path={r / 'empty.txt'}"], "is empty"),
         (lambda r: ["--config", r / "c.yaml", "--set", f"data.path={r / 'short.txt'}"], "fewer than one segment"),
         (lambda r: ["--config", r / "c.yaml", "--set", "search.target=1.5"], "unknown config key 'search.target'"),
+        (lambda r: ["--config", r / "c.yaml", "--set", "data.min_count=0"], "data.min_count must be positive"),
     ],
 )
 @pytest.mark.slow

@@ -38,6 +38,29 @@ def test_vocab_encodes_unseen_as_unk():
     assert ids[2].item() == ids[3].item() == vocab.unk
 
 
+def test_min_count_leaves_rare_training_symbols_to_unk(tmp_path):
+    path = tmp_path / "w.txt"
+    lines = (["the cat sat", "the dog ran"] * 5 + ["the owl"]) * 6 + ["a zebra appears"] * 4
+    path.write_text("\n".join(lines) + "\n")
+    full = load_corpus(DataConfig(path=str(path), level="word"))
+    cut = load_corpus(DataConfig(path=str(path), level="word", min_count=10))
+    # cat, sat, dog and ran are seen 25-30 times in training, owl at most 6: it joins <unk>, and is counted there
+    assert set(cut.vocab.symbols) == {UNK, EOS, "the", "cat", "sat", "dog", "ran"}
+    owl = full.train == full.vocab.index["owl"]
+    assert full.unseen["train"] == 0 and cut.unseen["train"] == owl.sum().item() > 0
+    assert torch.equal(cut.train == cut.vocab.unk, owl)
+    assert cut.vocab.decode(cut.train[:4].tolist()) == "the cat sat <eos>"
+
+
+def test_min_count_is_refused_with_a_tokenizer():
+    from planer.config import Config, validate
+
+    cfg = Config()
+    cfg.data.tokenizer, cfg.data.min_count = "some/tokenizer", 3
+    with pytest.raises(PlanerError, match="data.min_count cuts planer's own vocabulary"):
+        validate(cfg)
+
+
 def test_segments_are_ordered_streams():
     ids = torch.arange(100)
     seg = Segments(ids, batch_size=2, tgt_len=8)

@@ -62,7 +62,7 @@ def cmd_evaluate(args) -> None:
     bpc = f", {result['bpc']:.4f} bpc" if result["bpc"] is not None else ""
     print(
         f"{where}: loss {result['loss']:.4f} nats/token, ppl {result['ppl']:.3f}{bpc} "
-        f"over {result['tokens']:,} tokens ({result['unk']} unseen in training)"
+        f"over {result['tokens']:,} tokens ({result['unk']} outside the vocabulary)"
     )
 
 

@@ -32,6 +32,7 @@ class DataConfig:
     path: str = field(default="data/tinyshakespeare.txt", metadata=PATH)  # split 90/5/5, unless train/valid/test
     level: str = "char"  # char | word; ignored with a tokenizer
     tokenizer: str = field(default="", metadata=PATH)  # a folder with a Hugging Face tokenizer.json (replaces level)
+    min_count: int = 1  # symbols seen fewer times in the training split are <unk> (planer's own vocabulary only)
     train: str = field(default="", metadata=PATH)
     valid: str = field(default="", metadata=PATH)
     test: str = field(default="", metadata=PATH)
@@ -349,6 +350,9 @@ def validate(cfg: Config) -> None:
     validate_backbone(m)
     if m.n_experts < 2:
         raise PlanerError(f"config model.n_experts must be at least 2, got {m.n_experts}")
+    positive(cfg.data, ["min_count"])
+    if cfg.data.tokenizer and cfg.data.min_count != 1:
+        raise PlanerError("config data.min_count cuts planer's own vocabulary; a tokenizer's vocabulary is the model's")
     if cfg.data.level not in ("char", "word"):
         raise PlanerError(f"config data.level must be 'char' or 'word', got '{cfg.data.level}'")
     if t.device not in ("auto", "cpu", "cuda"):

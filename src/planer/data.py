@@ -1,7 +1,9 @@
 """Corpora: vocabularies, splits, and the Transformer-XL ordered segment iterator.
 
 The vocabulary comes from the training split alone, with ``<unk>`` standing for anything never seen there, so
-evaluation on new text counts unknown symbols instead of failing. Word-level text is split on whitespace with
+evaluation on new text counts unknown symbols instead of failing. ``data.min_count`` leaves out symbols rarer than
+that in training too, as WikiText's own vocabulary was cut (at 3, over its whole corpus): on a word-level corpus the
+output layer's size is most of the model's latency, and rare words are what it spends it on. Word-level text is split on whitespace with
 ``<eos>`` at every line end, as Transformer-XL does for WikiText (whose own ``<unk>`` maps onto ours).
 With ``data.tokenizer`` a Hugging Face ``tokenizer.json`` is the vocabulary instead (``TokenizerVocab``), as an
 imported model needs: its ids are the model's, and no text is ever unknown to it.
@@ -61,18 +63,19 @@ class Vocab:
         self.unk = self.index[UNK]
 
     @staticmethod
-    def build(tokens: list[str], level: str) -> Vocab:
-        """Specials first, then symbols by falling frequency (ties in order of first appearance)."""
+    def build(tokens: list[str], level: str, min_count: int = 1) -> Vocab:
+        """Specials first, then the symbols seen at least ``min_count`` times by falling frequency (ties in order of
+        first appearance)."""
         specials = [UNK] + ([EOS] if level == "word" else [])
         counts = Counter(tokens)
-        ordered = sorted(counts, key=lambda s: -counts[s])
+        ordered = sorted((s for s in counts if counts[s] >= min_count), key=lambda s: -counts[s])
         return Vocab(specials + [s for s in ordered if s not in specials], level)
 
     def __len__(self) -> int:
         return len(self.symbols)
 
     def encode(self, tokens: list[str]) -> tuple[torch.Tensor, int]:
-        """Token ids and the number of tokens that fell back to <unk> (the corpus's own <unk>s excluded)."""
+        """Token ids and the number of tokens outside the vocabulary, now <unk> (the corpus's own <unk>s excluded)."""
         unk, index = self.unk, self.index
         ids = [index.get(t, unk) for t in tokens]
         unseen = sum(1 for t in tokens if t not in index)
@@ -134,7 +137,7 @@ class Corpus:
     train: torch.Tensor
     valid: torch.Tensor
     test: torch.Tensor
-    unseen: dict[str, int]  # tokens per split never seen in training, now <unk>
+    unseen: dict[str, int]  # tokens per split outside the vocabulary (unseen or rarer than min_count), now <unk>
 
     def split(self, name: str) -> torch.Tensor:
         if name not in ("train", "valid", "test"):
@@ -156,7 +159,7 @@ def load_corpus(cfg: DataConfig, vocab: Vocab | TokenizerVocab | None = None) ->
         a, b = int(len(tokens) * 0.9), int(len(tokens) * 0.95)
         parts = [tokens[:a], tokens[a:b], tokens[b:]]
     if vocab is None:
-        vocab = Vocab.build(parts[0], cfg.level)
+        vocab = Vocab.build(parts[0], cfg.level, cfg.min_count)
     (train, unk_train), (valid, unk_valid), (test, unk_test) = (vocab.encode(p) for p in parts)
     source = cfg.train or cfg.path
     for name, ids in (("training", train), ("validation", valid), ("test", test)):
