@@ -68,6 +68,7 @@ def test_knapsack_search_through_the_cli(tiny_cfg, tmp_path, capsys):
     assert reranked["arch"] == min(scores, key=lambda c: c["valid_loss"])["arch"] and reranked["meets_target"]
     assert reranked["knapsack_pick"]["arch"] == found["arch"]
     assert [p["chosen"] for p in reranked["positions"]] == reranked["arch"]
+    assert reranked["seconds"] >= sum(c["seconds"] for c in scores)  # the search's time counts its trainings
 
 
 def test_rerank_keeps_the_candidate_a_short_phase_2_scores_best(tiny_cfg, tmp_path):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from planer.arch import Arch
@@ -80,10 +81,12 @@ def knapsack_into(
     )
     if len(record["candidates"]) > 1:
         candidates = [Arch.parse(" ".join(c["arch"])) for c in record["candidates"]]
+        started = time.perf_counter()
         reranked, record["rerank"] = rerank(
             cfg, loop.out_dir / "rerank", candidates, baseline_dir, dataclasses.replace(options, corpus=loop.corpus)
         )
         adopt(record, arch, reranked, table, target)
+        record["seconds"] = round(record["seconds"] + time.perf_counter() - started, 1)  # the search's whole time
         arch = reranked
     record.update(space=cfg.search.space, init_from=str(baseline_dir))
     loop.finish(lambda: arch.save(loop.out_dir / "arch.json", **record))
@@ -107,7 +110,8 @@ def rerank(
     for i, arch in enumerate(candidates):
         recipe = phase2_recipe(cfg.phase2, baseline_dir, arch)
         summary = train(short, out_dir / f"{i}-{arch.short()}", arch, recipe, fresh)
-        scored.append({"arch": arch.specs(), "valid_loss": summary["best_valid_loss"], "steps": steps})
+        scored.append({"arch": arch.specs(), "valid_loss": summary["best_valid_loss"], "steps": steps,
+                       "seconds": round(summary["seconds"], 1)})  # fmt: skip
     best = min(range(len(candidates)), key=lambda i: scored[i]["valid_loss"])
     return candidates[best], scored
 
