@@ -116,8 +116,11 @@ def test_tiny_search_writes_arch_and_log(tiny_cfg, tmp_path):
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl"]
     arch = search(cfg, tmp_path / "s", target=0.5, options=RunOptions(quiet=True))
     assert len(arch) == 4
-    records = [json.loads(l) for l in (tmp_path / "s" / "search.jsonl").read_text().splitlines()]
+    logged = [json.loads(l) for l in (tmp_path / "s" / "search.jsonl").read_text().splitlines()]
+    records = [r for r in logged if not r.get("correction")]
     assert len(records) == 4
+    # the timed table may leave the last argmax over the target: then one correction follows the epochs
+    assert logged[:4] == records and len(logged) <= 5
     assert "beta" not in records[0] and "beta" in records[1]  # alpha frozen during the first epoch
     assert records[0]["tau"] == 5.0 and records[2]["tau"] < records[1]["tau"]
     assert records[0]["alpha"] == [[0.0] * 4] * 4 and records[-1]["alpha"] != records[0]["alpha"]
