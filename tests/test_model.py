@@ -88,3 +88,44 @@ def test_rel_shift_matches_direct_relative_positions():
 def test_fewer_heads_means_fewer_parameters():
     counts = [make_model(f"attn:{h}").num_params() for h in (1, 2, 4)]
     assert counts[0] < counts[1] < counts[2]
+
+
+def test_attention_matches_the_formula_term_by_term():
+    """Scores (q_i + u).k_j + (q_i + v).r(M+i-j) over keys j <= M+i, softmax, weighted values, out, residual, norm."""
+    from planer.blocks import RelAttention, sinusoid
+
+    torch.manual_seed(0)
+    att = RelAttention(d_model=16, n_head=2, d_head=4, dropout=0.0, dropatt=0.0).eval()
+    for p in (att.r_w_bias, att.r_r_bias):
+        torch.nn.init.normal_(p)
+    x, mem = torch.randn(1, 3, 16), torch.randn(1, 2, 16)
+    cat = torch.cat([mem, x], dim=1)
+    M, T = 2, 3
+    q, k, v = att.qkv(cat).view(5, 3, 2, 4).unbind(1)  # each (K, H, Dh)
+    r = att.r_net(sinusoid(torch.arange(5), 16)).view(5, 2, 4)  # r[d]: distance d
+    heads = torch.zeros(T, 2, 4)
+    for i in range(T):
+        for h in range(2):
+            keys = range(M + i + 1)
+            s = torch.stack([(q[M + i, h] + att.r_w_bias[h]) @ k[j, h] + (q[M + i, h] + att.r_r_bias[h]) @ r[M + i - j, h]
+                             for j in keys]) / 2.0  # fmt: skip
+            heads[i, h] = torch.softmax(s, 0) @ v[: M + i + 1, h]
+    want = att.norm(x[0] + att.out(heads.reshape(T, 8)))
+    with torch.no_grad():
+        torch.testing.assert_close(att(x, mem)[0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_used_under_inference_mode_still_trains():
+    """The shared position tables are made per mode: one made under inference mode cannot be saved for backward."""
+    from planer.blocks import distance_table, future_bias
+
+    distance_table.cache_clear()
+    future_bias.cache_clear()
+    model = make_model()
+    x = torch.randint(0, 50, (2, 8))
+    with torch.inference_mode():
+        model(x)
+    model.train()
+    logits, _ = model(x)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.blocks[0].parameters())

@@ -10,6 +10,7 @@ super block too, can pass it on without knowing which blocks have one.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -51,6 +52,28 @@ def sinusoid(distances: torch.Tensor, d_model: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+@functools.lru_cache(maxsize=64)
+def distance_table(klen: int, d_model: int, device: torch.device, dtype: torch.dtype, inference: bool) -> torch.Tensor:
+    """``sinusoid`` of the distances klen-1 ... 0, (klen, d_model), made once per size and shared by every block.
+
+    It depends on sizes only, so each attention block recomputing it (ten small ops) was a fixed cost that
+    dominated a one-sequence forward. ``inference`` keys it apart: a tensor made under inference mode cannot be
+    saved for a backward pass.
+    """
+    return sinusoid(torch.arange(klen - 1, -1, -1, device=device), d_model).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def future_bias(qlen: int, klen: int, device: torch.device, dtype: torch.dtype, inference: bool) -> torch.Tensor:
+    """-inf where query i (the last ``qlen`` of ``klen`` positions) would see a later key, else 0; (qlen, klen).
+
+    Added to the scores rather than filled in with a boolean mask: on a CPU the broadcast fill cost a one-sequence
+    forward as much as a matrix product.
+    """
+    future = torch.ones(qlen, klen, dtype=torch.bool, device=device).triu(1 + klen - qlen)
+    return torch.zeros(qlen, klen, device=device, dtype=dtype).masked_fill(future, float("-inf"))
+
+
 def rel_shift(x: torch.Tensor) -> torch.Tensor:
     """Realign scores against distances (klen-1 ... 0) into scores against keys.
 
@@ -87,19 +110,20 @@ class RelAttention(Block):
         H, Dh = self.n_head, self.d_head
         cat = x if mem is None or mem.size(1) == 0 else torch.cat([mem, x], dim=1)
         K = cat.size(1)
-        M = K - T
 
-        q, k, v = self.qkv(cat).view(B, K, 3, H, Dh).permute(2, 0, 3, 1, 4)  # each (B, H, K, Dh)
-        q = q[:, :, M:]
-        distances = torch.arange(K - 1, -1, -1, device=x.device)
-        r = self.r_net(sinusoid(distances, D).to(x.dtype)).view(K, H, Dh).transpose(0, 1)  # (H, K, Dh)
+        # Queries of the new positions only; keys and values of memory and input (the same fused weight).
+        w_q, w_kv = self.qkv.weight.split([H * Dh, 2 * H * Dh])
+        q = F.linear(x, w_q).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        k, v = F.linear(cat, w_kv).view(B, K, 2, H, Dh).permute(2, 0, 3, 1, 4)  # each (B, H, K, Dh)
+        inference = torch.is_inference_mode_enabled()
+        r = self.r_net(distance_table(K, D, x.device, x.dtype, inference))
+        r = r.view(K, H, Dh).transpose(0, 1)  # (H, K, Dh)
 
         # Position term (query + r_r_bias) . r, realigned to keys; the content term is left to the fused kernel,
         # with r_w_bias folded into the query.
         scale = 1.0 / math.sqrt(Dh)
-        pos = rel_shift(torch.matmul(q + self.r_r_bias[:, None], r.transpose(-1, -2))) * scale
-        causal = torch.ones(T, K, dtype=torch.bool, device=x.device).triu(1 + M)
-        bias = pos.masked_fill(causal, float("-inf"))
+        pos = rel_shift(torch.matmul((q + self.r_r_bias[:, None]) * scale, r.transpose(-1, -2)))  # (B, H, T, K)
+        bias = pos.add_(future_bias(T, K, x.device, x.dtype, inference))
         att = F.scaled_dot_product_attention(
             q + self.r_w_bias[:, None],
             k,
