@@ -72,6 +72,16 @@ def test_matching_table_is_reused_and_another_fingerprint_refused(tiny_cfg, tmp_
     assert forced.fingerprint["batch"] == 3 and LatencyTable.load(path).fingerprint["batch"] == 3
 
 
+def test_a_table_of_other_block_code_is_refused(tiny_cfg, tmp_path, monkeypatch):
+    """A table profiled before a block's forward changed (an older BLOCKS_REVISION) times other code."""
+    path = tmp_path / "lut.json"
+    monkeypatch.setattr("planer.latency.BLOCKS_REVISION", 1)
+    load_or_profile(tiny_cfg(*FAST), path)
+    monkeypatch.undo()
+    with pytest.raises(PlanerError, match="was profiled for blocks=1, but this run needs blocks=2"):
+        load_or_profile(tiny_cfg(*FAST), path)
+
+
 @pytest.mark.parametrize(
     "damage, fragment",
     [

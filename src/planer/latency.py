@@ -208,11 +208,15 @@ def environment(lc: LatencyConfig) -> dict:
     return {"device": device_name(device), "torch": torch.__version__, "dtype": lc.dtype, "threads": lc.threads}
 
 
+BLOCKS_REVISION = 2  # raised when a block's forward changes what it costs: a table of another revision is stale
+
+
 def fingerprint(cfg: Config) -> dict:
     """Everything a block's latency depends on; a table holds only where all of it is the same."""
     m, lc = cfg.model, cfg.latency
     return {
         **environment(lc),
+        "blocks": BLOCKS_REVISION,
         "batch": lc.batch_size,
         "tgt_len": m.tgt_len,
         "mem_len": m.mem_len,
