@@ -522,6 +522,33 @@ CASES = [
         "config.json is missing",
         id="run-baseline-missing",
     ),
+    pytest.param(
+        lambda w, t: [
+            "search",
+            *cfg_args(w, "--limits", "1:0.5", "--method", "gumbel"),
+            "--out",
+            t / "out",
+            "--target",
+            "0.5",
+        ],
+        "only the knapsack search keeps limits",
+        id="search-gumbel-with-limits",
+    ),
+    pytest.param(
+        lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--limits", "1=0.5"],
+        "--limits expects BATCH:FRACTION pairs",
+        id="run-limits-malformed",
+    ),
+    pytest.param(
+        lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--limits", "1:1.5"],
+        "a fraction of the baseline's latency in (0, 1], got 1: 1.5",
+        id="run-limit-out-of-range",
+    ),
+    pytest.param(
+        lambda w, t: ["run", *cfg_args(w), "--out", t / "out", "--limits", "1:0.5", "--method", "knapsack,gumbel"],
+        "only the knapsack search keeps limits at other batch sizes; drop gumbel",
+        id="run-limits-with-gumbel",
+    ),
     # -- output aimed at the earlier run, and bad command-line values ------------------------------------------
     pytest.param(
         lambda w, t: ["train", *cfg_args(w), "--out", w.run], "is not empty; pass --force", id="train-into-earlier-run"

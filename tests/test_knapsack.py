@@ -1,13 +1,24 @@
 """The knapsack search: an exact multiple-choice knapsack, the budget respected, options measured in the baseline."""
 
 import itertools
+import math
 import random
 
 import pytest
 
 from planer.errors import PlanerError
 from planer.importance import Sample
-from planer.knapsack import Fill, LocalDistill, cheapest, cut_picks, knapsack_search, pick, select
+from planer.knapsack import (
+    Budget,
+    Fill,
+    LatencyLimit,
+    LocalDistill,
+    cheapest,
+    cut_picks,
+    knapsack_search,
+    pick,
+    select,
+)
 from planer.latency import LatencyTable
 
 BLOCKS = {"skip": 0.0, "attn:1": 1.0, "attn:2": 1.6, "attn:4": 2.5, "ffl": 0.8, "moe:top1": 1.5, "moe:top2": 1.9}
@@ -20,12 +31,13 @@ def table(blocks=BLOCKS, fixed=0.5):
     return LatencyTable({}, stats(fixed), {k: stats(v) for k, v in blocks.items()}, {})
 
 
-def brute_force(costs, losses, lo, hi):
+def brute_force(costs, losses, lo, hi, limits=()):
     best = None
     for combo in itertools.product(*(range(len(c)) for c in costs)):
         cost = sum(costs[p][i] for p, i in enumerate(combo))
         loss = sum(losses[p][i] for p, i in enumerate(combo))
-        if lo <= cost <= hi and (best is None or loss < best[2]):
+        kept = all(sum(b.costs[p][i] for p, i in enumerate(combo)) <= b.budget for b in limits)
+        if lo <= cost <= hi and kept and (best is None or loss < best[2]):
             best = (list(combo), cost, loss)
     return best
 
@@ -46,6 +58,33 @@ def test_knapsack_equals_brute_force():
             assert got is not None and lo <= got[1] <= hi
             assert got[2] == pytest.approx(expected[2], abs=1e-12)
             assert got[1] == pytest.approx(sum(costs[p][i] for p, i in enumerate(got[0])))
+
+
+def test_knapsack_with_limits_at_other_batches_equals_brute_force():
+    """A second and third budget (another batch's costs, ordered differently from the first's) are kept exactly:
+    the optimum under all of them, None when they exclude everything."""
+    rng = random.Random(2)
+    excluded = 0
+    for _ in range(80):
+        sizes = [rng.randint(1, 4) for _ in range(rng.randint(1, 6))]
+        costs = [[round(rng.uniform(0, 3), 3) for _ in range(k)] for k in sizes]
+        losses = [[rng.uniform(-0.1, 1.0) for _ in range(k)] for k in sizes]
+        hi = rng.uniform(0.4, 1.0) * sum(max(c) for c in costs)
+        limits = []
+        for _ in range(rng.randint(1, 2)):
+            other = [[round(rng.uniform(0, 3), 3) for _ in range(k)] for k in sizes]
+            limits.append(Budget(other, rng.uniform(0.2, 1.0) * sum(max(c) for c in other)))
+        got, expected = (
+            cheapest(costs, losses, -math.inf, hi, limits),
+            brute_force(costs, losses, -math.inf, hi, limits),
+        )
+        if expected is None:
+            excluded += got is None and cheapest(costs, losses, -math.inf, hi) is not None
+            assert got is None
+        else:
+            assert got is not None and got[2] == pytest.approx(expected[2], abs=1e-12)
+            assert all(sum(b.costs[p][i] for p, i in enumerate(got[0])) <= b.budget for b in limits)
+    assert excluded  # some limits rule out every pick the first budget allows
 
 
 def test_select_fills_the_budget_only_within_the_tolerance():
@@ -123,6 +162,24 @@ def test_knapsack_search_respects_the_budget_and_records_every_option(trained_ti
     assert knapsack_search(model, list(BLOCKS), lut, 0.5, sample)[0] == arch
     with pytest.raises(PlanerError, match="fits"):
         knapsack_search(model, list(BLOCKS), lut, 0.05, sample)
+
+
+def test_a_limit_at_another_batch_changes_the_pick_and_is_recorded(trained_tiny, sample):
+    """At "batch 1" attention is dear and the feed-forward block cheap (per-block costs differ by batch): a limit
+    there makes the pick keep both budgets, and the record states the estimate against each."""
+    model, _ = trained_tiny
+    lut = table()
+    at_one = table({**BLOCKS, "attn:1": 2.0, "attn:2": 2.2, "attn:4": 2.6, "ffl": 0.3}, fixed=0.2)
+    free, _ = knapsack_search(model, list(BLOCKS), lut, 0.6, sample)
+    baseline_one = at_one.estimate(model.arch)
+    tight = at_one.estimate(free) / baseline_one - 0.02
+    arch, record = knapsack_search(model, list(BLOCKS), lut, 0.6, sample, limits=[LatencyLimit(1, tight, at_one)])
+    assert arch != free and record["meets_target"]
+    assert at_one.estimate(arch) <= tight * baseline_one
+    (limit,) = record["limits"]
+    assert limit["batch"] == 1 and limit["meets_target"] and limit["estimated_ratio"] <= tight
+    with pytest.raises(PlanerError, match="limits"):
+        knapsack_search(model, list(BLOCKS), lut, 0.6, sample, limits=[LatencyLimit(1, 0.02, at_one)])
 
 
 def test_local_distillation_measures_every_option(trained_tiny, sample):

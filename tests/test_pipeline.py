@@ -152,9 +152,11 @@ def test_run_refuses_another_config(tiny_cfg, tmp_path):
 def test_run_with_knapsack_rivals_and_the_phase2_recipe(tiny_cfg, tmp_path):
     """The knapsack search, the dense rivals of the found model sized to its latency, every phase-2 model distilled
     from the baseline and inherited from it where the arch allows, manifests, and a report that names the best."""
-    cfg = tiny_cfg(*TINY_RUN, "search.method=knapsack", "phase2.init=baseline", "train.steps=30", "train.eval_every=30")
+    cfg = tiny_cfg(*TINY_RUN, "search.method=knapsack", "phase2.init=baseline", "train.steps=30", "train.eval_every=30",
+                   "search.limits={1: 0.6}")  # fmt: skip
     cfg.search.space = ["skip", "attn:1", "attn:2", "attn:4", "ffl"]
     run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.6,), designs=("dense-depth",), batches=(2,)))
+    assert json.loads((tmp_path / "run" / "lut-b1.json").read_text())["fingerprint"]["batch"] == 1
     depth = json.loads((tmp_path / "run" / "planer-t0.60" / "rivals.json").read_text())
     assert [r["name"] for r in depth] == ["dense-depth"]
     # resumed with every rival and a second seed: the first seed's found model gets the rivals it lacked
@@ -172,9 +174,12 @@ def test_run_with_knapsack_rivals_and_the_phase2_recipe(tiny_cfg, tmp_path):
     assert [r["name"] for r in sized] == ["dense-depth", "dense-heads", "dense-width"] and sized[0] == depth[0]
     found = json.loads((out / "search-t0.60" / "arch.json").read_text())
     assert found["method"] == "knapsack" and json.loads((out / "planer-t0.60" / "run.json").read_text())["search"]
+    (limit,) = found["limits"]  # the limit at batch 1, from the table profiled there
+    assert limit["batch"] == 1 and limit["meets_target"] and limit["estimated_ratio"] <= 0.6
     report = (out / "report.md").read_text()
     assert (
         "**Target 0.60**" in report
+        and "within 0.6 of the baseline's at batch 1 (search.limits" in report
         and "Against the rivals (latency at batch 2)" in report
         and "| dense-width-t0.60 |" in report
     )

@@ -121,13 +121,22 @@ def _ints(text: str, what: str) -> list[int]:
         raise PlanerError(f"{what} expects comma-separated integers, got '{text}'") from None
 
 
+def _limits(text: str) -> str:
+    """``--limits 1:0.55,64:0.6`` as the ``--set`` of search.limits (checked there like the config file's)."""
+    try:
+        pairs = [(int(b), float(f)) for b, f in (item.split(":") for item in text.split(","))]
+    except ValueError:
+        raise PlanerError(f"--limits expects BATCH:FRACTION pairs such as 1:0.55,64:0.6, got '{text}'") from None
+    return "search.limits={" + ", ".join(f"{b}: {f!r}" for b, f in pairs) + "}"
+
+
 def cmd_search(args) -> None:
     from planer.config import load_config
     from planer.designs import iso_space
     from planer.loop import RunOptions
     from planer.searches import run_search
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, [*args.set, *([_limits(args.limits)] if args.limits else [])])
     if args.space == "iso":
         cfg.search.space = iso_space(cfg.search.space, cfg.model.n_experts)
     options = RunOptions(force=args.force, resume=args.resume)
@@ -158,6 +167,8 @@ def cmd_run(args) -> None:
         overrides.append(f"search.method={methods[0]}")
     if args.batch:
         overrides.append(f"latency.batch_size={args.batch}")
+    if args.limits:
+        overrides.append(_limits(args.limits))
     cfg = load_config(args.config, overrides)
     plan = Plan(
         targets=tuple(_floats(args.targets, "--targets")),
@@ -357,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         "feed-forward blocks, upcycled experts) or from a search folder's supernet options",
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
+    p.add_argument(
+        "--limits",
+        help="BATCH:FRACTION,...: the found model must also stay within FRACTION of the baseline's latency at each "
+        "BATCH, as estimated by a latency table profiled there (knapsack only; default: search.limits)",
+    )
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split or a text file")
     p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
@@ -392,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["gumbel", "knapsack"], help="search method (default: search.method, knapsack)")
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
     p.add_argument(
+        "--limits",
+        help="BATCH:FRACTION,...: the found model must also stay within FRACTION of the baseline's latency at each "
+        "BATCH, as estimated by a latency table profiled there (knapsack only; default: search.limits)",
+    )
+    p.add_argument(
         "--space",
         choices=["config", "iso"],
         default="config",
@@ -422,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--baseline", help="a trained or imported model (planer import) to start from instead of training a baseline"
+    )
+    p.add_argument(
+        "--limits",
+        help="BATCH:FRACTION,...: the found model must also stay within FRACTION of the baseline's latency at each "
+        "BATCH, as estimated by a latency table profiled there (knapsack only; default: search.limits)",
     )
 
     p = sub.add_parser("report", help="write report.md for a run directory")

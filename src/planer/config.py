@@ -111,6 +111,7 @@ class SearchConfig:
     distill_blocks: bool = False  # knapsack: distil each option locally before measuring it (Puzzle-style)
     rerank: int = 0  # knapsack: train this many picks (the pick, then top layers cut) briefly, keep the best; 0 off
     rerank_steps: int = 150  # knapsack: phase-2 steps of each reranked pick
+    limits: dict[int, float] = field(default_factory=dict)  # knapsack: {B: F}, also within F of the baseline at batch B
 
 
 @dataclass
@@ -159,13 +160,20 @@ class Config:
 
 
 def _coerce(value, hint, where: str):
-    """Check one value against its field's type; ints are accepted for floats, nothing else is converted."""
+    """Check one value against its field's type; ints are accepted for floats and digit strings for a mapping's
+    int keys (config.json has them so: JSON keys are strings), nothing else is converted."""
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
             raise PlanerError(f"config {where}: expected a list, got {value!r}")
         return [_coerce(v, item, where) for v in value]
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise PlanerError(f"config {where}: expected a mapping, got {value!r}")
+        keys = [int(k) if key_hint is int and isinstance(k, str) and k.isdigit() else k for k in value]
+        return {_coerce(k, key_hint, where): _coerce(v, value_hint, where) for k, v in zip(keys, value.values())}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
@@ -376,6 +384,14 @@ def validate(cfg: Config) -> None:
     positive(s, ["rerank_steps"])
     if s.method not in ("gumbel", "knapsack"):
         raise PlanerError(f"config search.method must be gumbel or knapsack, got '{s.method}'")
+    for batch, fraction in s.limits.items():
+        if batch <= 0 or not 0.0 < fraction <= 1.0:
+            raise PlanerError(
+                f"config search.limits: each is batch: fraction, a positive batch size and a fraction of the "
+                f"baseline's latency in (0, 1], got {batch}: {fraction}"
+            )
+    if s.limits and s.method != "knapsack":
+        raise PlanerError("config search.limits: only the knapsack search keeps limits at other batch sizes")
     if not 0.0 <= cfg.distill.weight <= 1.0:
         raise PlanerError(f"config distill.weight must be in [0, 1], got {cfg.distill.weight}")
     positive(cfg.distill, ["temperature"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,30 @@ from planer.errors import PlanerError
 from planer.importance import Ranking, Sample, rank_heads, sample_loss
 from planer.inherit import head_order, transfer
 from planer.latency import LatencyTable
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A second latency budget the pick must also keep: ``costs[p][i]`` is option i at position p at another batch
+    size (its own latency table), ``budget`` what the blocks may cost there together."""
+
+    costs: list[list[float]]
+    budget: float
+
+
+@dataclass(frozen=True)
+class LatencyLimit:
+    """The pick's estimate at another batch size (``table`` is profiled there) stays within ``target`` x the
+    baseline's there: a user who deploys at batch 8 but also serves batch 1 wants it fast at both."""
+
+    batch: int
+    target: float
+    table: LatencyTable
+
+    def record(self, arch: Arch, baseline: Arch) -> dict:
+        estimate, baseline_ms = self.table.estimate(arch), self.table.estimate(baseline)
+        return {"batch": self.batch, "target": self.target, "baseline_ms": baseline_ms, "estimated_ms": estimate,
+                "estimated_ratio": estimate / baseline_ms, "meets_target": estimate <= self.target * baseline_ms}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -182,50 +206,72 @@ class Relaxation:
 
 
 def cheapest(
-    costs: list[list[float]], losses: list[list[float]], lo: float, hi: float
+    costs: list[list[float]], losses: list[list[float]], lo: float, hi: float, limits: Sequence[Budget] = ()
 ) -> tuple[list[int], float, float] | None:
-    """Exact multiple-choice knapsack: one option per position, ``lo <= sum of costs <= hi``, the smallest
-    sum of losses. Returns (option index per position, total cost, total loss), or None when nothing fits.
+    """Exact multiple-choice knapsack: one option per position, ``lo <= sum of costs <= hi`` and every further
+    limit's sum of costs at most its budget, the smallest sum of losses. Returns (option index per position,
+    total cost, total loss), or None when nothing fits.
 
     Branch and bound, depth first, options tried lowest loss first. A branch is cut when its loss plus a lower
     bound on the positions left cannot beat the best combination found (the linear relaxation under the budget
-    left, see ``Relaxation``), or when no choice of the positions left brings its cost into [lo, hi]. Nothing
-    else is cut, so the result is the optimum. A grid DP over discretised latency would round every block's
-    cost, and could overrun the budget or miss the optimum by the accumulated rounding; here the table's own
-    costs are added. The lower bound ``lo`` lets the same solver fill the budget (see ``select``). The relaxation
-    is what keeps the paper's 24 and 32 positions fast: the bare sum of each position's least loss, blind to the
-    budget, let the search run for minutes there.
+    left, see ``Relaxation``), or when no choice of the positions left brings its cost into [lo, hi] or a limit's
+    cost under its budget. Nothing else is cut, so the result is the optimum: the relaxation ignores the limits,
+    which can only lower the bound. A grid DP over discretised latency would round every block's cost, and could
+    overrun the budget or miss the optimum by the accumulated rounding; here the table's own costs are added. The
+    lower bound ``lo`` lets the same solver fill the budget (see ``select``). The relaxation is what keeps the
+    paper's 24 and 32 positions fast: the bare sum of each position's least loss, blind to the budget, let the
+    search run for minutes there.
     """
     n = len(costs)
     order = [sorted(range(len(c)), key=lambda i, p=p: (losses[p][i], costs[p][i])) for p, c in enumerate(costs)]
     max_cost = [0.0] * (n + 1)
     for p in range(n - 1, -1, -1):
         max_cost[p] = max_cost[p + 1] + max(costs[p])
+    least = [[0.0] * (n + 1) for _ in limits]  # per limit: the least cost of positions p..
+    for k, limit in enumerate(limits):
+        for p in range(n - 1, -1, -1):
+            least[k][p] = least[k][p + 1] + min(limit.costs[p])
     relaxed = Relaxation(costs, losses)
     slack = 1e-9 * (abs(hi) + 1.0)  # the bounds' sums round differently from a leaf's: never cut on that
+    rooms = [limit.budget + 1e-9 * (abs(limit.budget) + 1.0) for limit in limits]
     best: list = [math.inf, None, 0.0]
     choice = [0] * n
 
-    def visit(p: int, cost: float, loss: float) -> None:
+    def fits(p: int, i: int, spent: list[float]) -> list[float] | None:
+        """The limits' costs with option i at position p, or None when one can no longer stay in its budget."""
+        after = [s + limit.costs[p][i] for s, limit in zip(spent, limits)]
+        return after if all(a + least[k][p + 1] <= rooms[k] for k, a in enumerate(after)) else None
+
+    def visit(p: int, cost: float, loss: float, spent: list[float]) -> None:
         if p == n:
-            if lo <= cost <= hi and loss < best[0]:
+            in_limits = all(s <= limit.budget for s, limit in zip(spent, limits))
+            if lo <= cost <= hi and in_limits and loss < best[0]:
                 best[:] = [loss, list(choice), cost]
             return
         for i in order[p]:
-            spent, lost = cost + costs[p][i], loss + losses[p][i]
-            if spent + max_cost[p + 1] >= lo - slack and lost + relaxed.bound(p + 1, hi - spent + slack) < best[0]:
+            cost_i, loss_i = cost + costs[p][i], loss + losses[p][i]
+            if cost_i + max_cost[p + 1] < lo - slack:
+                continue
+            after = fits(p, i, spent)
+            if after is not None and loss_i + relaxed.bound(p + 1, hi - cost_i + slack) < best[0]:
                 choice[p] = i
-                visit(p + 1, spent, lost)
+                visit(p + 1, cost_i, loss_i, after)
 
-    visit(0, 0.0, 0.0)
+    visit(0, 0.0, 0.0, [0.0] * len(limits))
     return None if best[1] is None else (best[1], best[2], best[0])
 
 
 def select(
-    costs: list[list[float]], losses: list[list[float]], budget: float, floor: float, tolerance: float
+    costs: list[list[float]],
+    losses: list[list[float]],
+    budget: float,
+    floor: float,
+    tolerance: float,
+    limits: Sequence[Budget] = (),
 ) -> tuple[list[int], dict]:
-    """The minimum-loss combination whose blocks cost at most ``budget``; when it costs less than ``floor``, the
-    minimum-loss one costing [floor, budget] instead, if that predicts at most ``tolerance`` more loss.
+    """The minimum-loss combination whose blocks cost at most ``budget`` (and keep every one of ``limits``); when
+    it costs less than ``floor``, the minimum-loss one costing [floor, budget] instead, if that predicts at most
+    ``tolerance`` more loss. A limit at another batch can keep every pick out of the window: that is recorded.
 
     The minimum-loss pick normally spends the budget: a dearer option usually loses less. When it does not, the
     measured increases say the extra latency buys nothing; a few segments of an untrained swap can say that where
@@ -234,8 +280,11 @@ def select(
     only within ``tolerance``, and the record keeps the other pick (``unfilled`` or ``window_pick``)
     and its predicted loss either way. Where no combination lands in the window at all, the record says so.
     """
-    found = cheapest(costs, losses, -math.inf, budget)
+    found = cheapest(costs, losses, -math.inf, budget, limits)
     if found is None:
+        if cheapest(costs, losses, -math.inf, budget) is not None:
+            raise PlanerError("no architecture of this search space keeps both the target and the limits at other "
+                              "batch sizes (search.limits): loosen a limit or the target")  # fmt: skip
         raise PlanerError(
             f"no architecture of this search space fits: its blocks need {sum(min(c) for c in costs):.3f} ms, "
             f"the budget leaves {budget:.3f}"
@@ -243,7 +292,7 @@ def select(
     choice, cost, loss = found
     info: dict = {"in_window": cost >= floor}
     if not info["in_window"]:
-        filled = cheapest(costs, losses, floor, budget)
+        filled = cheapest(costs, losses, floor, budget, limits)
         if filled is not None and filled[2] <= loss + tolerance:
             info.update(in_window=True, unfilled={"choice": choice, "blocks_ms": cost, "predicted_increase": loss})
             choice, cost, loss = filled
@@ -268,13 +317,15 @@ def pick(
     budget: float,
     floor: float,
     tolerance: float,
+    limits: Sequence[tuple[list[float], float]] = (),
 ) -> tuple[Arch, dict]:
     """``select`` over the options measured at each position (an increase of None is no option there), its picks
-    as architectures."""
+    as architectures. ``limits``: (latency of every option at another batch size, budget there) pairs."""
     kept = [[i for i, inc in enumerate(row) if inc is not None] for row in increases]
     costs = [[latency[i] for i in k] for k in kept]
     losses = [[row[i] for i in k] for row, k in zip(increases, kept)]
-    choice, info = select(costs, losses, budget, floor, tolerance)
+    held = [Budget([[other[i] for i in k] for k in kept], room) for other, room in limits]
+    choice, info = select(costs, losses, budget, floor, tolerance, held)
 
     def arch_of(picks: list[int]) -> Arch:
         return Arch(tuple(BlockSpec.parse(options[k[c]]) for k, c in zip(kept, picks)))
@@ -323,14 +374,15 @@ def knapsack_search(
     distill: LocalDistill | None = None,
     fill: Fill = Fill(),
     candidates: int = 1,
+    limits: Sequence[LatencyLimit] = (),
 ) -> tuple[Arch, dict]:
     """The architecture the knapsack picks for ``target`` x the baseline's estimate, and its record for arch.json.
 
     ``ranking`` (computed on ``sample`` when not given) ranks the heads attention options keep; ``fill`` is the
     window the estimate should land in (see ``select``); with ``candidates`` > 1 the record lists as many picks of
-    other shapes (``cut_picks``) for a short training to choose among. The record holds, per position, every option's latency
-    and measured loss increase (None: not inheritable there) and the chosen one; the head ranking; the estimate
-    against the target.
+    other shapes (``cut_picks``) for a short training to choose among; every pick keeps ``limits`` too. The record
+    holds, per position, every option's latency and measured loss increase (None: not inheritable there) and the
+    chosen one; the head ranking; the estimate against the target and against each limit.
     """
     check_target(target)
     started = time.perf_counter()
@@ -340,10 +392,12 @@ def knapsack_search(
     base, increases = option_increases(baseline, options, sample, ranking, distill)
     baseline_ms = table.estimate(baseline.arch)
     bounds = (target * baseline_ms - table.fixed_ms, fill.low * target * baseline_ms - table.fixed_ms)
-    arch, info = pick(options, latency, increases, *bounds, fill.tolerance)
+    held = [([lim.table.latency(o) for o in options], lim.target * lim.table.estimate(baseline.arch) - lim.table.fixed_ms)
+            for lim in limits]  # fmt: skip
+    arch, info = pick(options, latency, increases, *bounds, fill.tolerance, held)
     estimate = table.estimate(arch)
     skip = options.index("skip") if "skip" in options else None
-    solve = lambda rows: pick(options, latency, rows, *bounds, fill.tolerance)[0]  # noqa: E731
+    solve = lambda rows: pick(options, latency, rows, *bounds, fill.tolerance, held)[0]  # noqa: E731
     cuts = cut_picks(increases, skip, candidates, solve) if candidates > 1 else []
     record = {
         "method": "knapsack",
@@ -353,6 +407,7 @@ def knapsack_search(
         "estimated_ratio": estimate / baseline_ms,
         "meets_target": estimate <= target * baseline_ms,
         "window": [fill.low * target, target],
+        "limits": [lim.record(arch, baseline.arch) for lim in limits],
         **info,
         "baseline_loss": base,
         "positions": [
@@ -362,7 +417,12 @@ def knapsack_search(
         "heads": {str(p): [[h, inc] for h, inc in heads] for p, heads in ranking.items()},
         "distill": None if distill is None else {"steps": distill.steps, "lr": distill.lr},
         "candidates": [
-            {"arch": a.specs(), "layers_cut": cut, "estimated_ratio": table.estimate(a) / baseline_ms}
+            {
+                "arch": a.specs(),
+                "layers_cut": cut,
+                "estimated_ratio": table.estimate(a) / baseline_ms,
+                "limits": [lim.record(a, baseline.arch)["estimated_ratio"] for lim in limits],
+            }
             for cut, a in cuts
         ],
         "seconds": round(time.perf_counter() - started, 1),

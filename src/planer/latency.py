@@ -229,6 +229,11 @@ def fingerprint(cfg: Config) -> dict:
     }
 
 
+def at_batch(cfg: Config, batch: int) -> Config:
+    """``cfg`` with its latency table at ``batch``: the tables of ``search.limits`` are profiled so."""
+    return dataclasses.replace(cfg, latency=dataclasses.replace(cfg.latency, batch_size=batch))
+
+
 def with_vocab_size(cfg: Config) -> Config:
     """A copy of ``cfg`` whose model.vocab_size is known, from the data when the config leaves it at 0."""
     cfg = copy.deepcopy(cfg)

@@ -28,10 +28,10 @@ from planer.data import check_same_vocab, load_corpus
 from planer.designs import RIVALS, iso_space, named_arch, rivals, sandwich_sweep
 from planer.errors import PlanerError
 from planer.evaluate import evaluate_run
-from planer.latency import LatencyTable, bench, load_or_profile
+from planer.latency import LatencyTable, at_batch, bench, load_or_profile
 from planer.loop import RunOptions
 from planer.report import write_report
-from planer.searches import METHODS, run_search
+from planer.searches import METHODS, limit_table_path, run_search
 from planer.train import Recipe, phase2_recipe, train
 
 BENCH_BATCHES = (1, 8, 64)
@@ -252,6 +252,8 @@ def adopt_baseline(source: Path, path: Path, cfg: Config) -> None:
 def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool = False) -> Path:
     """Every stage of ``plan`` into ``out``; returns the run directory (its report is ``out/report.md``)."""
     plan.check()
+    if cfg.search.limits and "gumbel" in plan.methods:
+        raise PlanerError("search.limits: only the knapsack search keeps limits at other batch sizes; drop gumbel")
     for d in plan.designs:
         if d.startswith("sandwich:"):
             named_arch(d, cfg.model)  # a bad K stops the run before any work
@@ -263,6 +265,10 @@ def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool 
     run.baseline_stage()
     lut = out / "lut.json"
     run.stage(f"profile blocks at batch {cfg.latency.batch_size}", lut, lambda: load_or_profile(cfg, lut, force=force))
+    for batch in sorted(cfg.search.limits):
+        path = limit_table_path(lut, batch)
+        run.stage(f"profile blocks at batch {batch} (search.limits)", path,
+                  lambda b=batch, p=path: load_or_profile(at_batch(cfg, b), p, force=force))  # fmt: skip
     searched = [("planer", cfg)]
     searched += [(f"planer-{m}", _with_method(cfg, m)) for m in plan.methods if m != cfg.search.method]
     if "iso" in plan.designs:

@@ -282,7 +282,15 @@ def _settings(lut: dict, rows: list[dict]) -> str:
         if fp
         else ""
     )
-    return f"Measured on {device}, torch {torch.__version__}, Python {platform.python_version()}.{table}{timing}"
+    limits = sorted({(k["batch"], k["target"]) for r in rows for k in r["found"].get("limits", [])})
+    kept = (
+        " The search also kept its estimate within "
+        + ", ".join(f"{f:g} of the baseline's at batch {b}" for b, f in limits)
+        + " (search.limits, each from a table profiled at that batch)."
+        if limits
+        else ""
+    )
+    return f"Measured on {device}, torch {torch.__version__}, Python {platform.python_version()}.{table}{kept}{timing}"
 
 
 def figures(run_dir: Path, rows: list[dict], lut: dict, metric: str) -> list[str]:

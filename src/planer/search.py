@@ -25,7 +25,7 @@ from planer.config import Config, check_target
 from planer.data import check_same_vocab
 from planer.errors import PlanerError
 from planer.knapsack import Fill, cheapest
-from planer.latency import LatencyTable, load_or_profile
+from planer.latency import LatencyTable, at_batch, load_or_profile
 from planer.loop import Loop, RunOptions
 from planer.model import token_nll
 from planer.step import autocast
@@ -62,12 +62,14 @@ class SearchProgress:
     seconds: float = 0.0  # wall time so far, over every session of a resumed search
 
 
-def load_table(loop: Loop, lut_path: str | Path | None) -> LatencyTable:
-    """The run's latency table; rank 0 profiles it when there is none yet, the other ranks then read it."""
+def load_table(loop: Loop, lut_path: str | Path | None, batch: int | None = None) -> LatencyTable:
+    """The run's latency table (at ``batch``, default the config's); rank 0 profiles it when there is none yet, the
+    other ranks then read it."""
     path = Path(lut_path or loop.out_dir / "lut.json")
-    table = load_or_profile(loop.cfg, path) if loop.env.main else None
+    cfg = loop.cfg if batch is None else at_batch(loop.cfg, batch)
+    table = load_or_profile(cfg, path) if loop.env.main else None
     distributed.barrier(loop.env)
-    return table if table is not None else load_or_profile(loop.cfg, path)
+    return table if table is not None else load_or_profile(cfg, path)
 
 
 def search(
@@ -95,14 +97,14 @@ def search(
     return phase1.run()
 
 
-def check_reachable(table: LatencyTable, cfg: Config, target: float) -> None:
+def check_reachable(table: LatencyTable, cfg: Config, target: float, what: str = "target") -> None:
     """Refuse a target that no architecture of the search space meets: each position's cheapest option, plus the
     fixed cost of embedding and softmax, is as fast as the space gets."""
     smallest = table.fixed_ms + 2 * cfg.model.n_layer * min(table.latency(o) for o in cfg.search.space)
     ratio = smallest / table.baseline(cfg)
     if target < ratio:
         raise PlanerError(
-            f"target {target:g} cannot be met: the fastest architecture of this search space is {ratio:.3f} of the "
+            f"{what} {target:g} cannot be met: the fastest architecture of this search space is {ratio:.3f} of the "
             f"baseline's latency (embedding and softmax alone {table.fixed_ms / table.baseline(cfg):.3f}); "
             f"choose a target of at least {ratio:.3f}"
         )

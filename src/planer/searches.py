@@ -17,7 +17,7 @@ from planer.config import Config, check_target
 from planer.data import check_same_vocab
 from planer.errors import PlanerError
 from planer.importance import Sample
-from planer.knapsack import LocalDistill, knapsack_search
+from planer.knapsack import LatencyLimit, LocalDistill, knapsack_search
 from planer.latency import LatencyTable
 from planer.loop import Loop, RunOptions
 from planer.search import check_reachable, load_table, search
@@ -26,6 +26,12 @@ from planer.train import phase2_recipe, train
 METHODS = ("gumbel", "knapsack")
 SAMPLE_SEGMENTS = 8  # training segments of every stream the knapsack's losses are measured on
 DISTILL_STEPS = 50  # local distillation steps per option with --distill-blocks
+
+
+def limit_table_path(lut_path: str | Path, batch: int) -> Path:
+    """Where a limit's latency table lives: beside the run's, ``lut-b1.json`` for batch 1 beside ``lut.json``."""
+    path = Path(lut_path)
+    return path.with_name(f"{path.stem}-b{batch}{path.suffix}")
 
 
 def run_search(
@@ -42,6 +48,8 @@ def run_search(
         raise PlanerError(f"unknown search method '{method}': expected {' or '.join(METHODS)}")
     check_target(target)
     if method == "gumbel":
+        if cfg.search.limits:
+            raise PlanerError("search.limits: only the knapsack search keeps limits at other batch sizes")
         return search(cfg, out_dir, target, lut_path, baseline, options)
     if baseline is None:
         raise PlanerError(
@@ -70,6 +78,10 @@ def knapsack_into(
             raise PlanerError(f"{baseline_dir} does not have this config's length and width")
         table = load_table(loop, lut_path)
         check_reachable(table, cfg, target)
+        limits = [LatencyLimit(b, f, load_table(loop, limit_table_path(lut_path or loop.out_dir / "lut.json", b), b))
+                  for b, f in sorted(cfg.search.limits.items())]  # fmt: skip
+        for limit in limits:
+            check_reachable(limit.table, cfg, limit.target, f"search.limits {limit.batch}:{limit.target:g}")
     m = cfg.model
     sample = Sample(loop.corpus.train, cfg.eval.batch_size, m.tgt_len, m.mem_len, SAMPLE_SEGMENTS)
     distill = None
@@ -78,7 +90,14 @@ def knapsack_into(
         distill = LocalDistill(Sample(later, cfg.eval.batch_size, m.tgt_len, m.mem_len, SAMPLE_SEGMENTS), DISTILL_STEPS)
     started = time.perf_counter()
     arch, record = knapsack_search(
-        baseline.to(loop.device), cfg.search.space, table, target, sample, distill=distill, candidates=cfg.search.rerank
+        baseline.to(loop.device),
+        cfg.search.space,
+        table,
+        target,
+        sample,
+        distill=distill,
+        candidates=cfg.search.rerank,
+        limits=limits,
     )
     if len(record["candidates"]) > 1:
         candidates = [Arch.parse(" ".join(c["arch"])) for c in record["candidates"]]
@@ -86,6 +105,7 @@ def knapsack_into(
             cfg, loop.out_dir / "rerank", candidates, baseline_dir, dataclasses.replace(options, corpus=loop.corpus)
         )
         adopt(record, arch, reranked, table, target)
+        record["limits"] = [limit.record(reranked, baseline.arch) for limit in limits]
         arch = reranked
     record.update(space=cfg.search.space, init_from=str(baseline_dir), seconds=round(time.perf_counter() - started, 1))
     loop.finish(lambda: arch.save(loop.out_dir / "arch.json", **record))
