@@ -108,7 +108,7 @@ def test_cut_picks_are_the_best_archs_with_their_top_layers_cut():
                  else [rng.uniform(0.3, 1.0), None, None, 0.0] for p in range(6)]  # fmt: skip
 
     def solver(budget):
-        return lambda rows: pick(options, latency, rows, budget, float("-inf"), 0.0)[0]
+        return lambda rows, exclude: pick(options, latency, rows, budget, float("-inf"), 0.0, exclude=exclude)[0]
 
     picks = cut_picks(increases, 0, 3, solver(5.0))
     assert [cut for cut, _ in picks] == [0, 1, 2] and len({a for _, a in picks}) == 3
@@ -125,6 +125,20 @@ def test_cut_picks_are_the_best_archs_with_their_top_layers_cut():
     assert [cut for cut, _ in tight] == [0, 2]  # the pick already skips its top layer: cutting it is the pick again
     assert [str(s) for s in tight[0][1]][-2:] == ["skip", "skip"]
     assert cut_picks(increases, None, 3, solver(5.0)) == []
+    # with runner-ups: each shape's best picks in order of their sums, the best first, none twice
+    ranked = cut_picks(increases, 0, 2, solver(5.0), per_shape=3)
+    assert [cut for cut, _ in ranked] == [0, 0, 0, 1, 1, 1] and len({a for _, a in ranked}) == 6
+    assert [a for _, a in ranked][::3] == [a for _, a in picks[:2]]
+    for cut in (0, 1):
+        free = [[i for i, inc in enumerate(row) if inc is not None] for row in increases[: 6 - 2 * cut]]
+        sums = sorted(
+            sum(increases[p][i] for p, i in enumerate(c))
+            for c in itertools.product(*free)
+            if sum(latency[i] for i in c) <= 5.0
+        )
+        shape = [a for c, a in ranked if c == cut]
+        got = [sum(increases[p][options.index(str(s))] for p, s in enumerate(a) if p < 6 - 2 * cut) for a in shape]
+        assert got == pytest.approx(sums[:3])
 
 
 @pytest.fixture

@@ -111,6 +111,7 @@ class SearchConfig:
     distill_blocks: bool = False  # knapsack: distil each option locally before measuring it (Puzzle-style)
     rerank: int = 0  # knapsack: train this many picks (the pick, then top layers cut) briefly, keep the best; 0 off
     rerank_steps: int = 150  # knapsack: phase-2 steps of each reranked pick
+    rerank_per_shape: int = 1  # knapsack: reranked picks of each shape (the best, then the runner-ups)
     limits: dict[int, float] = field(default_factory=dict)  # knapsack: {B: F}, also within F of the baseline at batch B
 
 
@@ -381,7 +382,7 @@ def validate(cfg: Config) -> None:
         raise PlanerError(f"config phase2.init must be scratch or baseline, got '{cfg.phase2.init}'")
     non_negative(cfg.phase2, ["steps"])
     non_negative(s, ["rerank"])
-    positive(s, ["rerank_steps"])
+    positive(s, ["rerank_steps", "rerank_per_shape"])
     if s.method not in ("gumbel", "knapsack"):
         raise PlanerError(f"config search.method must be gumbel or knapsack, got '{s.method}'")
     for batch, fraction in s.limits.items():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -206,11 +206,17 @@ class Relaxation:
 
 
 def cheapest(
-    costs: list[list[float]], losses: list[list[float]], lo: float, hi: float, limits: Sequence[Budget] = ()
+    costs: list[list[float]],
+    losses: list[list[float]],
+    lo: float,
+    hi: float,
+    limits: Sequence[Budget] = (),
+    exclude: Collection[tuple[int, ...]] = (),
 ) -> tuple[list[int], float, float] | None:
     """Exact multiple-choice knapsack: one option per position, ``lo <= sum of costs <= hi`` and every further
-    limit's sum of costs at most its budget, the smallest sum of losses. Returns (option index per position,
-    total cost, total loss), or None when nothing fits.
+    limit's sum of costs at most its budget, the smallest sum of losses, none of the combinations in ``exclude``
+    (which asks for the runner-ups). Returns (option index per position, total cost, total loss), or None when
+    nothing fits.
 
     Branch and bound, depth first, options tried lowest loss first. A branch is cut when its loss plus a lower
     bound on the positions left cannot beat the best combination found (the linear relaxation under the budget
@@ -245,7 +251,7 @@ def cheapest(
     def visit(p: int, cost: float, loss: float, spent: list[float]) -> None:
         if p == n:
             in_limits = all(s <= limit.budget for s, limit in zip(spent, limits))
-            if lo <= cost <= hi and in_limits and loss < best[0]:
+            if lo <= cost <= hi and in_limits and loss < best[0] and tuple(choice) not in exclude:
                 best[:] = [loss, list(choice), cost]
             return
         for i in order[p]:
@@ -268,8 +274,10 @@ def select(
     floor: float,
     tolerance: float,
     limits: Sequence[Budget] = (),
+    exclude: Collection[tuple[int, ...]] = (),
 ) -> tuple[list[int], dict]:
-    """The minimum-loss combination whose blocks cost at most ``budget`` (and keep every one of ``limits``); when
+    """The minimum-loss combination but those in ``exclude`` whose blocks cost at most ``budget`` (and keep every
+    one of ``limits``); when
     it costs less than ``floor``, the minimum-loss one costing [floor, budget] instead, if that predicts at most
     ``tolerance`` more loss. A limit at another batch can keep every pick out of the window: that is recorded.
 
@@ -280,8 +288,10 @@ def select(
     only within ``tolerance``, and the record keeps the other pick (``unfilled`` or ``window_pick``)
     and its predicted loss either way. Where no combination lands in the window at all, the record says so.
     """
-    found = cheapest(costs, losses, -math.inf, budget, limits)
+    found = cheapest(costs, losses, -math.inf, budget, limits, exclude)
     if found is None:
+        if exclude and cheapest(costs, losses, -math.inf, budget, limits) is not None:
+            raise PlanerError("no other architecture of this search space fits")
         if cheapest(costs, losses, -math.inf, budget) is not None:
             raise PlanerError("no architecture of this search space keeps both the target and the limits at other "
                               "batch sizes (search.limits): loosen a limit or the target")  # fmt: skip
@@ -292,7 +302,7 @@ def select(
     choice, cost, loss = found
     info: dict = {"in_window": cost >= floor}
     if not info["in_window"]:
-        filled = cheapest(costs, losses, floor, budget, limits)
+        filled = cheapest(costs, losses, floor, budget, limits, exclude)
         if filled is not None and filled[2] <= loss + tolerance:
             info.update(in_window=True, unfilled={"choice": choice, "blocks_ms": cost, "predicted_increase": loss})
             choice, cost, loss = filled
@@ -318,14 +328,19 @@ def pick(
     floor: float,
     tolerance: float,
     limits: Sequence[tuple[list[float], float]] = (),
+    exclude: Collection[Arch] = (),
 ) -> tuple[Arch, dict]:
     """``select`` over the options measured at each position (an increase of None is no option there), its picks
-    as architectures. ``limits``: (latency of every option at another batch size, budget there) pairs."""
+    as architectures. ``limits``: (latency of every option at another batch size, budget there) pairs; ``exclude``:
+    architectures not to pick."""
     kept = [[i for i, inc in enumerate(row) if inc is not None] for row in increases]
     costs = [[latency[i] for i in k] for k in kept]
     losses = [[row[i] for i in k] for row, k in zip(increases, kept)]
     held = [Budget([[other[i] for i in k] for k in kept], room) for other, room in limits]
-    choice, info = select(costs, losses, budget, floor, tolerance, held)
+    index = [{options[i]: j for j, i in enumerate(k)} for k in kept]
+    banned = {tuple(ix[str(spec)] for ix, spec in zip(index, arch)) for arch in exclude
+              if all(str(spec) in ix for ix, spec in zip(index, arch))}  # fmt: skip
+    choice, info = select(costs, losses, budget, floor, tolerance, held, banned)
 
     def arch_of(picks: list[int]) -> Arch:
         return Arch(tuple(BlockSpec.parse(options[k[c]]) for k, c in zip(kept, picks)))
@@ -338,28 +353,44 @@ def pick(
 
 
 def cut_picks(
-    increases: list[list[float | None]], skip: int | None, count: int, solve: Callable[[list], Arch]
+    increases: list[list[float | None]],
+    skip: int | None,
+    count: int,
+    solve: Callable[[list, Collection[Arch]], Arch],
+    per_shape: int = 1,
 ) -> list[tuple[int, Arch]]:
-    """Up to ``count`` picks of other shapes, for ``rerank``: ``solve`` (the knapsack over rows of increases)
-    with the last k layers cut, their blocks forced to option ``skip``, k = 0, 1, ... while a layer is left.
+    """Picks of ``count`` shapes, for ``rerank``: ``solve`` (the knapsack over rows of increases, excluding some
+    archs) with the last k layers cut, their blocks forced to option ``skip``, k = 0, 1, ... while a layer is left;
+    of each shape its best ``per_shape`` picks (the runner-ups exclude every arch picked before).
 
     The increases are single swaps into the full baseline, and a short training disagrees with them most about
     cutting whole top layers: the top feed-forward block swapped out alone costs the default baseline 0.75 nats,
     yet a 3-layer model trained from the baseline's first layers is as accurate as it. Cutting them here puts
-    such shapes in front of the training that judges them. Returns (layers cut, arch) pairs, distinct archs; none
-    without a ``skip`` option. Every shape fits: cutting the pick's top layers costs no more than the pick.
+    such shapes in front of the training that judges them. Within a shape the sums of single swaps of the best
+    picks are often within a few hundredths of a nat, less than they err by, so runner-ups are worth a training
+    too. Returns (layers cut, arch) pairs, distinct archs; none without a ``skip`` option. A shape whose best pick
+    is an earlier shape's (the pick already skips its top layer) is not counted. Every shape fits: cutting the
+    pick's top layers costs no more than the pick.
     """
     if skip is None:
         return []
     picks: list[tuple[int, Arch]] = []
+    shapes = 0
     for cut in range(len(increases) // 2):
         kept = len(increases) - 2 * cut
         rows = [row if p < kept else [inc if i == skip else None for i, inc in enumerate(row)]
                 for p, row in enumerate(increases)]  # fmt: skip
-        arch = solve(rows)
-        if all(arch != other for _, other in picks):
-            picks.append((cut, arch))
-        if len(picks) == count:
+        best = solve(rows, ())
+        if any(best == other for _, other in picks):
+            continue
+        picks.append((cut, best))
+        for _ in range(per_shape - 1):
+            try:
+                picks.append((cut, solve(rows, [a for _, a in picks])))
+            except PlanerError:  # no other arch of this shape fits
+                break
+        shapes += 1
+        if shapes == count:
             break
     return picks
 
@@ -375,12 +406,14 @@ def knapsack_search(
     fill: Fill = Fill(),
     candidates: int = 1,
     limits: Sequence[LatencyLimit] = (),
+    per_shape: int = 1,
 ) -> tuple[Arch, dict]:
     """The architecture the knapsack picks for ``target`` x the baseline's estimate, and its record for arch.json.
 
     ``ranking`` (computed on ``sample`` when not given) ranks the heads attention options keep; ``fill`` is the
-    window the estimate should land in (see ``select``); with ``candidates`` > 1 the record lists as many picks of
-    other shapes (``cut_picks``) for a short training to choose among; every pick keeps ``limits`` too. The record
+    window the estimate should land in (see ``select``); with ``candidates`` > 1 the record lists picks of as many
+    shapes, ``per_shape`` of each (``cut_picks``), for a short training to choose among; every pick keeps ``limits``
+    too. The record
     holds, per position, every option's latency and measured loss increase (None: not inheritable there) and the
     chosen one; the head ranking; the estimate against the target and against each limit.
     """
@@ -397,8 +430,8 @@ def knapsack_search(
     arch, info = pick(options, latency, increases, *bounds, fill.tolerance, held)
     estimate = table.estimate(arch)
     skip = options.index("skip") if "skip" in options else None
-    solve = lambda rows: pick(options, latency, rows, *bounds, fill.tolerance, held)[0]  # noqa: E731
-    cuts = cut_picks(increases, skip, candidates, solve) if candidates > 1 else []
+    solve = lambda rows, exclude: pick(options, latency, rows, *bounds, fill.tolerance, held, exclude)[0]  # noqa: E731
+    cuts = cut_picks(increases, skip, candidates, solve, per_shape) if candidates > 1 else []
     record = {
         "method": "knapsack",
         "target": target,

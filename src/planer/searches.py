@@ -98,6 +98,7 @@ def knapsack_into(
         distill=distill,
         candidates=cfg.search.rerank,
         limits=limits,
+        per_shape=cfg.search.rerank_per_shape,
     )
     if len(record["candidates"]) > 1:
         candidates = [Arch.parse(" ".join(c["arch"])) for c in record["candidates"]]
