@@ -130,6 +130,14 @@ def _limits(text: str) -> str:
     return "search.limits={" + ", ".join(f"{b}: {f!r}" for b, f in pairs) + "}"
 
 
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--limits",
+        help="BATCH:FRACTION,...: the found model must also stay within FRACTION of the baseline's latency at each "
+        "BATCH, as estimated by a latency table profiled there (knapsack only; default: search.limits)",
+    )
+
+
 def cmd_search(args) -> None:
     from planer.config import load_config
     from planer.designs import iso_space
@@ -368,11 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
         "feed-forward blocks, upcycled experts) or from a search folder's supernet options",
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
-    p.add_argument(
-        "--limits",
-        help="BATCH:FRACTION,...: the found model must also stay within FRACTION of the baseline's latency at each "
-        "BATCH, as estimated by a latency table profiled there (knapsack only; default: search.limits)",
-    )
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split or a text file")
     p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
@@ -407,11 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=["gumbel", "knapsack"], help="search method (default: search.method, knapsack)")
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
-    p.add_argument(
-        "--limits",
-        help="BATCH:FRACTION,...: the found model must also stay within FRACTION of the baseline's latency at each "
-        "BATCH, as estimated by a latency table profiled there (knapsack only; default: search.limits)",
-    )
+    _add_limits(p)
     p.add_argument(
         "--space",
         choices=["config", "iso"],
@@ -444,11 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--baseline", help="a trained or imported model (planer import) to start from instead of training a baseline"
     )
-    p.add_argument(
-        "--limits",
-        help="BATCH:FRACTION,...: the found model must also stay within FRACTION of the baseline's latency at each "
-        "BATCH, as estimated by a latency table profiled there (knapsack only; default: search.limits)",
-    )
+    _add_limits(p)
 
     p = sub.add_parser("report", help="write report.md for a run directory")
     p.add_argument("--run", required=True, help="run directory")
