@@ -28,7 +28,8 @@ def test_a_tie_within_the_spread_and_a_slower_rival():
     rows += [row("dense-heads", 2.31 + d, 2.43 + d, 1.80) for d in (0.0, 0.02, 0.04)]
     rows += [row("dense-depth", 2.32 + d, 2.45 + d, 2.02) for d in (0.0, 0.02, 0.04)]
     text = verdicts(rows, level_char=True, batch=8)[0]
-    assert "dense-heads, 11.1% slower" in text and "tied on test" in text
+    assert "dense-heads, 11.1% slower" in text
+    assert "tied on test (worse by 0.010, within twice the seed spread, 0.040)" in text
     assert "It does not beat every rival within 5% of its latency (dense-depth)" in text
 
 

@@ -52,11 +52,14 @@ def compare(found: list[dict], rival: list[dict], split: str, metric: str, digit
     if a is None or b is None:
         return f"no {split} score"
     gap, spread = b[0] - a[0], max(a[1], b[1])
+    way = "better" if gap > 0 else "worse"
     if a[2] < 2 or b[2] < 2:
-        return f"{'better' if gap > 0 else 'worse'} on {split} by {abs(gap):.{digits}f}"
+        return f"{way} on {split} by {abs(gap):.{digits}f}"
     if abs(gap) <= 2 * spread:
-        return f"tied on {split} ({gap:+.{digits}f}, within twice the seed spread {spread:.{digits}f})"
-    return f"{'better' if gap > 0 else 'worse'} on {split} by {abs(gap):.{digits}f} (seed spread {spread:.{digits}f})"
+        return (
+            f"tied on {split} ({way} by {abs(gap):.{digits}f}, within twice the seed spread, {2 * spread:.{digits}f})"
+        )
+    return f"{way} on {split} by {abs(gap):.{digits}f} (seed spread {spread:.{digits}f})"
 
 
 def is_found(design: str) -> bool:
