@@ -30,7 +30,8 @@ def test_a_tie_within_the_spread_and_a_slower_rival():
     text = verdicts(rows, level_char=True, batch=8)[0]
     assert "dense-heads, 11.1% slower" in text
     assert "tied on test (worse by 0.010, within twice the seed spread, 0.040)" in text
-    assert "It does not beat every rival within 5% of its latency (dense-depth)" in text
+    assert "It does not beat every rival within 5% of its latency on both splits" in text
+    assert "seed spread: it beats none of them, not dense-depth." in text
 
 
 def test_two_search_methods_share_the_rivals_and_are_compared():
@@ -49,3 +50,13 @@ def test_two_search_methods_share_the_rivals_and_are_compared():
     assert methods.startswith("**Search methods at target 0.50**")
     assert "the knapsack search's is better on valid by 0.050 (seed spread 0.002)" in methods
     assert "knapsack 20 s, gumbel 600 s" in methods
+
+
+def test_the_verdict_names_which_matched_rivals_are_beaten_and_which_not():
+    rows = [BASE] + [row("planer", 2.30 + d, 2.44 + d, 2.0) for d in (0.0, 0.02, 0.04)]
+    rows += [row("dense-width", 2.60 + d, 2.70 + d, 2.02) for d in (0.0, 0.02, 0.04)]
+    rows += [row("dense-heads", 2.35 + d, 2.46 + d, 1.98) for d in (0.0, 0.02, 0.04)]
+    text = verdicts(rows, level_char=True, batch=8)[0]
+    assert "dense-heads, at its latency (+1.0%): the found model is better on valid by 0.050" in text
+    assert "tied on test (better by 0.020, within twice the seed spread, 0.040)" in text
+    assert "seed spread: it beats dense-width, not dense-heads." in text
