@@ -14,9 +14,14 @@ def row(design: str, valid: float, test: float, speedup: float, target: float | 
 BASE = row("baseline", 2.30, 2.45, 1.0, None)
 
 
+def seeds(design: str, valid: float, test: float, speedup: float, step: float) -> list[dict]:
+    """Three seeds of one design, their scores ``step`` apart: a standard deviation of ``step``."""
+    return [row(design, valid + d, test + d, speedup) for d in (0.0, step, 2 * step)]
+
+
 def test_a_matched_rival_beaten_beyond_twice_the_spread():
-    rows = [BASE] + [row("planer", 2.30 + d, 2.44 + d, 2.0) for d in (0.0, 0.002, 0.004)]
-    rows += [row("dense-depth", 2.33 + d, 2.49 + d, 1.96) for d in (0.0, 0.002, 0.004)]
+    rows = [BASE] + seeds("planer", 2.30, 2.44, 2.0, 0.002)
+    rows += seeds("dense-depth", 2.33, 2.49, 1.96, 0.002)
     text = verdicts(rows, level_char=True, batch=8)[0]
     assert "dense-depth, at its latency (+2.0%)" in text and "better on valid by 0.030" in text
     assert "It beats every rival within 5% of its latency (dense-depth)" in text
@@ -24,9 +29,9 @@ def test_a_matched_rival_beaten_beyond_twice_the_spread():
 
 
 def test_a_tie_within_the_spread_and_a_slower_rival():
-    rows = [BASE] + [row("planer", 2.30 + d, 2.44 + d, 2.0) for d in (0.0, 0.02, 0.04)]
-    rows += [row("dense-heads", 2.31 + d, 2.43 + d, 1.80) for d in (0.0, 0.02, 0.04)]
-    rows += [row("dense-depth", 2.32 + d, 2.45 + d, 2.02) for d in (0.0, 0.02, 0.04)]
+    rows = [BASE] + seeds("planer", 2.30, 2.44, 2.0, 0.02)
+    rows += seeds("dense-heads", 2.31, 2.43, 1.80, 0.02)
+    rows += seeds("dense-depth", 2.32, 2.45, 2.02, 0.02)
     text = verdicts(rows, level_char=True, batch=8)[0]
     assert "dense-heads, 11.1% slower" in text
     assert "tied on test (worse by 0.010, within twice the seed spread, 0.040)" in text
@@ -36,9 +41,9 @@ def test_a_tie_within_the_spread_and_a_slower_rival():
 
 def test_two_search_methods_share_the_rivals_and_are_compared():
     """A second method's found model gets its own paragraph against the same rivals, then the methods compared."""
-    rows = [BASE] + [row("planer", 2.30 + d, 2.44 + d, 2.0) for d in (0.0, 0.002, 0.004)]
-    rows += [row("planer-gumbel", 2.35 + d, 2.50 + d, 2.1) for d in (0.0, 0.002, 0.004)]
-    rows += [row("dense-depth", 2.33 + d, 2.49 + d, 1.96) for d in (0.0, 0.002, 0.004)]
+    rows = [BASE] + seeds("planer", 2.30, 2.44, 2.0, 0.002)
+    rows += seeds("planer-gumbel", 2.35, 2.50, 2.1, 0.002)
+    rows += seeds("dense-depth", 2.33, 2.49, 1.96, 0.002)
     for r in rows:
         r["found"] = {"meets_target": True, "method": "gumbel" if r["design"] == "planer-gumbel" else "knapsack",
                       "seconds": 600.0 if r["design"] == "planer-gumbel" else 20.0}  # fmt: skip
@@ -53,9 +58,9 @@ def test_two_search_methods_share_the_rivals_and_are_compared():
 
 
 def test_the_verdict_names_which_matched_rivals_are_beaten_and_which_not():
-    rows = [BASE] + [row("planer", 2.30 + d, 2.44 + d, 2.0) for d in (0.0, 0.02, 0.04)]
-    rows += [row("dense-width", 2.60 + d, 2.70 + d, 2.02) for d in (0.0, 0.02, 0.04)]
-    rows += [row("dense-heads", 2.35 + d, 2.46 + d, 1.98) for d in (0.0, 0.02, 0.04)]
+    rows = [BASE] + seeds("planer", 2.30, 2.44, 2.0, 0.02)
+    rows += seeds("dense-width", 2.60, 2.70, 2.02, 0.02)
+    rows += seeds("dense-heads", 2.35, 2.46, 1.98, 0.02)
     text = verdicts(rows, level_char=True, batch=8)[0]
     assert "dense-heads, at its latency (+1.0%): the found model is better on valid by 0.050" in text
     assert "tied on test (better by 0.020, within twice the seed spread, 0.040)" in text
