@@ -95,12 +95,11 @@ def rivals_sentence(
     one_seed = " (one seed each, so no seed spread to weigh the differences against)" if len(found) < 2 else ""
     text = f"Against the rivals (latency at batch {batch}){one_seed}: " + "; ".join(parts) + "."
     if matched:
-        won = [d for d in matched if d in beaten]
-        if len(won) == len(matched):
+        won, lost = [d for d in matched if d in beaten], [d for d in matched if d not in beaten]
+        if not lost:
             text += (f" It beats every rival within {MATCHED:.0%} of its latency ({', '.join(matched)}) on both "
                      "splits by more than twice the seed spread.")  # fmt: skip
         else:
-            lost = [d for d in matched if d not in beaten]
             text += (f" It does not beat every rival within {MATCHED:.0%} of its latency on both splits by more "
                      f"than twice the seed spread: it beats {', '.join(won) or 'none of them'}, "
                      f"not {', '.join(lost)}.")  # fmt: skip
