@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Resumable: run it again after an interruption and it continues where it stopped. The knapsack search and the
-# fewer-layers rival keep it to 24 minutes on a 2-core CPU (fresh clone, set-up included; 5 of them the search with its six
-# short rerank trainings); --designs dense adds the heads and width rivals.
+# fewer-layers rival keep it to 24 minutes on a 2-core CPU (fresh clone, set-up included; 5 of them the search
+# with its six short rerank trainings); --designs dense adds the heads and width rivals.
 demo: setup
 	$(VENV)/bin/planer run --config $(CONFIG) --out $(RUN) --targets 0.5 --method knapsack --designs dense-depth
 
