@@ -26,10 +26,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from planer.arch import Arch, BlockSpec  # noqa: E402
 from planer.config import load_config  # noqa: E402
 from planer.errors import PlanerError  # noqa: E402
-from planer.latency import (  # noqa: E402
+from planer.latency.table import (  # noqa: E402
     DTYPES,
     LatencyTable,
     latency_device,
@@ -41,7 +40,8 @@ from planer.latency import (  # noqa: E402
     table_from_samples,
     with_vocab_size,
 )
-from planer.model import TransformerXL  # noqa: E402
+from planer.models.arch import Arch, BlockSpec  # noqa: E402
+from planer.models.txl import TransformerXL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "out"

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from planer.arch import Arch
-from planer.checkpoint import load_checkpoint
 from planer.config import load_config
-from planer.export import io_names, session, write_onnx
-from planer.latency import private_rng, summarize, time_interleaved, with_vocab_size
-from planer.model import TransformerXL
+from planer.io.checkpoint import load_checkpoint
+from planer.io.onnx import io_names, session, write_onnx
+from planer.latency.table import private_rng, summarize, time_interleaved, with_vocab_size
+from planer.models.arch import Arch
+from planer.models.txl import TransformerXL
 
 
 def models(args) -> dict[str, TransformerXL]:

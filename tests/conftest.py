@@ -62,9 +62,9 @@ def tiny_cfg(tiny_text):
 def trained_tiny(tiny_cfg):
     """A 2-layer baseline trained for a second or two (Adam, in order, with memory), and its corpus: enough for
     its heads and blocks to matter, as measuring importance and inheriting weights need."""
-    from planer.arch import Arch
-    from planer.data import Segments, load_corpus
-    from planer.model import TransformerXL, token_nll
+    from planer.io.data import Segments, load_corpus
+    from planer.models.arch import Arch
+    from planer.models.txl import TransformerXL, token_nll
 
     cfg = tiny_cfg("model.n_experts=4")
     corpus = load_corpus(cfg.data)
@@ -88,7 +88,7 @@ HAND_MS = {"skip": 0.0, "attn:1": 1.0, "attn:2": 1.5, "attn:4": 2.0, "ffl": 0.6,
 
 def hand_table(cfg, ms: dict[str, float] = HAND_MS, fixed: float = 0.5):
     """A latency table with chosen entries that holds for ``cfg``: tests must not depend on measured timings."""
-    from planer.latency import LatencyTable, fingerprint
+    from planer.latency.table import LatencyTable, fingerprint
 
     stats = {spec: {"median": v, "p10": v, "p90": v} for spec, v in ms.items()}
     return LatencyTable(fingerprint(cfg), {"median": fixed, "p10": fixed, "p90": fixed}, stats, {})

@@ -10,13 +10,13 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import planer.search
-import planer.train
-from planer.arch import Arch
-from planer.backbones import build_model
+import planer.search.gumbel
+import planer.training.train
 from planer.config import load_config
-from planer.loop import RunOptions
-from planer.supernet import SuperNet
+from planer.models.arch import Arch
+from planer.models.backbone import build_model
+from planer.search.supernet import SuperNet
+from planer.training.loop import RunOptions
 
 built: dict[str, list] = {"train": [], "search": []}
 
@@ -33,15 +33,17 @@ class RecordedSuperNet(SuperNet):
         built["search"].append(self)
 
 
-planer.train.build_model = recorded_model
-planer.search.SuperNet = RecordedSuperNet
+planer.training.train.build_model = recorded_model
+planer.search.gumbel.SuperNet = RecordedSuperNet
 
 config, lut, out = sys.argv[1:4]
 overrides = [a for a in sys.argv[4:] if a != "--set"]
 cfg = load_config(config, overrides)
 out = Path(out)
-planer.train.train(cfg, out / "train", Arch.parse("attn:4 ffl attn:2 moe:top2"), options=RunOptions(quiet=True))
-planer.search.search(cfg, out / "search", 0.6, lut_path=lut, options=RunOptions(quiet=True))
+planer.training.train.train(
+    cfg, out / "train", Arch.parse("attn:4 ffl attn:2 moe:top2"), options=RunOptions(quiet=True)
+)
+planer.search.gumbel.search(cfg, out / "search", 0.6, lut_path=lut, options=RunOptions(quiet=True))
 rank = os.environ.get("RANK", "0")
 for stage, models in built.items():
     save_file(

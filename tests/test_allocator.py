@@ -10,7 +10,7 @@ import pytest
 # Allocates 64 MiB and prints how many bytes glibc serves through mmap afterwards (mallinfo2's hblkhd).
 PROBE = """
 import ctypes, sys
-from planer.allocator import keep_freed_memory
+from planer.training.allocator import keep_freed_memory
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]

@@ -1,7 +1,7 @@
 import pytest
 
-from planer.arch import Arch, BlockSpec
 from planer.errors import PlanerError
+from planer.models.arch import Arch, BlockSpec
 
 
 def test_parse_round_trip():

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from planer.config import DataConfig
-from planer.data import EOS, UNK, Segments, Vocab, load_corpus, read_text, tokenize
 from planer.errors import PlanerError
+from planer.io.data import EOS, UNK, Segments, Vocab, load_corpus, read_text, tokenize
 
 
 def test_char_split_is_contiguous_90_5_5(tiny_text):

@@ -1,8 +1,8 @@
 import pytest
 
 from planer.config import ModelConfig
-from planer.designs import iso_space, named_arch, par, sandwich, sandwich_sweep
 from planer.errors import PlanerError
+from planer.search.designs import iso_space, named_arch, par, sandwich, sandwich_sweep
 
 
 def test_sandwich_order_and_counts():

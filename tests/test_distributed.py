@@ -16,7 +16,7 @@ from conftest import LLAMA_SETTINGS, ROOT
 from safetensors.torch import load_file
 
 from planer.config import load_config
-from planer.latency import profile_dir
+from planer.latency.table import profile_dir
 
 pytestmark = pytest.mark.slow  # trains, or starts processes that do
 

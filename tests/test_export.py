@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from planer.arch import Arch
-from planer.checkpoint import save_checkpoint
 from planer.cli import main
 from planer.config import load_config
-from planer.data import Vocab
-from planer.model import TransformerXL
-from planer.moe import MoEFeedForward
+from planer.io.checkpoint import save_checkpoint
+from planer.io.data import Vocab
+from planer.models.arch import Arch
+from planer.models.moe import MoEFeedForward
+from planer.models.txl import TransformerXL
 
 ort = pytest.importorskip("onnxruntime")
 

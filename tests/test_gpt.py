@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 
-from planer.arch import Arch, BlockSpec
-from planer.backbones import build_block, build_model
 from planer.config import ModelConfig, load_config
 from planer.errors import PlanerError
-from planer.evaluate import evaluate_sliding
-from planer.generate import generate
-from planer.gpt import GPT, MLP, kv_heads
-from planer.model import TransformerXL, token_nll
-from planer.moe import MoEFeedForward
+from planer.evaluation.evaluate import evaluate_sliding
+from planer.evaluation.generate import generate
+from planer.models.arch import Arch, BlockSpec
+from planer.models.backbone import build_block, build_model
+from planer.models.gpt import GPT, MLP, kv_heads
+from planer.models.moe import MoEFeedForward
+from planer.models.txl import TransformerXL, token_nll
 
 
 def tiny(flavour="gpt2", **kw) -> ModelConfig:
@@ -188,9 +188,9 @@ def test_bad_gpt_config_values(override, fragment):
 
 
 def test_tiny_gpt_trains(tiny_cfg, tmp_path):
-    from planer.checkpoint import load_checkpoint
-    from planer.loop import RunOptions
-    from planer.train import train
+    from planer.io.checkpoint import load_checkpoint
+    from planer.training.loop import RunOptions
+    from planer.training.train import train
 
     cfg = tiny_cfg("model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0")
     cfg.train.steps, cfg.train.eval_every = 30, 30

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from planer.arch import Arch
-from planer.backbones import build_model
 from planer.config import ModelConfig
-from planer.inherit import can_inherit, from_supernet, inherit, kept_groups
-from planer.supernet import SuperNet, warm_start
+from planer.models.arch import Arch
+from planer.models.backbone import build_model
+from planer.search.supernet import SuperNet, warm_start
+from planer.training.inherit import can_inherit, from_supernet, inherit, kept_groups
 
 SPACE = ["skip", "attn:1", "attn:2", "attn:4", "ffl", "ffl:x2", "moe:top1", "moe:top2"]
 
@@ -156,9 +156,9 @@ def test_planer_run_from_an_imported_llama(imported_llama, tmp_path):
 
 def test_a_given_baseline_must_match_the_run_config(tiny_cfg, tmp_path):
     """``planer run --baseline``: a model of another shape than the config's is refused before anything is copied."""
-    from planer.checkpoint import save_checkpoint
-    from planer.data import load_corpus
     from planer.errors import PlanerError
+    from planer.io.checkpoint import save_checkpoint
+    from planer.io.data import load_corpus
     from planer.pipeline import adopt_baseline
 
     cfg = tiny_cfg("model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0")
@@ -190,9 +190,9 @@ def test_the_shipped_gpt_config_builds_a_llama_with_grouped_queries():
 def test_the_report_names_the_export_each_model_allows(tiny_cfg, tmp_path):
     """A gpt model whose layers are alike goes out as a Hugging Face folder, a mixed one says why it cannot, and a
     Transformer-XL goes to ONNX: the report's commands must work for the model they name."""
-    from planer.checkpoint import save_checkpoint
-    from planer.data import load_corpus
-    from planer.report import export_hint
+    from planer.io.checkpoint import save_checkpoint
+    from planer.io.data import load_corpus
+    from planer.report.markdown import export_hint
 
     def hint(name: str, arch: str, *overrides: str) -> str:
         cfg = tiny_cfg(*overrides)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from planer.cli import main
-from planer.data import DataConfig, TokenizerVocab, load_corpus
+from planer.io.data import DataConfig, TokenizerVocab, load_corpus
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -103,7 +103,7 @@ def test_greedy_generate_equals_transformers(folders, flavour, capsys):
 
 
 def test_text_prompt_and_evaluation_use_the_tokenizer(folders, tmp_path, capsys, corpus_text):
-    from planer.evaluate import evaluate_run
+    from planer.evaluation.evaluate import evaluate_run
 
     _, _, out = folders["llama"]
     assert main(["generate", "--run", str(out), "--prompt", "ROMEO: ", "--tokens", "5", "--seed", "1"]) == 0
@@ -150,9 +150,9 @@ def test_export_loads_back_into_transformers(folders, flavour, tmp_path):
 def test_export_with_fewer_heads_everywhere(folders, tmp_path):
     """A uniform found model with fewer heads than the baseline: Llama states its head size, so it exports."""
     import planer
-    from planer.arch import Arch
-    from planer.backbones import build_model
-    from planer.checkpoint import load_checkpoint, save_checkpoint
+    from planer.io.checkpoint import load_checkpoint, save_checkpoint
+    from planer.models.arch import Arch
+    from planer.models.backbone import build_model
 
     _, _, out = folders["llama"]
     _, cfg, vocab = load_checkpoint(out)
@@ -167,10 +167,10 @@ def test_export_with_fewer_heads_everywhere(folders, tmp_path):
 
 
 def test_export_refuses_what_the_format_cannot_hold(folders, tmp_path, tiny_cfg, capsys):
-    from planer.arch import Arch
-    from planer.backbones import build_model
-    from planer.checkpoint import load_checkpoint, save_checkpoint
-    from planer.data import Vocab
+    from planer.io.checkpoint import load_checkpoint, save_checkpoint
+    from planer.io.data import Vocab
+    from planer.models.arch import Arch
+    from planer.models.backbone import build_model
 
     _, _, out = folders["gpt2"]
     _, cfg, vocab = load_checkpoint(out)

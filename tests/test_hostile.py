@@ -227,7 +227,7 @@ def pickle_as_safetensors(ckpt: Path) -> None:
 
 
 def rechecksum(data: dict) -> dict:
-    from planer.latency import _checksum
+    from planer.latency.table import _checksum
 
     body = {k: v for k, v in data.items() if k != "checksum"}
     return {**body, "checksum": _checksum(body)}

@@ -4,13 +4,13 @@ reproduces the source model."""
 import pytest
 import torch
 
-from planer.arch import Arch
 from planer.config import ModelConfig
 from planer.errors import PlanerError
-from planer.importance import Sample, rank_heads
-from planer.inherit import from_supernet, inherit
-from planer.model import TransformerXL
-from planer.supernet import SuperNet, warm_start
+from planer.evaluation.importance import Sample, rank_heads
+from planer.models.arch import Arch
+from planer.models.txl import TransformerXL
+from planer.search.supernet import SuperNet, warm_start
+from planer.training.inherit import from_supernet, inherit
 
 CFG = ModelConfig(
     d_model=32, n_head=4, d_inner=64, n_layer=2, tgt_len=8, mem_len=8, dropout=0.0, n_experts=4, vocab_size=40

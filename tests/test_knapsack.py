@@ -7,8 +7,9 @@ import random
 import pytest
 
 from planer.errors import PlanerError
-from planer.importance import Sample
-from planer.knapsack import (
+from planer.evaluation.importance import Sample
+from planer.latency.table import LatencyTable
+from planer.search.knapsack import (
     Budget,
     Fill,
     LatencyLimit,
@@ -19,7 +20,6 @@ from planer.knapsack import (
     pick,
     select,
 )
-from planer.latency import LatencyTable
 
 BLOCKS = {"skip": 0.0, "attn:1": 1.0, "attn:2": 1.6, "attn:4": 2.5, "ffl": 0.8, "moe:top1": 1.5, "moe:top2": 1.9}
 

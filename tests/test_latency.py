@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from planer.arch import Arch
 from planer.cli import main
 from planer.errors import PlanerError
-from planer.latency import LatencyTable, load_or_profile, measure_models, profile
-from planer.model import TransformerXL
+from planer.latency.table import LatencyTable, load_or_profile, measure_models, profile
+from planer.models.arch import Arch
+from planer.models.txl import TransformerXL
 
 FAST = ["latency.repeats=3", "latency.warmup=1"]
 
@@ -47,7 +47,7 @@ def test_table_covers_space_iso_ffl_and_baseline(tiny_cfg, tmp_path):
 
 
 def test_moe_blocks_are_profiled_like_any_block(tiny_cfg):
-    pytest.importorskip("planer.moe")
+    pytest.importorskip("planer.models.moe")
     cfg = tiny_cfg(*FAST, "search.space=[skip, ffl, moe:top1, moe:top2]")
     table = profile(cfg)
     assert {"moe:top1", "moe:top2"} <= table.blocks.keys()
@@ -75,7 +75,7 @@ def test_matching_table_is_reused_and_another_fingerprint_refused(tiny_cfg, tmp_
 def test_a_table_of_other_block_code_is_refused(tiny_cfg, tmp_path, monkeypatch):
     """A table profiled before a block's forward changed (an older BLOCKS_REVISION) times other code."""
     path = tmp_path / "lut.json"
-    monkeypatch.setattr("planer.latency.BLOCKS_REVISION", 1)
+    monkeypatch.setattr("planer.latency.table.BLOCKS_REVISION", 1)
     load_or_profile(tiny_cfg(*FAST), path)
     monkeypatch.undo()
     with pytest.raises(PlanerError, match="was profiled for blocks=1, but this run needs blocks=2"):

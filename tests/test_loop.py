@@ -14,16 +14,16 @@ import torch
 from conftest import hand_table
 from safetensors.torch import load_file
 
-from planer.arch import Arch
-from planer.checkpoint import load_checkpoint
-from planer.data import Segments, load_corpus
-from planer.loop import Loop, RunOptions
-from planer.model import TransformerXL, token_nll
-from planer.optim import Lamb, lr_at
-from planer.search import GumbelSearch, latency_loss, search
-from planer.step import distill_loss
-from planer.supernet import SuperNet
-from planer.train import Recipe, train
+from planer.io.checkpoint import load_checkpoint
+from planer.io.data import Segments, load_corpus
+from planer.models.arch import Arch
+from planer.models.txl import TransformerXL, token_nll
+from planer.search.gumbel import GumbelSearch, latency_loss, search
+from planer.search.supernet import SuperNet
+from planer.training.loop import Loop, RunOptions
+from planer.training.optim import Lamb, lr_at
+from planer.training.step import distill_loss
+from planer.training.train import Recipe, train
 
 
 def lamb_step(opt, params, step: int, tc, loss) -> None:

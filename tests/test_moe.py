@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from planer.moe import MoEFeedForward
+from planer.models.moe import MoEFeedForward
 
 D, DI, E = 16, 24, 4
 

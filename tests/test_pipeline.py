@@ -7,10 +7,10 @@ import sys
 import pytest
 from conftest import ROOT
 
-from planer.arch import Arch
-from planer.checkpoint import load_checkpoint
-from planer.inherit import can_inherit
+from planer.io.checkpoint import load_checkpoint
+from planer.models.arch import Arch
 from planer.pipeline import Plan, run_pipeline
+from planer.training.inherit import can_inherit
 
 TINY_RUN = [
     "search.method=gumbel",

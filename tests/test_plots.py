@@ -4,7 +4,7 @@ import itertools
 
 import matplotlib.pyplot as plt
 
-from planer.plots import label_points
+from planer.report.plots import label_points
 
 
 def test_labels_of_nearby_points_of_other_designs_do_not_overlap():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from planer.arch import KINDS, Arch
 from planer.cli import build_parser, subcommands
+from planer.models.arch import KINDS, Arch
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

@@ -14,14 +14,14 @@ import pytest
 from conftest import ROOT, tiny_overrides
 from test_pipeline import TINY_RUN
 
-from planer import plots, samples
 from planer.cli import main
 from planer.config import load_config
-from planer.loop import RunOptions
 from planer.pipeline import Plan, run_pipeline
-from planer.report import collect, write_report
-from planer.report_details import duration
-from planer.searches import run_search
+from planer.report import plots, samples
+from planer.report.details import duration
+from planer.report.markdown import collect, write_report
+from planer.search.methods import run_search
+from planer.training.loop import RunOptions
 
 
 @pytest.fixture(scope="session")

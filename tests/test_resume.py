@@ -13,7 +13,7 @@ from conftest import LLAMA_SETTINGS
 from safetensors.torch import load_file
 
 from planer.config import load_config
-from planer.latency import profile_dir
+from planer.latency.table import profile_dir
 
 pytestmark = pytest.mark.slow  # trains, or starts processes that do
 
@@ -152,12 +152,12 @@ def test_divergence_stops_and_keeps_the_last_good_state(tiny_cfg, tmp_path, monk
     checkpoint and the step-20 resume state (finite) are kept as they were."""
     import pytest
 
-    from planer.arch import Arch
     from planer.errors import PlanerError
-    from planer.loop import RunOptions
-    from planer.resume import load_state, newest_state
-    from planer.step import WeightTrainer
-    from planer.train import train
+    from planer.models.arch import Arch
+    from planer.training.loop import RunOptions
+    from planer.training.resume import load_state, newest_state
+    from planer.training.step import WeightTrainer
+    from planer.training.train import train
 
     step = WeightTrainer.step
 

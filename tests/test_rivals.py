@@ -2,10 +2,10 @@
 
 import pytest
 
-from planer.arch import Arch
 from planer.config import load_config
-from planer.designs import RIVAL_TOLERANCE, rivals, width_rival
-from planer.latency import LatencyTable
+from planer.latency.table import LatencyTable
+from planer.models.arch import Arch
+from planer.search.designs import RIVAL_TOLERANCE, rivals, width_rival
 
 FIXED = 1.0
 BLOCKS = {"skip": 0.0, "attn:1": 1.0, "attn:2": 1.6, "attn:4": 3.0, "ffl": 1.0}

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from conftest import hand_table
 
-from planer.arch import Arch
 from planer.cli import main
 from planer.config import LatencyConfig, ModelConfig
-from planer.data import load_corpus
-from planer.loop import RunOptions
-from planer.model import TransformerXL
-from planer.search import GumbelSearch, latency_loss, search
-from planer.supernet import SuperNet
+from planer.io.data import load_corpus
+from planer.models.arch import Arch
+from planer.models.txl import TransformerXL
+from planer.search.gumbel import GumbelSearch, latency_loss, search
+from planer.search.supernet import SuperNet
+from planer.training.loop import RunOptions
 
 SPACE = ["skip", "attn:1", "attn:2", "attn:4", "ffl", "moe:top1", "moe:top2"]
 
@@ -132,7 +132,7 @@ def test_tiny_search_writes_arch_and_log(tiny_cfg, tmp_path):
 def test_warm_start_reproduces_the_baseline():
     """Started from a trained baseline, the supernet's baseline choices compute what the baseline computes, and a
     top-2 MoE of upcycled experts computes what the feed-forward block it came from computes."""
-    from planer.supernet import warm_start
+    from planer.search.supernet import warm_start
 
     cfg = ModelConfig(
         d_model=32, n_head=4, d_inner=64, n_layer=2, tgt_len=8, mem_len=8, dropout=0.0, n_experts=4, vocab_size=40

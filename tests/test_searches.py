@@ -2,11 +2,11 @@
 
 import json
 
-from planer.arch import Arch
 from planer.cli import main
-from planer.loop import RunOptions
-from planer.searches import rerank
-from planer.train import train
+from planer.models.arch import Arch
+from planer.search.methods import rerank
+from planer.training.loop import RunOptions
+from planer.training.train import train
 
 
 def test_knapsack_search_through_the_cli(tiny_cfg, tmp_path, capsys):

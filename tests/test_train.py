@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from planer.arch import Arch
-from planer.checkpoint import load_checkpoint
 from planer.config import Config
-from planer.evaluate import evaluate_run
-from planer.loop import RunOptions
-from planer.optim import Lamb, lr_at
-from planer.train import train
+from planer.evaluation.evaluate import evaluate_run
+from planer.io.checkpoint import load_checkpoint
+from planer.models.arch import Arch
+from planer.training.loop import RunOptions
+from planer.training.optim import Lamb, lr_at
+from planer.training.train import train
 
 
 @pytest.mark.slow

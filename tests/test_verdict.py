@@ -1,7 +1,7 @@
 """The verdict's words follow the numbers: latency relative to the found model, wins only beyond twice the spread."""
 
-from planer.arch import Arch
-from planer.verdict import verdicts
+from planer.models.arch import Arch
+from planer.report.verdict import verdicts
 
 
 def row(design: str, valid: float, test: float, speedup: float, target: float | None = 0.5) -> dict:

@@ -9,7 +9,7 @@ def load(run_dir, device="cpu"):
     >>> model, vocab = planer.load("runs/demo/baseline")
     >>> ids = vocab.encode(vocab.tokenize("ROMEO:"))[0].tolist()
     """
-    from planer.checkpoint import load_checkpoint
+    from planer.io.checkpoint import load_checkpoint
 
     model, _, vocab = load_checkpoint(run_dir, device)
     return model.eval(), vocab

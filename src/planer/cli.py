@@ -12,13 +12,13 @@ import platform
 import sys
 from pathlib import Path
 
-from planer.allocator import keep_freed_memory
 from planer.errors import PlanerError
+from planer.training.allocator import keep_freed_memory
 
 
 def _arch(value: str | None, cfg):
-    from planer.arch import Arch
-    from planer.designs import named_arch
+    from planer.models.arch import Arch
+    from planer.search.designs import named_arch
 
     named = named_arch(value or "baseline", cfg.model)
     if named is not None:
@@ -37,8 +37,8 @@ def _rank() -> int:
 
 def cmd_train(args) -> None:
     from planer.config import load_config
-    from planer.loop import RunOptions
-    from planer.train import Recipe, train
+    from planer.training.loop import RunOptions
+    from planer.training.train import Recipe, train
 
     cfg = load_config(args.config, args.set)
     arch = _arch(args.arch, cfg)
@@ -52,7 +52,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from planer.evaluate import evaluate_run
+    from planer.evaluation.evaluate import evaluate_run
 
     result = evaluate_run(args.run, args.split, args.text, args.device)
     if args.json:
@@ -68,7 +68,7 @@ def cmd_evaluate(args) -> None:
 
 def cmd_profile(args) -> None:
     from planer.config import load_config
-    from planer.latency import profile_dir
+    from planer.latency.table import profile_dir
 
     overrides = list(args.set)
     if args.batch is not None:
@@ -86,7 +86,7 @@ def cmd_profile(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from planer.latency import bench
+    from planer.latency.table import bench
 
     result = bench(
         args.run,
@@ -140,9 +140,9 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
 
 def cmd_search(args) -> None:
     from planer.config import load_config
-    from planer.designs import iso_space
-    from planer.loop import RunOptions
-    from planer.searches import run_search
+    from planer.search.designs import iso_space
+    from planer.search.methods import run_search
+    from planer.training.loop import RunOptions
 
     cfg = load_config(args.config, [*args.set, *([_limits(args.limits)] if args.limits else [])])
     if args.space == "iso":
@@ -166,8 +166,8 @@ def cmd_search(args) -> None:
 def cmd_run(args) -> None:
     from planer.config import load_config
     from planer.pipeline import Plan, parse_designs, run_pipeline
-    from planer.report import collect
-    from planer.verdict import verdicts
+    from planer.report.markdown import collect
+    from planer.report.verdict import verdicts
 
     overrides = list(args.set)
     methods = [m.strip() for m in (args.method or "").split(",") if m.strip()]
@@ -221,11 +221,11 @@ def cmd_config(args) -> None:
 
 def cmd_export(args) -> None:
     if args.hf is not None:
-        from planer.hf import export_hf
+        from planer.io.hf import export_hf
 
         print(f"wrote {export_hf(args.run, args.hf, force=args.force)}: a Hugging Face folder transformers loads")
         return
-    from planer.export import export_onnx
+    from planer.io.onnx import export_onnx
 
     result = export_onnx(args.run, args.onnx, force=args.force)
     print(
@@ -235,7 +235,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from planer.hf import import_hf
+    from planer.io.hf import import_hf
 
     result = import_hf(args.hf, args.out)
     print(
@@ -255,7 +255,7 @@ def _prompt(args, vocab) -> list[int]:
 
 def cmd_generate(args) -> None:
     from planer import load
-    from planer.generate import generate
+    from planer.evaluation.generate import generate
 
     model, vocab = load(args.run, args.device)
     prompt = _prompt(args, vocab)
@@ -264,7 +264,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from planer.report import write_report
+    from planer.report.markdown import write_report
 
     print(f"wrote {write_report(args.run)}")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from planer.arch import BlockSpec
 from planer.errors import PlanerError
+from planer.models.arch import BlockSpec
 
 DEFAULT_SPACE = ["skip", "attn:1", "attn:2", "attn:4", "attn:8", "ffl", "moe:top1", "moe:top2"]
 
@@ -40,7 +40,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "txl"  # txl (Transformer-XL, the paper's) | gpt (decoder-only, see gpt.py)
+    backbone: str = "txl"  # txl (Transformer-XL, the paper's) | gpt (decoder-only, see models/gpt.py)
     flavour: str = "gpt2"  # gpt backbone: gpt2 | llama
     d_model: int = 128
     n_head: int = 8  # heads of the baseline attention; d_head = d_model / n_head for every attention block
@@ -93,7 +93,7 @@ class EvalConfig:
     batch_size: int = 16
     tgt_len: int = 0  # 0: the model's tgt_len (gpt: the window, 0 means model.context)
     mem_len: int = 0  # 0: the model's mem_len
-    stride: int = 0  # gpt: tokens the sliding window advances by; 0 means half the window (see evaluate.py)
+    stride: int = 0  # gpt: tokens the sliding window advances by; 0 means half the window (see evaluation/evaluate.py)
 
 
 @dataclass
@@ -136,7 +136,7 @@ class DistillConfig:
 class LatencyConfig:
     batch_size: int = 8
     warmup: int = 10  # untimed rounds
-    repeats: int = 200  # timed rounds; each times every candidate once, interleaved (see latency.py)
+    repeats: int = 200  # timed rounds; each times every candidate once, interleaved (see latency/table.py)
     threads: int = 1  # one thread: repeatable on a shared CPU, and what the table's fingerprint records
     device: str = "cpu"
     dtype: str = "fp32"  # fp32 | bf16 | fp16

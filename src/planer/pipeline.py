@@ -21,18 +21,18 @@ from pathlib import Path
 
 import torch
 
-from planer.arch import Arch
-from planer.checkpoint import CONFIG, WEIGHTS, atomic_write_text, load_checkpoint, load_meta, read_json_object
 from planer.config import Config, check_target, saved_config_matches
-from planer.data import check_same_vocab, load_corpus
-from planer.designs import RIVALS, iso_space, named_arch, rivals, sandwich_sweep
 from planer.errors import PlanerError
-from planer.evaluate import evaluate_run
-from planer.latency import LatencyTable, at_batch, bench, load_or_profile
-from planer.loop import RunOptions
-from planer.report import write_report
-from planer.searches import METHODS, limit_table_path, run_search
-from planer.train import Recipe, phase2_recipe, train
+from planer.evaluation.evaluate import evaluate_run
+from planer.io.checkpoint import CONFIG, WEIGHTS, atomic_write_text, load_checkpoint, load_meta, read_json_object
+from planer.io.data import check_same_vocab, load_corpus
+from planer.latency.table import LatencyTable, at_batch, bench, load_or_profile
+from planer.models.arch import Arch
+from planer.report.markdown import write_report
+from planer.search.designs import RIVALS, iso_space, named_arch, rivals, sandwich_sweep
+from planer.search.methods import METHODS, limit_table_path, run_search
+from planer.training.loop import RunOptions
+from planer.training.train import Recipe, phase2_recipe, train
 
 BENCH_BATCHES = (1, 8, 64)
 DESIGNS = ("dense", *RIVALS, "sandwich", "par", "iso")

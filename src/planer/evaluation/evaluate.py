@@ -1,0 +1,148 @@
+"""Evaluation the Transformer-XL way: segments in order, memory carried across them.
+
+Each of the ``batch_size`` streams first runs ``mem_len`` tokens unscored to fill the memory, so that every scored
+token sees full context; every token after that is scored exactly once. Loss is in nats per token; bits per
+character is reported for char-level corpora. The gpt backbone has no memory: it is scored by a sliding window
+instead (``evaluate_sliding``), which ``evaluate_run`` picks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from planer.config import Config
+from planer.errors import PlanerError
+from planer.io.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_json_object
+from planer.io.data import Segments, load_corpus, read_text
+from planer.models.txl import TransformerXL, token_nll
+from planer.training.distributed import resolve_device
+
+
+@torch.no_grad()
+def evaluate_ids(
+    model: TransformerXL, ids: torch.Tensor, batch_size: int, tgt_len: int, mem_len: int, max_segments: int = 0
+) -> dict:
+    """Mean loss over the scored tokens of ``ids``; ``max_segments`` > 0 scores only that many segments."""
+    was_training, saved_mem_len = model.training, model.mem_len
+    model.eval()
+    model.mem_len = mem_len
+    device = next(model.parameters()).device
+    batch_size = max(1, min(batch_size, len(ids) // (2 * tgt_len)))
+    n = len(ids) // batch_size
+    if n < 2:
+        raise PlanerError(f"{len(ids)} tokens are too few to evaluate")
+    warm = mem_len if n - 1 > mem_len else 0
+    stream = Segments(ids, batch_size, tgt_len, drop_last=False, offset=warm)
+    mems = model(stream.data[:, :warm].to(device))[1] if warm else None
+    total, count = 0.0, 0
+    try:
+        for seg in stream.walk(0, min(len(stream), max_segments or len(stream))):
+            logits, mems = model(seg.x.to(device), mems)  # the first segment continues the warm-up
+            y = seg.y.to(device)
+            total += token_nll(logits, y).sum().item()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+        model.mem_len = saved_mem_len
+    return {"loss": total / count, "tokens": count}
+
+
+@torch.no_grad()
+def evaluate_sliding(model: nn.Module, ids: torch.Tensor, window: int, stride: int, batch_size: int) -> dict:
+    """Mean loss of a model without memory (the gpt backbone) over ``ids``, by a window sliding ``stride`` tokens.
+
+    The windows hold ``window`` tokens (all of ``ids`` when it is shorter). The first one scores every token it
+    predicts; each later one ends ``stride`` tokens further on (the last one at the end of ``ids``) and scores
+    only the tokens no window has scored yet. So every token but the first is scored exactly once, with at least
+    window - stride tokens of context, or all of them near the start. stride = window is the cheap, pessimistic
+    non-overlapping evaluation; stride 1 gives every token a full window at window times the cost; eval.stride's
+    default is half the window. Windows are scored ``batch_size`` at a time.
+    """
+    n = len(ids)
+    if n < 2:
+        raise PlanerError(f"{n} tokens are too few to evaluate")
+    if not 0 < stride <= window:
+        raise PlanerError(f"the evaluation stride must be in [1, window {window}], got {stride}")
+    L = min(window, n - 1)
+    ends = [*range(L, n - 1, stride), n - 1]  # each window reads ids[end - L : end] and predicts up to ids[end]
+    starts = [e - L for e in ends]
+    first = [0] + [prev - b for prev, b in zip(ends, starts[1:])]  # the window's first position not yet scored
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    try:
+        for k in range(0, len(ends), batch_size):
+            rows = torch.tensor(starts[k : k + batch_size])[:, None] + torch.arange(L + 1)
+            chunk = ids[rows].to(device)  # (windows, L + 1)
+            logits, _ = model(chunk[:, :-1])
+            scored = torch.arange(L, device=device) >= torch.tensor(first[k : k + batch_size], device=device)[:, None]
+            total += token_nll(logits, chunk[:, 1:])[scored].sum().item()
+    finally:
+        model.train(was_training)
+    return {"loss": total / (n - 1), "tokens": n - 1}
+
+
+def scorer(model: nn.Module, cfg: Config) -> Callable[[torch.Tensor], dict]:
+    """How ``evaluate_run`` scores a token stream: with memory (Transformer-XL) or by a sliding window (gpt)."""
+    e = cfg.eval
+    if cfg.model.backbone == "gpt":
+        window = e.tgt_len or cfg.model.context
+        return lambda ids: evaluate_sliding(model, ids, window, e.stride or max(1, window // 2), e.batch_size)
+    tgt_len, mem_len = e.tgt_len or cfg.model.tgt_len, e.mem_len or cfg.model.mem_len
+    return lambda ids: evaluate_ids(model, ids, e.batch_size, tgt_len, mem_len)
+
+
+def summarize(result: dict, level: str, unk: int) -> dict:
+    loss = result["loss"]
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "bpc": loss / math.log(2) if level == "char" else None,
+        "tokens": result["tokens"],
+        "unk": unk,
+    }
+
+
+def refuse_run_folder(path: Path) -> None:
+    """A folder of model folders (a ``planer run`` directory) is not a checkpoint: say so, and name its models,
+    rather than report a missing config.json."""
+    if (path / CONFIG).exists() or not path.is_dir():
+        return
+    models = sorted(p.name for p in path.iterdir() if (p / WEIGHTS).is_file() and (p / CONFIG).is_file())
+    if models:
+        raise PlanerError(
+            f"{path} is a run folder, not a checkpoint: evaluate one of its models, e.g. --run {path / models[0]}; "
+            f"it holds {', '.join(models)}"
+        )
+
+
+def evaluate_run(
+    run_dir: str | Path, split: str = "valid", text_file: str | Path | None = None, device: str = "cpu"
+) -> dict:
+    """Evaluate a checkpoint on a split of its corpus, or on any text file; split results go to eval.json."""
+    refuse_run_folder(Path(run_dir))
+    model, cfg, vocab = load_checkpoint(run_dir, resolve_device(str(device)))
+    score = scorer(model, cfg)
+    if text_file is not None:
+        ids, unk = vocab.encode(vocab.tokenize(read_text(text_file)))
+        if len(ids) < 2:
+            raise PlanerError(f"text file {text_file} has {len(ids)} tokens, too few to score")
+        return summarize(score(ids), vocab.level, unk)
+    path = Path(run_dir) / "eval.json"
+    saved = read_json_object(path)
+    corpus = load_corpus(cfg.data, vocab)
+    result = summarize(
+        score(corpus.split(split)),
+        vocab.level,
+        corpus.unseen[split],
+    )
+    saved[split] = result
+    path.write_text(json.dumps(saved, indent=2) + "\n")
+    return result

@@ -1,0 +1,421 @@
+"""Hugging Face folders in and out: ``GPT2LMHeadModel`` and ``LlamaForCausalLM`` <-> planer checkpoints.
+
+Only JSON and safetensors are read, from a local folder: nothing is unpickled and nothing is downloaded, so a
+folder with only ``pytorch_model.bin`` is refused. Every tensor's shape is checked against what config.json
+implies before anything is written. Layer i of a Hugging Face model is blocks 2i (attention) and 2i + 1 (MLP)
+of planer's baseline arch; weight layouts differ only in packing (facts from transformers' modeling files):
+
+- GPT-2 keeps its projections as ``Conv1D``, weight (in, out): transposed here. ``c_attn`` is [q, k, v] along
+  its outputs, as planer's fused ``qkv``.
+- Llama keeps q, k, v and gate, up as separate ``nn.Linear``: concatenated here into ``qkv`` and ``up``. Its
+  rotary positions are in the rotate-half layout already (gpt.rotate), so no permutation is needed.
+
+Export is the same table read the other way, for models uniform enough for the format: ``attn:H ffl:xM``
+repeated, the same H and M in every layer (H = n_head for GPT-2, whose head size is fixed by it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from planer.config import Config, ModelConfig, validate
+from planer.errors import PlanerError
+from planer.io.checkpoint import WEIGHTS, copy_tokenizer, load_checkpoint, save_checkpoint
+from planer.io.data import TokenizerVocab
+from planer.models.arch import Arch, BlockSpec
+from planer.models.backbone import build_model
+from planer.models.gpt import kv_heads
+
+INDEX = "model.safetensors.index.json"
+PREFIX = {"gpt2": "transformer.", "llama": "model."}
+ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # buffers older versions saved
+TRAIN_LEN = 128  # model.tgt_len of an import: planer's training segments, at most the model's context
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The sizes both formats share; one per model, every layer alike."""
+
+    flavour: str
+    layers: int
+    d_model: int
+    heads: int
+    kv: int
+    d_head: int
+    d_inner: int
+    vocab: int
+    positions: int
+    tied: bool
+
+
+@dataclass(frozen=True)
+class Link:
+    """One planer tensor and the Hugging Face tensors it is made of: concatenated along dim 0, or one transposed."""
+
+    planer: str
+    hf: tuple[str, ...]
+    transpose: bool = False
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlanerError(f"{path.parent} is not a Hugging Face model folder: {path.name} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise PlanerError(f"{path} is unreadable or not JSON") from None
+    if not isinstance(data, dict):
+        raise PlanerError(f"{path}: expected a JSON object")
+    return data
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise PlanerError(f"unsupported model: {what}")
+
+
+def _gpt2_layout(hf: dict) -> tuple[Layout, dict]:
+    _require(hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"), "GPT-2 needs gelu_new")
+    _require(hf.get("scale_attn_weights", True), "GPT-2 without scale_attn_weights")
+    _require(not hf.get("scale_attn_by_inverse_layer_idx", False), "GPT-2 with scale_attn_by_inverse_layer_idx")
+    _require(not hf.get("add_cross_attention", False), "GPT-2 with cross-attention")
+    _require(hf.get("tie_word_embeddings", True), "GPT-2 with an untied output layer")
+    d, heads = hf["n_embd"], hf["n_head"]
+    _require(d % heads == 0, f"n_head {heads} does not divide n_embd {d}")
+    inner = hf.get("n_inner") or 4 * d
+    layout = Layout(
+        "gpt2", hf["n_layer"], d, heads, heads, d // heads, inner, hf["vocab_size"], hf["n_positions"], True
+    )
+    extra = {
+        "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+        "dropout": float(hf.get("resid_pdrop", 0.1)),
+        "dropatt": float(hf.get("attn_pdrop", 0.1)),
+    }
+    return layout, extra
+
+
+def _rope_theta(hf: dict) -> float:
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    _require(rope.get("rope_type", rope.get("type", "default")) == "default", "Llama with scaled rotary positions")
+    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _llama_layout(hf: dict) -> tuple[Layout, dict]:
+    _require(hf.get("hidden_act", "silu") == "silu", "Llama needs hidden_act silu")
+    _require(not hf.get("attention_bias", False) and not hf.get("mlp_bias", False), "Llama with biases")
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or heads
+    d_head = hf.get("head_dim") or d // heads
+    _require(heads % kv == 0, f"{heads} query heads over {kv} key/value heads")
+    _require(heads * d_head == d, f"head_dim {d_head} x {heads} heads != hidden_size {d}")
+    layout = Layout(
+        "llama",
+        hf["num_hidden_layers"],
+        d,
+        heads,
+        kv,
+        d_head,
+        hf["intermediate_size"],
+        hf["vocab_size"],
+        hf["max_position_embeddings"],
+        bool(hf.get("tie_word_embeddings", False)),
+    )
+    extra = {
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "rope_theta": _rope_theta(hf),
+        "dropout": 0.0,
+        "dropatt": float(hf.get("attention_dropout", 0.0)),
+    }
+    return layout, extra
+
+
+def read_layout(hf: dict, path: Path) -> tuple[Layout, dict]:
+    """The model's sizes and the ModelConfig values only config.json knows (norm epsilon, dropout, rotary base)."""
+    kind = hf.get("model_type")
+    if kind not in PREFIX:
+        raise PlanerError(f"{path}: unsupported model_type {kind!r} (planer imports gpt2 and llama)")
+    try:
+        return (_gpt2_layout if kind == "gpt2" else _llama_layout)(hf)
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise PlanerError(f"{path}: a {kind} config.json needs a valid {e}") from None
+
+
+def model_config(layout: Layout, extra: dict) -> ModelConfig:
+    """planer's ModelConfig for a layout: n_head is d_model / d_head, n_kv_head keeps the grouping of kv_heads."""
+    n_head = layout.d_model // layout.d_head
+    n_kv_head = layout.kv * n_head // layout.heads
+    cfg = ModelConfig(
+        backbone="gpt",
+        flavour=layout.flavour,
+        d_model=layout.d_model,
+        n_head=n_head,
+        n_kv_head=n_kv_head,
+        d_inner=layout.d_inner,
+        n_layer=layout.layers,
+        tgt_len=min(TRAIN_LEN, layout.positions),
+        mem_len=0,
+        vocab_size=layout.vocab,
+        n_positions=layout.positions,
+        tie_embeddings=layout.tied,
+        **extra,
+    )
+    if (layout.kv * n_head) % layout.heads or kv_heads(cfg, layout.heads) != layout.kv:
+        raise PlanerError(f"unsupported model: {layout.heads} query heads over {layout.kv} key/value heads")
+    return cfg
+
+
+# One layer: (block: 0 attention, 1 MLP; planer tensor; the Hugging Face tensors under the layer's prefix; transposed)
+LAYER = {
+    "gpt2": [
+        (0, "norm.weight", ("ln_1.weight",), False),
+        (0, "norm.bias", ("ln_1.bias",), False),
+        (0, "qkv.weight", ("attn.c_attn.weight",), True),
+        (0, "qkv.bias", ("attn.c_attn.bias",), False),
+        (0, "out.weight", ("attn.c_proj.weight",), True),
+        (0, "out.bias", ("attn.c_proj.bias",), False),
+        (1, "norm.weight", ("ln_2.weight",), False),
+        (1, "norm.bias", ("ln_2.bias",), False),
+        (1, "up.weight", ("mlp.c_fc.weight",), True),
+        (1, "up.bias", ("mlp.c_fc.bias",), False),
+        (1, "down.weight", ("mlp.c_proj.weight",), True),
+        (1, "down.bias", ("mlp.c_proj.bias",), False),
+    ],
+    "llama": [
+        (0, "norm.weight", ("input_layernorm.weight",), False),
+        (0, "qkv.weight", tuple(f"self_attn.{p}_proj.weight" for p in "qkv"), False),
+        (0, "out.weight", ("self_attn.o_proj.weight",), False),
+        (1, "norm.weight", ("post_attention_layernorm.weight",), False),
+        (1, "up.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), False),
+        (1, "down.weight", ("mlp.down_proj.weight",), False),
+    ],
+}
+LAYER_PREFIX = {"gpt2": "transformer.h.{}.", "llama": "model.layers.{}."}
+
+
+def links(layout: Layout) -> list[Link]:
+    """Every planer tensor of the baseline arch and where it lives in the Hugging Face state dict."""
+    p = PREFIX[layout.flavour]
+    if layout.flavour == "gpt2":
+        top = [Link("embed.weight", (p + "wte.weight",)), Link("pos.weight", (p + "wpe.weight",))]
+        top += [Link("norm.weight", (p + "ln_f.weight",)), Link("norm.bias", (p + "ln_f.bias",))]
+    else:
+        top = [Link("embed.weight", (p + "embed_tokens.weight",)), Link("norm.weight", (p + "norm.weight",))]
+        if not layout.tied:
+            top.append(Link("head.weight", ("lm_head.weight",)))
+    for i in range(layout.layers):
+        h = LAYER_PREFIX[layout.flavour].format(i)
+        top += [
+            Link(f"blocks.{2 * i + b}.{p}", tuple(h + n for n in names), t) for b, p, names, t in LAYER[layout.flavour]
+        ]
+    return top
+
+
+def hf_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
+    """The shape of every Hugging Face tensor a layout implies."""
+    d, q, kv, inner = layout.d_model, layout.heads * layout.d_head, layout.kv * layout.d_head, layout.d_inner
+    if layout.flavour == "gpt2":
+        p = PREFIX["gpt2"]
+        shapes = {p + "wte.weight": (layout.vocab, d), p + "wpe.weight": (layout.positions, d)}
+        shapes |= {p + "ln_f.weight": (d,), p + "ln_f.bias": (d,)}
+        per_layer = {"ln_1.weight": (d,), "ln_1.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,)}
+        per_layer |= {"attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,)}
+        per_layer |= {"attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,)}
+        per_layer |= {"mlp.c_fc.weight": (d, inner), "mlp.c_fc.bias": (inner,)}
+        per_layer |= {"mlp.c_proj.weight": (inner, d), "mlp.c_proj.bias": (d,)}
+    else:
+        shapes = {"model.embed_tokens.weight": (layout.vocab, d), "model.norm.weight": (d,)}
+        if not layout.tied:
+            shapes["lm_head.weight"] = (layout.vocab, d)
+        per_layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)}
+        per_layer |= {"self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d)}
+        per_layer |= {"self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q)}
+        per_layer |= {"mlp.gate_proj.weight": (inner, d), "mlp.up_proj.weight": (inner, d)}
+        per_layer |= {"mlp.down_proj.weight": (d, inner)}
+    for i in range(layout.layers):
+        shapes |= {LAYER_PREFIX[layout.flavour].format(i) + name: shape for name, shape in per_layer.items()}
+    return shapes
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors, or of the shards its index names; a pickle is refused, never opened."""
+    if (folder / WEIGHTS).is_file():
+        files = [folder / WEIGHTS]
+    elif (folder / INDEX).is_file():
+        weight_map = read_json(folder / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise PlanerError(f"{folder / INDEX}: expected a 'weight_map' of tensor names to shard files")
+        names = sorted(set(weight_map.values()))
+        if any(Path(n).name != n for n in names):
+            raise PlanerError(f"{folder / INDEX}: shard names must be plain file names in the folder")
+        files = [folder / n for n in names]
+    elif (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
+        raise PlanerError(
+            f"{folder} holds only pytorch_model.bin, a pickle, which planer never opens: "
+            "save the model as safetensors (save_pretrained's default) and import that"
+        )
+    else:
+        raise PlanerError(f"{folder} is not a Hugging Face model folder: {WEIGHTS} is missing")
+    tensors = {}
+    for path in files:
+        if not path.is_file():
+            raise PlanerError(f"{folder}: shard {path.name} named in {INDEX} is missing")
+        try:
+            tensors |= load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PlanerError(f"{path} is corrupt: {str(e).splitlines()[0]}") from None
+    return tensors
+
+
+def to_planer(tensors: dict[str, torch.Tensor], layout: Layout, folder: Path) -> dict[str, torch.Tensor]:
+    """planer's state dict from a Hugging Face one, every shape checked against the layout first."""
+    prefix = PREFIX[layout.flavour]
+    if not any(k.startswith(prefix) for k in tensors):  # the base model saved alone (the original gpt2 files)
+        tensors = {k if k.startswith("lm_head.") else prefix + k: v for k, v in tensors.items()}
+    shapes = hf_shapes(layout)
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise PlanerError(f"{folder}: tensor {name} is missing")
+        if tuple(tensors[name].shape) != shape:
+            raise PlanerError(f"{folder}: {name} has shape {tuple(tensors[name].shape)}, config.json implies {shape}")
+    known = set(shapes) | ({"lm_head.weight"} if layout.tied else set())
+    extra = sorted(k for k in tensors if k not in known and not k.endswith(IGNORED))
+    if extra:
+        raise PlanerError(f"{folder}: tensor {extra[0]} has no place in a {layout.flavour} model of this config.json")
+    state = {}
+    for link in links(layout):
+        parts = [tensors[n].float() for n in link.hf]
+        state[link.planer] = parts[0].t().contiguous() if link.transpose else torch.cat(parts)
+    return state
+
+
+def baseline_arch(layout: Layout) -> Arch:
+    return Arch((BlockSpec("attn", heads=layout.heads), BlockSpec("ffl")) * layout.layers)
+
+
+def import_hf(folder: str | Path, out: str | Path) -> dict:
+    """A planer checkpoint in ``out`` from a local Hugging Face folder; nothing is written unless all of it fits.
+
+    Returns the checkpoint's path, flavour, compact arch and parameter count.
+    """
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise PlanerError(f"Hugging Face folder not found: {folder}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PlanerError(f"{out} exists and is not an empty folder; choose another --out")
+    layout, extra = read_layout(read_json(folder / "config.json"), folder / "config.json")
+    vocab = TokenizerVocab(folder)
+    if len(vocab) != layout.vocab:
+        raise PlanerError(f"{vocab.path} has {len(vocab)} tokens, but the model's vocabulary has {layout.vocab}")
+    cfg = Config(model=model_config(layout, extra))
+    cfg.data.tokenizer = str(out.resolve())
+    validate(cfg)
+    model = build_model(cfg.model, baseline_arch(layout))
+    model.load_state_dict(to_planer(read_weights(folder), layout, folder))
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, model, cfg, vocab, source=str(folder.resolve()))
+    return {"path": str(out), "flavour": layout.flavour, "arch": model.arch.short(), "params": model.num_params()}
+
+
+def export_layout(cfg: ModelConfig, arch: Arch) -> Layout:
+    """The Hugging Face layout of a planer model, or a PlanerError saying why it has none."""
+    pairs = list(zip(arch.blocks[0::2], arch.blocks[1::2]))
+    if len(arch) % 2 or not all(a.kind == "attn" and f.kind == "ffl" for a, f in pairs):
+        raise PlanerError(f"cannot export {arch.short()}: every layer must be attn:H then ffl (no skip, no MoE)")
+    heads, widths = sorted({a.heads for a, _ in pairs}), sorted({f.width for _, f in pairs})
+    if len(heads) > 1 or len(widths) > 1:
+        raise PlanerError(f"cannot export {arch.short()}: layers differ (heads {heads}, ffl widths {widths})")
+    H = heads[0]
+    if cfg.flavour == "gpt2" and H != cfg.n_head:
+        raise PlanerError(f"cannot export {arch.short()}: GPT-2's head size is n_embd / n_head, so {cfg.n_head} heads")
+    if cfg.d_model % H:
+        raise PlanerError(f"cannot export {arch.short()}: Llama needs the number of heads to divide d_model")
+    return Layout(
+        cfg.flavour,
+        len(pairs),
+        cfg.d_model,
+        H,
+        kv_heads(cfg, H),
+        cfg.d_head,
+        widths[0] * cfg.d_inner,
+        cfg.vocab_size,
+        cfg.context,
+        cfg.tie_embeddings,
+    )
+
+
+def hf_config(layout: Layout, cfg: ModelConfig) -> dict:
+    """config.json for ``transformers``; only what differs from its defaults or what it needs to build the model."""
+    common = {"architectures": [ARCHITECTURE[layout.flavour]], "model_type": layout.flavour, "dtype": "float32"}
+    common |= {
+        "vocab_size": layout.vocab,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+    if layout.flavour == "gpt2":
+        return common | {
+            "n_embd": layout.d_model,
+            "n_head": layout.heads,
+            "n_layer": layout.layers,
+            "n_inner": layout.d_inner,
+            "n_positions": layout.positions,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropatt,
+            "tie_word_embeddings": True,
+        }
+    return common | {
+        "hidden_size": layout.d_model,
+        "num_attention_heads": layout.heads,
+        "num_key_value_heads": layout.kv,
+        "head_dim": layout.d_head,
+        "num_hidden_layers": layout.layers,
+        "intermediate_size": layout.d_inner,
+        "max_position_embeddings": layout.positions,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": cfg.dropatt,
+        "tie_word_embeddings": layout.tied,
+    }
+
+
+def to_hf(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    shapes, tensors = hf_shapes(layout), {}
+    for link in links(layout):
+        value = state[link.planer].detach().cpu()
+        if link.transpose:
+            tensors[link.hf[0]] = value.t().contiguous()
+        else:
+            parts = value.split([shapes[n][0] for n in link.hf])
+            tensors |= {n: p.contiguous() for n, p in zip(link.hf, parts)}
+    return tensors
+
+
+def export_hf(run_dir: str | Path, out: str | Path, force: bool = False) -> Path:
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer.json if any) from a planer checkpoint."""
+    out = Path(out)
+    model, cfg, vocab = load_checkpoint(run_dir)
+    if cfg.model.backbone != "gpt":
+        raise PlanerError(f"cannot export {run_dir}: a Transformer-XL has no Hugging Face format (use backbone gpt)")
+    layout = export_layout(cfg.model, model.arch)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
+        raise PlanerError(f"{out} exists and is not an empty folder; choose another --hf or add --force")
+    tensors = to_hf(model.state_dict(), layout)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(layout, cfg.model), indent=2) + "\n")
+    if isinstance(vocab, TokenizerVocab):
+        copy_tokenizer(vocab, out)
+    return out

@@ -1,0 +1,45 @@
+"""What a language model of every backbone offers the rest of planer, written once.
+
+Training, the supernet, the latency table and checkpoints use a model through these: its config and arch, its token
+embedding and blocks, a memory per block (None where a block keeps none), the auxiliary losses its blocks return,
+and its size. Each backbone (txl.py, gpt.py) adds its own layers around the blocks and its forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from planer.config import ModelConfig
+from planer.models.arch import Arch
+
+
+def init_normal(m: nn.Module, std: float) -> bool:
+    """N(0, std) weights and zero biases for a linear or embedding layer (both backbones start them so); whether
+    ``m`` was one."""
+    if not isinstance(m, (nn.Linear, nn.Embedding)):
+        return False
+    nn.init.normal_(m.weight, 0.0, std)
+    if getattr(m, "bias", None) is not None:
+        nn.init.zeros_(m.bias)
+    return True
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, arch: Arch | None, mem_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.arch = arch
+        self.mem_len = mem_len
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+
+    def init_mems(self) -> list:
+        return [None] * len(self.blocks)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the blocks' auxiliary losses in the last forward (the MoE balance loss; 0 without MoE)."""
+        losses = [loss for block in self.blocks if (loss := block.aux_loss()) is not None]
+        return torch.stack(losses).sum() if losses else self.embed.weight.new_zeros(())
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,200 @@
+"""The report's sections after its main table: what a ratio alone hides.
+
+Absolute latencies in milliseconds (a 2x speed-up of 0.3 ms may not matter where 2x of 300 ms does), the wall time
+of every stage (what the result cost), how sure each search was of the options it chose, and a sample of each
+model's text. Each function reads what the stages wrote and returns Markdown lines, or none when there is nothing
+to show.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import statistics
+from pathlib import Path
+
+from planer.io.checkpoint import read_json_object
+from planer.models.arch import Arch, BlockSpec
+from planer.report.samples import SEED, TOKENS
+
+
+def _batches(rows: list[dict]) -> list[int]:
+    return sorted({b["batch"] for r in rows for b in r["bench"].get("batches", [])})
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def latency_ms(rows: list[dict]) -> list[str]:
+    """Each model's median ms per segment at each batch size (bench.json), and the baseline's beside them."""
+    batches = _batches(rows)
+    if not batches:
+        return []
+    base = {b: [x["baseline"]["median"] for r in rows for x in r["bench"].get("batches", []) if x["batch"] == b]
+            for b in batches}  # fmt: skip
+    times = max(len(v) for v in base.values())
+    name = next((r["name"] for r in rows if r["design"] == "baseline"), "baseline")
+
+    def base_cell(values: list[float]) -> str:
+        spread = f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
+        return f"{statistics.median(values):.2f}{spread}" if values else "–"
+
+    beside = (
+        "the model in the same rounds"
+        if times == 1
+        else f"each model in the same rounds; its row is the median of those {times} timings, with their range"
+    )
+    lines = [
+        "Latency in milliseconds: the median forward of one segment with full memory at each batch size. The "
+        f"baseline was timed beside {beside}.",
+        "",
+        _row(["model", *[f"ms b{b}" for b in batches]]),
+        "|" + "---|" * (len(batches) + 1),
+        _row([name, *[base_cell(base[b]) for b in batches]]),
+    ]
+    for r in rows:
+        per = {x["batch"]: x for x in r["bench"].get("batches", [])}
+        if per:
+            lines.append(_row([r["name"], *[f"{per[b]['model']['median']:.2f}" if b in per else "–" for b in batches]]))
+    return lines
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 120:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def searches(run_dir: Path) -> dict[str, dict]:
+    """Every search folder in ``run_dir`` (one holding an arch.json), by name: its arch.json and search.jsonl."""
+    found = {}
+    for d in sorted(p for p in run_dir.iterdir() if (p / "arch.json").is_file()):
+        log = d / "search.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+        found[d.name] = {"arch": read_json_object(d / "arch.json"), "records": records}
+    return found
+
+
+def wall_times(rows: list[dict], found: dict[str, dict], lut: dict) -> list[str]:
+    """The wall time of every stage that recorded one, in the order ``planer run`` runs them, and their sum."""
+    stages = []
+
+    def training(r: dict) -> None:
+        s = r["summary"]
+        note = f"{s['steps']} steps, {s['ms_per_step']:.1f} ms a step" if "ms_per_step" in s else ""
+        stages.append((f"train {r['name']}", s.get("seconds"), note or f"copied from {s.get('adopted_from', '?')}"))
+
+    for r in rows:
+        if r["design"] == "baseline":
+            training(r)
+    profiled = lut.get("settings", {}).get("seconds")
+    if lut:
+        stages.append(("profile blocks (lut.json)", profiled, f"{len(lut.get('blocks', {}))} blocks"))
+    listed = set()
+    for r in rows:
+        name = r["search"]
+        if name in found and name not in listed:
+            listed.add(name)
+            stages.append((f"search {name}", found[name]["arch"].get("seconds"), search_method(found[name]["arch"])))
+        if r["design"] != "baseline":
+            training(r)
+    stages += [
+        (f"search {n}", f["arch"].get("seconds"), search_method(f["arch"])) for n, f in found.items() if n not in listed
+    ]
+    total = sum(s for _, s, _ in stages if s is not None)
+    lines = [
+        "Wall time of each stage (evaluation and benchmarks not counted):",
+        "",
+        _row(["stage", "wall time", "what"]),
+    ]
+    lines += ["|---|---|---|", *[_row([n, duration(s), note]) for n, s, note in stages]]
+    return [*lines, _row(["total", duration(total), ""])]
+
+
+def search_method(arch_json: dict) -> str:
+    """The method a search's arch.json came from (one written before methods were recorded: the Gumbel search)."""
+    return arch_json.get("method", "gumbel")
+
+
+def _code(spec: str) -> str:
+    return Arch((BlockSpec.parse(spec),)).short()
+
+
+def chosen_probabilities(arch_json: dict, alpha: list[list[float]]) -> list[tuple[str, float]]:
+    """Per position, the chosen option and its probability under ``alpha`` (the softmax of that position's row)."""
+    space = [str(BlockSpec.parse(s)) for s in arch_json["space"]]
+    chosen = []
+    for row, spec in zip(alpha, arch_json["arch"]):
+        top = max(row)
+        weights = [math.exp(a - top) for a in row]
+        chosen.append((spec, weights[space.index(str(BlockSpec.parse(spec)))] / sum(weights)))
+    return chosen
+
+
+def reranked(arch_json: dict) -> str:
+    """What the short training of the knapsack's candidates measured, and which it kept ("" without a rerank)."""
+    scores = arch_json.get("rerank")
+    if not scores:
+        return ""
+    shown = ", ".join(f"`{Arch.parse(' '.join(c['arch'])).short()}` {c['valid_loss']:.3f}" for c in scores)
+    pick = Arch.parse(" ".join(arch_json["knapsack_pick"]["arch"])).short()
+    return (f" The sum of single swaps picked `{pick}`; {len(scores)} picks trained {scores[0]['steps']} steps each "
+            f"with phase 2's recipe scored (valid nats per token) {shown}, and the lowest was kept.")  # fmt: skip
+
+
+def confidence(name: str, search: dict) -> str:
+    """How sure one search was: the Gumbel search's final probabilities of its choices, or, for the knapsack's
+    exact pick, the loss increase it predicted for each choice."""
+    arch_json, records = search["arch"], search["records"]
+    if search_method(arch_json) == "knapsack":
+        increases = [p["increase"][p["options"].index(p["chosen"])] for p in arch_json.get("positions", [])]
+        shown = ", ".join(f"{_code(p['chosen'])} {inc:+.3f}" for p, inc in zip(arch_json["positions"], increases))
+        text = (f"- `{name}` (knapsack): an exact pick under the latency budget, so no probabilities; the loss "
+                f"increase it predicted for each chosen option, swapped alone into the baseline (nats per token): "
+                f"{shown}; in all {sum(increases):+.3f} over the baseline's {arch_json['baseline_loss']:.3f}.")  # fmt: skip
+        return text + reranked(arch_json)
+    if not records:
+        return f"- `{name}`: no search.jsonl, so no probabilities to show."
+    chosen = chosen_probabilities(arch_json, records[-1]["alpha"])
+    probs = [p for _, p in chosen]
+    even = 1 / len(arch_json["space"])
+    return (f"- `{name}` (Gumbel-softmax): the final probability of each chosen option, block by block: "
+            + ", ".join(f"{_code(s)} {p:.2f}" for s, p in chosen)
+            + f"; lowest {min(probs):.2f}, mean {statistics.mean(probs):.2f} (1 is certain; {even:.2f}, one in "
+            f"{len(arch_json['space'])}, no preference at all).")  # fmt: skip
+
+
+def search_confidence(found: dict[str, dict]) -> list[str]:
+    if not found:
+        return []
+    return ["How sure each search was of what it chose:", "", *[confidence(n, s) for n, s in found.items()]]
+
+
+def fenced(text: str) -> list[str]:
+    """``text`` as a Markdown code block whose fence no run of backticks inside it can close."""
+    fence = "`" * max(3, 1 + max(map(len, re.findall("`+", text)), default=0))
+    return [fence + "text", *text.splitlines(), fence]
+
+
+def samples_section(rows: list[dict], sampled: dict[str, dict], missing: str) -> list[str]:
+    """Each model's text after the shared prompt, and the command that prints it again."""
+    note = [f"No text sample of {missing}"] if missing else []
+    if not sampled:
+        return note
+    prompt = next(iter(sampled.values()))["prompt"]
+    lines = [
+        f"What each model writes after the prompt {prompt!r} (the first whole line of the valid split): {TOKENS} "
+        f"tokens, seed {SEED}, temperature 1. `planer generate --run MODEL --prompt {shlex.quote(prompt)} --tokens "
+        f"{TOKENS}` prints the same text.",
+        "",
+    ]
+    for r in rows:
+        if r["name"] in sampled:
+            lines += [f"**{r['name']}**:", "", *fenced(sampled[r["name"]]["text"]), ""]
+    return [*lines, *note] if note else lines[:-1]

@@ -1,0 +1,109 @@
+"""Training of a fixed architecture: the baseline, a named design, a rival, or the arch the search found (phase 2).
+
+Segments are served in order with memory carried across them, as Transformer-XL trains. The checkpoint kept is
+the best on validation, since small corpora overfit long before the schedule ends. Phase 2 may learn from the
+trained baseline: its logits (distillation, ``Recipe.teacher``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from planer.config import Config, Phase2Config
+from planer.errors import PlanerError
+from planer.evaluation.importance import Sample, rank_heads
+from planer.io.checkpoint import SUPERNET, atomic_write_text, load_checkpoint, load_weights, read_json_object
+from planer.io.data import Corpus, Vocab, check_same_vocab
+from planer.models.arch import Arch
+from planer.models.backbone import build_model
+from planer.search.supernet import SuperNet
+from planer.training.inherit import can_inherit, from_supernet, inherit
+from planer.training.loop import Fit, Loop, RunOptions
+from planer.training.step import Teacher
+
+HEAD_SAMPLE_SEGMENTS = 8  # training segments of every stream that rank the source's heads
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a training learns from besides its data; the distillation's weight and temperature are in the config."""
+
+    teacher: Path | None = None  # a trained model to distil from
+    init_from: Path | None = None  # a trained model (ranked heads, FFL, experts) or a search folder (its supernet)
+
+    def to_dict(self) -> dict:
+        return {k: None if v is None else str(v) for k, v in (("teacher", self.teacher), ("init_from", self.init_from))}
+
+
+def phase2_recipe(
+    p2: Phase2Config, baseline: Path, arch: Arch, search: Path | None = None, same_width: bool = True
+) -> Recipe:
+    """Phase 2's recipe for ``arch``: the baseline as teacher, and its weights where the arch can take them (not a
+    model of another width, nor an arch with a block its position's baseline block cannot start, such as a
+    feed-forward block where the baseline has attention); where it cannot, the options its ``search``'s supernet
+    trained (a Gumbel search's, itself warm-started from the baseline)."""
+    init = None
+    if p2.init == "baseline" and same_width:
+        if can_inherit(load_checkpoint(baseline)[0], arch):
+            init = baseline
+        elif search is not None and (search / SUPERNET).exists():
+            init = search
+    return Recipe(teacher=baseline if p2.teacher else None, init_from=init)
+
+
+def inherited_weights(source: Path, cfg: Config, arch: Arch, corpus: Corpus) -> dict[str, torch.Tensor]:
+    """The weights ``arch`` starts from: a search folder's supernet options, or a trained model's blocks with
+    each attention block's most important heads (ranked on a sample of training segments)."""
+    if (source / SUPERNET).exists():
+        found = read_json_object(source / "arch.json")
+        net = SuperNet(cfg.model, found.get("space", cfg.search.space), len(arch))
+        load_weights(net, source / SUPERNET)
+        return from_supernet(net, arch, cfg.model).state_dict()
+    model, _, vocab = load_checkpoint(source)
+    check_same_vocab(vocab, corpus.vocab, str(source))
+    m = cfg.model
+    sample = Sample(corpus.train, cfg.eval.batch_size, m.tgt_len, m.mem_len, HEAD_SAMPLE_SEGMENTS)
+    return inherit(model, arch, rank_heads(model, sample), cfg.model).state_dict()
+
+
+def check_teacher(teacher: Teacher, vocab: Vocab, where: Path) -> None:
+    """A teacher must predict the same symbols as the student, so that their distributions compare."""
+    check_same_vocab(teacher.vocab, vocab, f"teacher {where}")
+
+
+def train(
+    cfg: Config, out_dir: str | Path, arch: Arch, recipe: Recipe = Recipe(), options: RunOptions = RunOptions()
+) -> dict:
+    """Train ``arch`` and keep the best-on-valid checkpoint in ``out_dir``; returns a summary.
+
+    Every ``train.ckpt_every`` steps a full state goes to ``out_dir/resume``; ``options.resume`` continues from
+    the newest one (or starts afresh where there is none), and ends with the weights an uninterrupted run ends
+    with. Started by torchrun, every rank trains on its share of each batch and rank 0 alone writes.
+    """
+    if len(arch) != 2 * cfg.model.n_layer:
+        raise PlanerError(
+            f"the architecture has {len(arch)} blocks, but model.n_layer={cfg.model.n_layer} means "
+            f"{2 * cfg.model.n_layer}; give {2 * cfg.model.n_layer} blocks or set model.n_layer"
+        )
+    teacher = Teacher(recipe.teacher, cfg.distill) if recipe.teacher is not None else None
+    loop = Loop(cfg, out_dir, options, done="summary.json")
+    model = build_model(cfg.model, arch)
+    with loop.setting_up():
+        if teacher is not None:
+            check_teacher(teacher, loop.corpus.vocab, recipe.teacher)
+        if recipe.init_from is not None:
+            with torch.random.fork_rng(devices=[]):  # the start must not move the run's random stream
+                model.load_state_dict(inherited_weights(recipe.init_from, cfg, arch, loop.corpus))
+    loop.place(model)
+    trainer = loop.trainer(model.parameters(), cfg.train, cfg.train.balance_coef)
+    if teacher is not None:
+        trainer.teacher = teacher.to(loop.device)
+    summary = Fit(loop, model, trainer).run(f"train {arch.short()[:24]}")
+    summary.update(params=model.num_params(), arch=arch.specs(), recipe=recipe.to_dict())
+    text = json.dumps(summary, indent=2) + "\n"
+    loop.finish(lambda: atomic_write_text(loop.out_dir / "summary.json", text))  # marks a finished run
+    return summary
