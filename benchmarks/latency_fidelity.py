@@ -41,7 +41,7 @@ from planer.latency.table import (  # noqa: E402
     with_vocab_size,
 )
 from planer.models.arch import Arch, BlockSpec  # noqa: E402
-from planer.models.txl import TransformerXL  # noqa: E402
+from planer.models.txl.model import TransformerXL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "out"

@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from planer.models.blocks import FeedForward
 from planer.models.moe import MoEFeedForward, PackedWeights, packed_linear
+from planer.models.txl.blocks import FeedForward
 from planer.training.allocator import keep_freed_memory
 
 SHAPES = {"default": (128, 512, 64), "paper": (512, 2048, 192)}  # d_model, d_inner, tgt_len

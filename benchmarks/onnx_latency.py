@@ -24,10 +24,10 @@ import torch
 
 from planer.config import load_config
 from planer.io.checkpoint import load_checkpoint
-from planer.io.onnx import io_names, session, write_onnx
 from planer.latency.table import private_rng, summarize, time_interleaved, with_vocab_size
 from planer.models.arch import Arch
-from planer.models.txl import TransformerXL
+from planer.models.txl.model import TransformerXL
+from planer.models.txl.onnx import io_names, session, write_onnx
 
 
 def models(args) -> dict[str, TransformerXL]:

@@ -64,7 +64,8 @@ def trained_tiny(tiny_cfg):
     its heads and blocks to matter, as measuring importance and inheriting weights need."""
     from planer.io.data import Segments, load_corpus
     from planer.models.arch import Arch
-    from planer.models.txl import TransformerXL, token_nll
+    from planer.models.language_model import token_nll
+    from planer.models.txl.model import TransformerXL
 
     cfg = tiny_cfg("model.n_experts=4")
     corpus = load_corpus(cfg.data)

@@ -19,7 +19,7 @@ from planer.io.checkpoint import save_checkpoint
 from planer.io.data import Vocab
 from planer.models.arch import Arch
 from planer.models.moe import MoEFeedForward
-from planer.models.txl import TransformerXL
+from planer.models.txl.model import TransformerXL
 
 ort = pytest.importorskip("onnxruntime")
 

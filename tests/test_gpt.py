@@ -11,9 +11,10 @@ from planer.evaluation.evaluate import evaluate_sliding
 from planer.evaluation.generate import generate
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_block, build_model
-from planer.models.gpt import GPT, MLP, kv_heads
+from planer.models.gpt.model import GPT, MLP, kv_heads
+from planer.models.language_model import token_nll
 from planer.models.moe import MoEFeedForward
-from planer.models.txl import TransformerXL, token_nll
+from planer.models.txl.model import TransformerXL
 
 
 def tiny(flavour="gpt2", **kw) -> ModelConfig:

@@ -8,7 +8,7 @@ from planer.config import ModelConfig
 from planer.errors import PlanerError
 from planer.evaluation.importance import Sample, rank_heads
 from planer.models.arch import Arch
-from planer.models.txl import TransformerXL
+from planer.models.txl.model import TransformerXL
 from planer.search.supernet import SuperNet, warm_start
 from planer.training.inherit import from_supernet, inherit
 

@@ -14,7 +14,7 @@ from planer.cli import main
 from planer.errors import PlanerError
 from planer.latency.table import LatencyTable, load_or_profile, measure_models, profile
 from planer.models.arch import Arch
-from planer.models.txl import TransformerXL
+from planer.models.txl.model import TransformerXL
 
 FAST = ["latency.repeats=3", "latency.warmup=1"]
 

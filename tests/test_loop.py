@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from planer.io.checkpoint import load_checkpoint
 from planer.io.data import Segments, load_corpus
 from planer.models.arch import Arch
-from planer.models.txl import TransformerXL, token_nll
+from planer.models.language_model import token_nll
+from planer.models.txl.model import TransformerXL
 from planer.search.gumbel import GumbelSearch, latency_loss, search
 from planer.search.supernet import SuperNet
 from planer.training.loop import Loop, RunOptions

@@ -4,8 +4,8 @@ import torch
 
 from planer.config import ModelConfig
 from planer.models.arch import Arch
-from planer.models.blocks import rel_shift
-from planer.models.txl import TransformerXL
+from planer.models.txl.blocks import rel_shift
+from planer.models.txl.model import TransformerXL
 
 
 def make_model(arch="attn:4 ffl attn:2 ffl skip attn:1", mem_len=16, dropatt=0.0):
@@ -92,7 +92,7 @@ def test_fewer_heads_means_fewer_parameters():
 
 def test_attention_matches_the_formula_term_by_term():
     """Scores (q_i + u).k_j + (q_i + v).r(M+i-j) over keys j <= M+i, softmax, weighted values, out, residual, norm."""
-    from planer.models.blocks import RelAttention, sinusoid
+    from planer.models.txl.blocks import RelAttention, sinusoid
 
     torch.manual_seed(0)
     att = RelAttention(d_model=16, n_head=2, d_head=4, dropout=0.0, dropatt=0.0).eval()
@@ -117,7 +117,7 @@ def test_attention_matches_the_formula_term_by_term():
 
 def test_a_model_used_under_inference_mode_still_trains():
     """The shared position tables are made per mode: one made under inference mode cannot be saved for backward."""
-    from planer.models.blocks import distance_table, future_bias
+    from planer.models.txl.blocks import distance_table, future_bias
 
     distance_table.cache_clear()
     future_bias.cache_clear()

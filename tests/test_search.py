@@ -12,7 +12,7 @@ from planer.cli import main
 from planer.config import LatencyConfig, ModelConfig
 from planer.io.data import load_corpus
 from planer.models.arch import Arch
-from planer.models.txl import TransformerXL
+from planer.models.txl.model import TransformerXL
 from planer.search.gumbel import GumbelSearch, latency_loss, search
 from planer.search.supernet import SuperNet
 from planer.training.loop import RunOptions

@@ -221,11 +221,11 @@ def cmd_config(args) -> None:
 
 def cmd_export(args) -> None:
     if args.hf is not None:
-        from planer.io.hf import export_hf
+        from planer.models.gpt.hf import export_hf
 
         print(f"wrote {export_hf(args.run, args.hf, force=args.force)}: a Hugging Face folder transformers loads")
         return
-    from planer.io.onnx import export_onnx
+    from planer.models.txl.onnx import export_onnx
 
     result = export_onnx(args.run, args.onnx, force=args.force)
     print(
@@ -235,7 +235,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from planer.io.hf import import_hf
+    from planer.models.gpt.hf import import_hf
 
     result = import_hf(args.hf, args.out)
     print(

@@ -40,7 +40,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "txl"  # txl (Transformer-XL, the paper's) | gpt (decoder-only, see models/gpt.py)
+    backbone: str = "txl"  # txl (Transformer-XL, the paper's) | gpt (decoder-only, see models/gpt/model.py)
     flavour: str = "gpt2"  # gpt backbone: gpt2 | llama
     d_model: int = 128
     n_head: int = 8  # heads of the baseline attention; d_head = d_model / n_head for every attention block

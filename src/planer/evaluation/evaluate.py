@@ -20,7 +20,8 @@ from planer.config import Config
 from planer.errors import PlanerError
 from planer.io.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_json_object
 from planer.io.data import Segments, load_corpus, read_text
-from planer.models.txl import TransformerXL, token_nll
+from planer.models.language_model import token_nll
+from planer.models.txl.model import TransformerXL
 from planer.training.distributed import resolve_device
 
 

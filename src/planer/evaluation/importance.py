@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from planer.evaluation.evaluate import evaluate_ids
-from planer.models.blocks import RelAttention
-from planer.models.gpt import Attention
+from planer.models.gpt.model import Attention
+from planer.models.txl.blocks import RelAttention
 
 Ranking = dict[int, list[tuple[int, float]]]  # block position -> (head, loss increase in nats), most important first
 ATTENTION = (RelAttention, Attention)  # the attention blocks of both backbones: ``n_head``, ``d_head``, ``out``

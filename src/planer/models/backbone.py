@@ -8,9 +8,9 @@ from __future__ import annotations
 from torch import nn
 
 from planer.config import ModelConfig
-from planer.models import gpt
-from planer.models import txl as model
 from planer.models.arch import Arch, BlockSpec
+from planer.models.gpt import model as gpt
+from planer.models.txl import model
 
 
 def build_model(cfg: ModelConfig, arch: Arch | None = None, blocks: list[nn.Module] | None = None) -> nn.Module:

@@ -2,12 +2,13 @@
 
 Training, the supernet, the latency table and checkpoints use a model through these: its config and arch, its token
 embedding and blocks, a memory per block (None where a block keeps none), the auxiliary losses its blocks return,
-and its size. Each backbone (txl.py, gpt.py) adds its own layers around the blocks and its forward.
+and its size. Each backbone (txl/model.py, gpt/model.py) adds its own layers around the blocks and its forward.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from planer.config import ModelConfig
@@ -43,3 +44,8 @@ class LanguageModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood per token, in nats, shape (batch, len)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)

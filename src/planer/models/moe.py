@@ -17,7 +17,7 @@ tensors. How the experts then run was measured (benchmarks/moe.py) rather than a
 ``impl="sequential"`` keeps the paper's expert-after-expert loop as the reference for tests and benchmarks.
 ``impl="dense"`` runs every expert on every token and weights each output by the token's gate (zero for experts
 it did not choose): E times the products, but no sort, count or shape that depends on the routing, so a graph
-exporter can trace it (``planer export --onnx``, io/onnx.py). It equals the other paths up to float rounding.
+exporter can trace it (``planer export --onnx``, models/txl/onnx.py). It equals the other paths up to float rounding.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ import torch
 from planer.config import config_from_dict
 from planer.errors import PlanerError
 from planer.io.checkpoint import load_meta, read_json_object
-from planer.io.hf import export_layout
 from planer.latency.table import LatencyTable
 from planer.models.arch import Arch
+from planer.models.gpt.hf import export_layout
 from planer.report import plots
 from planer.report.details import latency_ms, samples_section, search_confidence, searches, wall_times
 from planer.report.samples import SAMPLE_FILE, model_sample, prompt_text

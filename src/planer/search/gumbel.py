@@ -23,7 +23,7 @@ from planer.io.checkpoint import SUPERNET, load_checkpoint, save_weights
 from planer.io.data import check_same_vocab
 from planer.latency.table import LatencyTable, at_batch, load_or_profile
 from planer.models.arch import Arch, BlockSpec
-from planer.models.txl import token_nll
+from planer.models.language_model import token_nll
 from planer.search.knapsack import Fill, cheapest
 from planer.search.supernet import SuperNet, warm_start
 from planer.training import distributed

@@ -30,8 +30,8 @@ from planer.errors import PlanerError
 from planer.evaluation.importance import ATTENTION, Ranking
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_model
-from planer.models.blocks import FeedForward, RelAttention
-from planer.models.gpt import MLP, Attention
+from planer.models.gpt.model import MLP, Attention
+from planer.models.txl.blocks import FeedForward, RelAttention
 
 if TYPE_CHECKING:
     from planer.search.supernet import SuperNet

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from planer.config import DistillConfig, TrainConfig
 from planer.io.checkpoint import load_checkpoint
-from planer.models.txl import token_nll
+from planer.models.language_model import token_nll
 from planer.training import distributed
 from planer.training import resume as resume_lib
 from planer.training.distributed import Env

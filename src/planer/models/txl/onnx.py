@@ -13,7 +13,7 @@ them. Blocks without memory (feed-forward, skip, MoE) have no memory tensor, and
 
 The graph is traced by torch's TorchScript-based exporter (``dynamo=False``: the dynamo one needs onnxscript and
 specialises sizes 0 and 1, which the first segment's empty memory has). MoE blocks are traced with their dense
-path (``impl="dense"``, see moe.py): the sorted dispatch reads expert sizes back to Python, which a trace would
+path (``impl="dense"``, see models/moe.py): the sorted dispatch reads expert sizes back to Python, which a trace would
 freeze at the sizes of its example. The model planer trains and evaluates is never changed: export works on a copy.
 """
 
@@ -33,7 +33,7 @@ from torch import nn
 from planer.errors import PlanerError
 from planer.io.checkpoint import load_checkpoint
 from planer.models.moe import MoEFeedForward
-from planer.models.txl import TransformerXL
+from planer.models.txl.model import TransformerXL
 
 OPSET = 17
 

@@ -30,7 +30,7 @@ from planer.io.checkpoint import WEIGHTS, copy_tokenizer, load_checkpoint, save_
 from planer.io.data import TokenizerVocab
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_model
-from planer.models.gpt import kv_heads
+from planer.models.gpt.model import kv_heads
 
 INDEX = "model.safetensors.index.json"
 PREFIX = {"gpt2": "transformer.", "llama": "model."}

@@ -15,8 +15,9 @@ from torch import nn
 
 from planer.config import ModelConfig
 from planer.models.arch import Arch, BlockSpec
-from planer.models.blocks import FeedForward, RelAttention, Skip
+from planer.models.blocks import Skip
 from planer.models.language_model import LanguageModel, init_normal
+from planer.models.txl.blocks import FeedForward, RelAttention
 
 Mems = list  # one tensor (batch, <= mem_len, d_model) per block, or None for blocks without memory
 
@@ -76,8 +77,3 @@ class TransformerXL(LanguageModel):
         with torch.no_grad():
             cat = h if mem is None else torch.cat([mem, h], dim=1)
             return cat[:, -self.mem_len :].detach()
-
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood per token, in nats, shape (batch, len)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)

@@ -1,6 +1,6 @@
 """The decoder-only backbone: GPT-2 and Llama flavours, built from a ModelConfig and an Arch.
 
-The same block vocabulary as the Transformer-XL (see arch.py), but every block is pre-norm, ``x + f(norm(x))``,
+The same block vocabulary as the Transformer-XL (see models/arch.py), but every block is pre-norm, ``x + f(norm(x))``,
 and attention is causal over the current input only: no recurrent memory, so ``forward`` reads at most
 ``cfg.context`` tokens and callers slide a window over longer text (evaluation/evaluate.py, evaluation/generate.py).
 
@@ -10,7 +10,7 @@ and attention is causal over the current input only: no recurrent memory, so ``f
 
 Heads: every head has d_head = d_model / n_head. ``attn:H`` has H query heads and ``kv_heads(cfg, H)`` key/value
 heads, which keeps the model's grouping: a baseline with n_head = 8 and n_kv_head = 2 gives attn:8 two key/value
-heads, attn:4 and attn:2 one. MoE experts have the MLP's shape (see moe.py), so they can be upcycled from it.
+heads, attn:4 and attn:2 one. MoE experts have the MLP's shape (see models/moe.py), so they can be upcycled from it.
 """
 
 from __future__ import annotations
