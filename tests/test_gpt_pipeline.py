@@ -9,8 +9,9 @@ import torch
 from planer.config import ModelConfig
 from planer.models.arch import Arch
 from planer.models.backbone import build_model
+from planer.models.gpt.model import kept_groups
 from planer.search.supernet import SuperNet, warm_start
-from planer.training.inherit import can_inherit, from_supernet, inherit, kept_groups
+from planer.training.inherit import can_inherit, from_supernet, inherit
 
 SPACE = ["skip", "attn:1", "attn:2", "attn:4", "ffl", "ffl:x2", "moe:top1", "moe:top2"]
 

@@ -220,14 +220,12 @@ def cmd_config(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from planer.io.checkpoint import export
+
     if args.hf is not None:
-        from planer.models.gpt.hf import export_hf
-
-        print(f"wrote {export_hf(args.run, args.hf, force=args.force)}: a Hugging Face folder transformers loads")
+        print(f"wrote {export(args.run, 'hf', args.hf, args.force)}: a Hugging Face folder transformers loads")
         return
-    from planer.models.txl.onnx import export_onnx
-
-    result = export_onnx(args.run, args.onnx, force=args.force)
+    result = export(args.run, "onnx", args.onnx, args.force)
     print(
         f"wrote {result['path']}: {result['arch']}, inputs {', '.join(result['inputs'])}; outputs "
         f"{', '.join(result['outputs'])}; onnxruntime's logits within {result['max_diff']:.1e} of planer's"

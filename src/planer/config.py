@@ -405,18 +405,13 @@ def validate(cfg: Config) -> None:
 
 
 def validate_backbone(m: ModelConfig) -> None:
-    if m.backbone not in ("txl", "gpt"):
-        raise PlanerError(f"config model.backbone must be 'txl' or 'gpt', got '{m.backbone}'")
-    if m.flavour not in ("gpt2", "llama"):
-        raise PlanerError(f"config model.flavour must be 'gpt2' or 'llama', got '{m.flavour}'")
+    """The family's own checks (models/backbone.py), after the one every family shares."""
+    from planer.models.backbone import backbone  # the families build on this module: asked for when needed
+
+    family = backbone(m)
     if m.n_kv_head and m.n_head % m.n_kv_head:
         raise PlanerError(f"config model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})")
-    if m.backbone == "gpt" and m.flavour == "llama" and m.d_head % 2:
-        raise PlanerError(f"config model: rotary positions need an even head size, got d_head {m.d_head}")
-    if m.backbone == "gpt" and m.flavour == "gpt2" and not m.tie_embeddings:
-        raise PlanerError("config model.tie_embeddings: the gpt2 flavour always ties its output to the embedding")
-    if m.backbone == "gpt" and m.tgt_len > m.context:
-        raise PlanerError(f"config model.tgt_len ({m.tgt_len}) exceeds model.n_positions ({m.n_positions})")
+    family.check(m)
 
 
 def check_target(target: float) -> None:

@@ -1,33 +1,33 @@
-"""Evaluation the Transformer-XL way: segments in order, memory carried across them.
+"""Evaluation: a model's loss on a token stream, in one of two ways, and ``planer evaluate``.
 
-Each of the ``batch_size`` streams first runs ``mem_len`` tokens unscored to fill the memory, so that every scored
-token sees full context; every token after that is scored exactly once. Loss is in nats per token; bits per
-character is reported for char-level corpora. The gpt backbone has no memory: it is scored by a sliding window
-instead (``evaluate_sliding``), which ``evaluate_run`` picks for it.
+``evaluate_ids`` reads segments in order and carries memory across them: each of the ``batch_size`` streams first
+runs ``mem_len`` tokens unscored to fill the memory, so that every scored token sees full context; every token after
+that is scored exactly once. A model without memory is scored by a sliding window instead (``evaluate_sliding``).
+Which one a model gets is its backbone's choice (``Backbone.scorer``), and the same scorer serves ``planer
+evaluate``, training's validation and the rerank. Loss is in nats per token; bits per character is reported for
+char-level corpora.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from planer.config import Config
 from planer.errors import PlanerError
 from planer.io.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_json_object
 from planer.io.data import Segments, load_corpus, read_text
+from planer.models.backbone import backbone
 from planer.models.language_model import token_nll
-from planer.models.txl.model import TransformerXL
 from planer.training.distributed import resolve_device
 
 
 @torch.no_grad()
 def evaluate_ids(
-    model: TransformerXL, ids: torch.Tensor, batch_size: int, tgt_len: int, mem_len: int, max_segments: int = 0
+    model: nn.Module, ids: torch.Tensor, batch_size: int, tgt_len: int, mem_len: int, max_segments: int = 0
 ) -> dict:
     """Mean loss over the scored tokens of ``ids``; ``max_segments`` > 0 scores only that many segments."""
     was_training, saved_mem_len = model.training, model.mem_len
@@ -55,15 +55,18 @@ def evaluate_ids(
 
 
 @torch.no_grad()
-def evaluate_sliding(model: nn.Module, ids: torch.Tensor, window: int, stride: int, batch_size: int) -> dict:
-    """Mean loss of a model without memory (the gpt backbone) over ``ids``, by a window sliding ``stride`` tokens.
+def evaluate_sliding(
+    model: nn.Module, ids: torch.Tensor, window: int, stride: int, batch_size: int, max_batches: int = 0
+) -> dict:
+    """Mean loss of a model without memory over ``ids``, by a window sliding ``stride`` tokens.
 
     The windows hold ``window`` tokens (all of ``ids`` when it is shorter). The first one scores every token it
     predicts; each later one ends ``stride`` tokens further on (the last one at the end of ``ids``) and scores
     only the tokens no window has scored yet. So every token but the first is scored exactly once, with at least
     window - stride tokens of context, or all of them near the start. stride = window is the cheap, pessimistic
     non-overlapping evaluation; stride 1 gives every token a full window at window times the cost; eval.stride's
-    default is half the window. Windows are scored ``batch_size`` at a time.
+    default is half the window. Windows are scored ``batch_size`` at a time; ``max_batches`` > 0 scores only the
+    first that many batches of windows (a quick validation), the mean then over the tokens they score.
     """
     n = len(ids)
     if n < 2:
@@ -77,27 +80,18 @@ def evaluate_sliding(model: nn.Module, ids: torch.Tensor, window: int, stride: i
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = 0.0
+    total, count = 0.0, 0
     try:
-        for k in range(0, len(ends), batch_size):
+        for k in range(0, min(len(ends), max_batches * batch_size or len(ends)), batch_size):
             rows = torch.tensor(starts[k : k + batch_size])[:, None] + torch.arange(L + 1)
             chunk = ids[rows].to(device)  # (windows, L + 1)
             logits, _ = model(chunk[:, :-1])
             scored = torch.arange(L, device=device) >= torch.tensor(first[k : k + batch_size], device=device)[:, None]
             total += token_nll(logits, chunk[:, 1:])[scored].sum().item()
+            count += int(scored.sum())
     finally:
         model.train(was_training)
-    return {"loss": total / (n - 1), "tokens": n - 1}
-
-
-def scorer(model: nn.Module, cfg: Config) -> Callable[[torch.Tensor], dict]:
-    """How ``evaluate_run`` scores a token stream: with memory (Transformer-XL) or by a sliding window (gpt)."""
-    e = cfg.eval
-    if cfg.model.backbone == "gpt":
-        window = e.tgt_len or cfg.model.context
-        return lambda ids: evaluate_sliding(model, ids, window, e.stride or max(1, window // 2), e.batch_size)
-    tgt_len, mem_len = e.tgt_len or cfg.model.tgt_len, e.mem_len or cfg.model.mem_len
-    return lambda ids: evaluate_ids(model, ids, e.batch_size, tgt_len, mem_len)
+    return {"loss": total / count, "tokens": count}
 
 
 def summarize(result: dict, level: str, unk: int) -> dict:
@@ -130,7 +124,7 @@ def evaluate_run(
     """Evaluate a checkpoint on a split of its corpus, or on any text file; split results go to eval.json."""
     refuse_run_folder(Path(run_dir))
     model, cfg, vocab = load_checkpoint(run_dir, resolve_device(str(device)))
-    score = scorer(model, cfg)
+    score = backbone(cfg.model).scorer(model, cfg, 0)
     if text_file is not None:
         ids, unk = vocab.encode(vocab.tokenize(read_text(text_file)))
         if len(ids) < 2:

@@ -5,9 +5,9 @@ filled that way started at 4.38 BPC, against 2.29 for the baseline, and at 2.90 
 heads instead. Importance is measured, not read off weight norms: a head is removed by zeroing its slice of the
 block's output projection (its output then adds nothing to the residual), the language-model loss is measured on a
 fixed sample of training segments, in order, with memory, and the weights are restored. The sample is the same for
-every head and every option (see knapsack.py), so the numbers compare with each other and are deterministic.
+every head and every option (see search/knapsack.py), so the numbers compare with each other and are deterministic.
 Both backbones' attention blocks are ranked alike: a gpt block's query head writes through its own columns of
-the output projection too (its key/value heads are shared within a group; inherit.py keeps whole groups).
+the output projection too (its key/value heads are shared within a group; inheritance keeps whole groups).
 """
 
 from __future__ import annotations
@@ -18,11 +18,8 @@ import torch
 from torch import nn
 
 from planer.evaluation.evaluate import evaluate_ids
-from planer.models.gpt.model import Attention
-from planer.models.txl.blocks import RelAttention
 
 Ranking = dict[int, list[tuple[int, float]]]  # block position -> (head, loss increase in nats), most important first
-ATTENTION = (RelAttention, Attention)  # the attention blocks of both backbones: ``n_head``, ``d_head``, ``out``
 
 
 @dataclass(frozen=True)
@@ -70,7 +67,7 @@ def rank_heads(model: nn.Module, sample: Sample) -> Ranking:
     base = sample_loss(model, sample)
     ranking: Ranking = {}
     for position, block in enumerate(model.blocks):
-        if isinstance(block, ATTENTION):
+        if block.n_head:  # an attention block (see Block)
             increases = head_increases(model, position, sample, base)
             order = sorted(range(len(increases)), key=lambda h: (-increases[h], h))
             ranking[position] = [(h, increases[h]) for h in order]

@@ -23,7 +23,7 @@ from planer.config import Config, config_from_dict
 from planer.errors import PlanerError
 from planer.io.data import TokenizerVocab, Vocab
 from planer.models.arch import Arch
-from planer.models.backbone import build_model
+from planer.models.backbone import backbone, build_model
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 SUPERNET = "supernet.safetensors"  # a Gumbel search's trained supernet, beside its arch.json
@@ -153,3 +153,13 @@ def load_checkpoint(
     model = build_model(cfg.model, arch)
     load_weights(model, path)
     return model.to(device), cfg, vocab
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path, force: bool = False):
+    """``planer export``: the checkpoint in ``run_dir`` written as ``fmt`` by its backbone's exporter; a PlanerError
+    naming the formats it has where its backbone has no such exporter."""
+    try:
+        cfg = config_from_dict(load_meta(run_dir)["config"])
+    except PlanerError as e:
+        raise PlanerError(f"checkpoint config {Path(run_dir) / CONFIG}: {e}") from None
+    return backbone(cfg.model).exporter(fmt)(run_dir, out, force=force)

@@ -39,7 +39,7 @@ from planer.config import Config, LatencyConfig, validate
 from planer.errors import PlanerError
 from planer.io.checkpoint import atomic_write_text, load_checkpoint
 from planer.models.arch import Arch, BlockSpec
-from planer.models.backbone import build_block, build_model
+from planer.models.backbone import backbone, build_block, build_model
 from planer.training.distributed import resolve_device
 
 TABLE_FORMAT = 1
@@ -225,7 +225,7 @@ def fingerprint(cfg: Config) -> dict:
         "d_inner": m.d_inner,
         "n_experts": m.n_experts,
         "vocab_size": m.vocab_size,
-        **({"backbone": m.backbone, "flavour": m.flavour, "n_kv_head": m.n_kv_head} if m.backbone != "txl" else {}),
+        **backbone(m).fingerprint(m),
     }
 
 

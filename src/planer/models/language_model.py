@@ -7,12 +7,27 @@ and its size. Each backbone (txl/model.py, gpt/model.py) adds its own layers aro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from planer.config import ModelConfig
-from planer.models.arch import Arch
+from planer.models.arch import Arch, BlockSpec
+from planer.models.blocks import Block
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """Every family's initialisation, in module order: N(0, std) weights and zero biases for linear and embedding
+    layers, identity norms, and what a block draws of its own (``Block.reset_parameters``)."""
+    for m in module.modules():
+        if init_normal(m, std):
+            continue
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            m.reset_parameters()
+        elif isinstance(m, Block):
+            m.reset_parameters(std=std)
 
 
 def init_normal(m: nn.Module, std: float) -> bool:
@@ -33,6 +48,15 @@ class LanguageModel(nn.Module):
         self.arch = arch
         self.mem_len = mem_len
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+
+    def make_blocks(
+        self,
+        arch: Arch | None,
+        blocks: list[nn.Module] | None,
+        build_block: Callable[[BlockSpec, ModelConfig], nn.Module],
+    ) -> nn.ModuleList:
+        """The arch's blocks as the family builds them, or ready-made ``blocks`` (the supernet's super blocks)."""
+        return nn.ModuleList(blocks if blocks is not None else [build_block(s, self.cfg) for s in arch])
 
     def init_mems(self) -> list:
         return [None] * len(self.blocks)

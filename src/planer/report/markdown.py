@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shlex
 import statistics
 from functools import cache
 from pathlib import Path
@@ -19,7 +18,7 @@ from planer.errors import PlanerError
 from planer.io.checkpoint import load_meta, read_json_object
 from planer.latency.table import LatencyTable
 from planer.models.arch import Arch
-from planer.models.gpt.hf import export_layout
+from planer.models.backbone import backbone
 from planer.report import plots
 from planer.report.details import latency_ms, samples_section, search_confidence, searches, wall_times
 from planer.report.samples import SAMPLE_FILE, model_sample, prompt_text
@@ -74,17 +73,9 @@ def describe(d: Path) -> dict:
 
 
 def export_hint(model_dir: Path, arch: Arch) -> str:
-    """The export the model's backbone allows: ONNX for a Transformer-XL, a Hugging Face folder for a gpt model
-    whose layers are alike, and otherwise why there is none."""
-    path = shlex.quote(str(model_dir))
+    """How the model leaves planer, in its backbone's words (``Backbone.export_hint``)."""
     cfg = config_from_dict(load_meta(model_dir)["config"]).model
-    if cfg.backbone != "gpt":
-        return f"`planer export --run {path} --onnx model.onnx` exports it for onnxruntime."
-    try:
-        export_layout(cfg, arch)
-    except PlanerError as e:
-        return f"`planer.load({str(model_dir)!r})` loads it in Python; it has no Hugging Face form ({e})."
-    return f"`planer export --run {path} --hf OUT` writes it as a Hugging Face folder for transformers."
+    return backbone(cfg).export_hint(model_dir, cfg, arch)
 
 
 def collect(run_dir: Path) -> list[dict]:

@@ -1,21 +1,12 @@
 """Weight inheritance: start a block, a whole architecture, or a supernet's options from trained weights.
 
 A block starts from a trained block at the same position when one can become the other without losing what it
-learnt: the same spec is copied; ``attn:h`` keeps the h most important heads of an ``attn:H`` (H >= h, see
-importance.py); a wider feed-forward block is copies of a narrower one (``widen``); a mixture of experts is
-experts that are copies of a feed-forward block (``upcycle``). ``skip`` has nothing to inherit. Phase 1's warm start,
-phase 2's ``--init-from`` and the knapsack search's option measurements all go through ``transfer``, so the
-three start from the same weights. Both backbones' blocks are handled here (Transformer-XL's ``RelAttention`` and
-``FeedForward``, gpt's ``Attention`` and ``MLP``); a block only ever starts from a block of its own backbone.
-
-Grouped-query attention (gpt): query head i of an ``attn:H`` reads key/value head i // (H / K). A reduced
-``attn:h`` has k = ``gpt.kv_heads(cfg, h)`` key/value heads, each read by g = h / k query heads, and a query head
-is only worth keeping with the keys and values it was trained with. So the reduced block keeps k whole source
-groups: from every source group its g most important query heads, and of the groups the k whose kept heads have
-the largest summed importance (ties: the lower group). That is the choice with the largest summed importance under
-that constraint. Kept groups, and the query heads within them, stay in source order, so inheriting every head
-reproduces the source exactly. Where g exceeds the source's group size no choice keeps the pairing, and the
-block is not inherited.
+learnt: the same spec is copied; ``attn:h`` keeps the h most important heads of an ``attn:H`` (H >= h, ranked by
+evaluation/importance.py; each backbone's attention block says how it keeps heads, ``Block.inherit_heads``); a
+wider feed-forward block is copies of a narrower one (``widen``); a mixture of experts is experts that are copies
+of a feed-forward block (``upcycle``). ``skip`` has nothing to inherit. Phase 1's warm start, phase 2's
+``--init-from`` and the knapsack search's option measurements all go through ``transfer``, so the three start from
+the same weights. A block only ever starts from a block of its own kind.
 """
 
 from __future__ import annotations
@@ -27,79 +18,20 @@ from torch import nn
 
 from planer.config import ModelConfig
 from planer.errors import PlanerError
-from planer.evaluation.importance import ATTENTION, Ranking
+from planer.evaluation.importance import Ranking
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_model
-from planer.models.gpt.model import MLP, Attention
-from planer.models.txl.blocks import FeedForward, RelAttention
+from planer.models.blocks import Block, FeedForwardParts, HeadOrder
 
 if TYPE_CHECKING:
     from planer.search.supernet import SuperNet
 
-HeadOrder = list[tuple[int, float]]  # a block's heads, most important first, with their importance (loss increase)
 MATCHING = ("backbone", "flavour", "d_model", "d_head", "vocab_size", "tie_embeddings")  # what must agree to inherit
 
 
-def copy_heads(dst: RelAttention, src: RelAttention, heads: list[int]) -> None:
-    """Give an attention block with h heads the listed h heads of a trained one (queries, keys, values, relative
-    positions, output columns, both position biases) and its LayerNorm."""
-    H, Dh, D = src.n_head, src.d_head, src.out.out_features
-    if len(heads) != dst.n_head or dst.d_head != Dh or not all(0 <= h < H for h in heads):
-        raise PlanerError(f"cannot give {dst.n_head} heads of {dst.d_head} dims the heads {heads} of {H} x {Dh}")
-    idx = torch.tensor(heads, device=src.out.weight.device)
-    with torch.no_grad():
-        dst.qkv.weight.copy_(src.qkv.weight.view(3, H, Dh, D)[:, idx].reshape(-1, D))  # (3 * h * Dh, D)
-        dst.r_net.weight.copy_(src.r_net.weight.view(H, Dh, D)[idx].reshape(-1, D))  # (h * Dh, D)
-        dst.out.weight.copy_(src.out.weight.view(D, H, Dh)[:, idx].reshape(D, -1))  # (D, h * Dh)
-        dst.r_w_bias.copy_(src.r_w_bias[idx])  # (h, Dh)
-        dst.r_r_bias.copy_(src.r_r_bias[idx])
-    dst.norm.load_state_dict(src.norm.state_dict())
-
-
-def kept_groups(order: HeadOrder, heads: int, kv: int, keep: int, keep_kv: int) -> tuple[list[int], list[int]] | None:
-    """The query heads and key/value heads an ``attn:keep`` with ``keep_kv`` key/value heads keeps of a block with
-    ``heads`` query heads over ``kv`` key/value heads, by the rule in the module docstring; None when none can.
-
-    The query heads come grouped (the j-th reads the j // (keep / keep_kv)-th kept key/value head), each group in
-    source order.
-    """
-    size, want = heads // kv, keep // keep_kv
-    if keep_kv > kv or want > size or keep % keep_kv:
-        return None
-    best = {g: [(h, s) for h, s in order if h // size == g][:want] for g in range(kv)}
-    groups = sorted(sorted(range(kv), key=lambda g: (-sum(s for _, s in best[g]), g))[:keep_kv])
-    return [h for g in groups for h in sorted(h for h, _ in best[g])], groups
-
-
-def copy_grouped_heads(dst: Attention, src: Attention, order: HeadOrder) -> bool:
-    """Give a gpt attention block the query heads and key/value heads ``kept_groups`` chooses of a trained one
-    (their rows of the fused q/k/v projection, the query heads' output columns, the output bias, the norm)."""
-    kept = kept_groups(order, src.heads, src.kv, dst.heads, dst.kv)
-    if kept is None or dst.d_head != src.d_head:
-        return False
-    queries, groups = kept
-    H, K, Dh = src.heads, src.kv, src.d_head
-    rows = [*queries, *(H + g for g in groups), *(H + K + g for g in groups)]  # the kept [q, k, v] row blocks
-    rows = torch.tensor(rows, device=src.qkv.weight.device)
-    D = src.out.out_features
-    with torch.no_grad():
-        dst.qkv.weight.copy_(src.qkv.weight.view(H + 2 * K, Dh, -1)[rows].reshape(-1, src.qkv.in_features))
-        dst.out.weight.copy_(src.out.weight.view(D, H, Dh)[:, queries].reshape(D, -1))
-        if src.qkv.bias is not None:
-            dst.qkv.bias.copy_(src.qkv.bias.view(H + 2 * K, Dh)[rows].reshape(-1))
-            dst.out.bias.copy_(src.out.bias)
-    dst.norm.load_state_dict(src.norm.state_dict())
-    return True
-
-
-def ffl_parts(block: nn.Module) -> tuple[nn.Linear, nn.Linear, str, bool] | None:
-    """A feed-forward block's two linear layers, its activation and whether it is pre-norm (gpt), of either
-    backbone; None for any other block. SwiGLU's first layer stacks the gate's rows, then the up projection's."""
-    if isinstance(block, FeedForward):
-        return block.fc1, block.fc2, "relu", False
-    if isinstance(block, MLP):
-        return block.up, block.down, block.act, True
-    return None
+def ffl_parts(block: nn.Module) -> FeedForwardParts | None:
+    """A feed-forward block's parts (see ``Block.feed_forward``); None for any other block."""
+    return block.feed_forward() if isinstance(block, Block) else None
 
 
 def upcycle(dst: nn.Module, src: nn.Module) -> None:
@@ -174,12 +106,8 @@ def transfer(dst: nn.Module, dst_spec: BlockSpec, src: nn.Module, src_spec: Bloc
     """
     if dst_spec == src_spec and type(dst) is type(src) and _same_shapes(dst, src):
         dst.load_state_dict(src.state_dict())
-    elif dst_spec.kind == src_spec.kind == "attn" and type(dst) is type(src) and isinstance(dst, Attention):
-        return copy_grouped_heads(dst, src, heads)
-    elif dst_spec.kind == src_spec.kind == "attn" and isinstance(dst, RelAttention) and type(src) is RelAttention:
-        if dst.n_head > src.n_head or dst.d_head != src.d_head:
-            return False
-        copy_heads(dst, src, sorted(h for h, _ in heads[: dst.n_head]))
+    elif dst_spec.kind == src_spec.kind == "attn" and type(dst) is type(src):
+        return dst.inherit_heads(src, heads)
     elif dst_spec.kind == src_spec.kind == "ffl" and _widens(dst, src):
         widen(dst, src)
     elif dst_spec.kind == "moe" and src_spec.kind == "ffl" and _upcycles(dst, src):
@@ -192,7 +120,7 @@ def transfer(dst: nn.Module, dst_spec: BlockSpec, src: nn.Module, src_spec: Bloc
 def head_order(ranking: Ranking, position: int, block: nn.Module) -> HeadOrder:
     """The heads of an attention ``block`` at ``position`` most important first ([] for other blocks); without a
     ranking there, its heads in order, all of importance 0 (so reduced blocks keep the first heads)."""
-    if not isinstance(block, ATTENTION):
+    if not block.n_head:
         return []
     return list(ranking[position]) if position in ranking else [(h, 0.0) for h in range(block.n_head)]
 

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from planer.config import Config, TrainConfig, saved_config_matches
 from planer.errors import PlanerError
-from planer.evaluation.evaluate import evaluate_ids
 from planer.io.checkpoint import save_checkpoint
 from planer.io.data import Corpus, Segments, load_corpus, stream_share
+from planer.models.backbone import backbone
 from planer.training import distributed
 from planer.training import resume as resume_lib
 from planer.training.distributed import Env
@@ -254,12 +254,10 @@ class Loop:
         distributed.barrier(self.env)
 
     def validate(self, model: torch.nn.Module) -> float:
-        """Validation loss (nats per token) on rank 0, over ``train.eval_batches`` segments (0: the whole split)."""
-        cfg = self.cfg
-        tgt_len, mem_len = cfg.eval.tgt_len or cfg.model.tgt_len, cfg.eval.mem_len or cfg.model.mem_len
-        return evaluate_ids(model, self.corpus.valid, cfg.eval.batch_size, tgt_len, mem_len, cfg.train.eval_batches)[
-            "loss"
-        ]
+        """Validation loss (nats per token) on rank 0: the backbone's scorer, the one ``planer evaluate`` uses, over
+        the first ``train.eval_batches`` batches of the valid split (0: the whole split)."""
+        score = backbone(self.cfg.model).scorer(model, self.cfg, self.cfg.train.eval_batches)
+        return score(self.corpus.valid)["loss"]
 
 
 @dataclass

@@ -1,0 +1,63 @@
+"""The decoder-only backbone (GPT-2 and Llama flavours), as the rest of planer sees it: see models/backbone.py."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from torch import nn
+
+from planer.config import Config, ModelConfig
+from planer.errors import PlanerError
+from planer.evaluation.evaluate import evaluate_sliding
+from planer.models.arch import Arch
+from planer.models.backbone import Backbone, Scorer
+from planer.models.gpt.hf import export_layout
+from planer.models.gpt.model import GPT, build_block
+
+FLAVOURS = ("gpt2", "llama")
+
+
+def check(cfg: ModelConfig) -> None:
+    if cfg.flavour not in FLAVOURS:
+        raise PlanerError(f"config model.flavour must be 'gpt2' or 'llama', got '{cfg.flavour}'")
+    if cfg.flavour == "llama" and cfg.d_head % 2:
+        raise PlanerError(f"config model: rotary positions need an even head size, got d_head {cfg.d_head}")
+    if cfg.flavour == "gpt2" and not cfg.tie_embeddings:
+        raise PlanerError("config model.tie_embeddings: the gpt2 flavour always ties its output to the embedding")
+    if cfg.tgt_len > cfg.context:
+        raise PlanerError(f"config model.tgt_len ({cfg.tgt_len}) exceeds model.n_positions ({cfg.n_positions})")
+
+
+def scorer(model: nn.Module, cfg: Config, max_batches: int) -> Scorer:
+    """A sliding window of eval.tgt_len tokens (the model's context by default) advancing eval.stride tokens (half
+    the window by default): the model has no memory to carry context across segments."""
+    e = cfg.eval
+    window = e.tgt_len or cfg.model.context
+    stride = e.stride or max(1, window // 2)
+    return lambda ids: evaluate_sliding(model, ids, window, stride, e.batch_size, max_batches)
+
+
+def fingerprint(cfg: ModelConfig) -> dict:
+    return {"backbone": cfg.backbone, "flavour": cfg.flavour, "n_kv_head": cfg.n_kv_head}
+
+
+def export_hint(model_dir: Path, cfg: ModelConfig, arch: Arch) -> str:
+    """A Hugging Face folder for a model whose layers are alike, and otherwise why there is none."""
+    try:
+        export_layout(cfg, arch)
+    except PlanerError as e:
+        return f"`planer.load({str(model_dir)!r})` loads it in Python; it has no Hugging Face form ({e})."
+    return f"`planer export --run {shlex.quote(str(model_dir))} --hf OUT` writes it as a Hugging Face folder for transformers."
+
+
+BACKBONE = Backbone(
+    name="gpt",
+    model=GPT,
+    block=build_block,
+    check=check,
+    scorer=scorer,
+    fingerprint=fingerprint,
+    exporters={"hf": "planer.models.gpt.hf:export_hf"},
+    export_hint=export_hint,
+)

@@ -22,8 +22,8 @@ from torch import nn
 from planer.config import ModelConfig
 from planer.errors import PlanerError
 from planer.models.arch import Arch, BlockSpec
-from planer.models.blocks import Block, Skip
-from planer.models.language_model import LanguageModel, init_normal
+from planer.models.blocks import Block, FeedForwardParts, HeadOrder, Skip
+from planer.models.language_model import LanguageModel, init_weights
 from planer.models.moe import MoEFeedForward, activate
 
 
@@ -79,8 +79,12 @@ class Attention(Block):
 
     @property
     def n_head(self) -> int:
-        """The query heads, under ``RelAttention``'s name: head importance counts heads of either alike."""
+        """The query heads, under ``Block``'s name: head importance counts every backbone's heads alike."""
         return self.heads
+
+    def inherit_heads(self, src: Block, order: HeadOrder) -> bool:
+        """The query heads and key/value groups ``kept_groups`` chooses of ``src`` (see ``copy_grouped_heads``)."""
+        return copy_grouped_heads(self, src, order)
 
     def _rotary(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for positions 0..T-1, kept for the next call of the same length and device.
@@ -119,8 +123,55 @@ class MLP(Block):
         self.down = nn.Linear(d_inner, cfg.d_model, bias=bias)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def feed_forward(self) -> FeedForwardParts:
+        return self.up, self.down, self.act, True
+
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
         return x + self.drop(self.down(activate(self.up(self.norm(x)), self.act)))
+
+
+def kept_groups(order: HeadOrder, heads: int, kv: int, keep: int, keep_kv: int) -> tuple[list[int], list[int]] | None:
+    """The query heads and key/value heads an ``attn:keep`` with ``keep_kv`` key/value heads keeps of a block with
+    ``heads`` query heads over ``kv`` key/value heads; None when none can.
+
+    Query head i of an ``attn:H`` reads key/value head i // (H / K). A reduced ``attn:h`` has k = ``kv_heads(cfg,
+    h)`` key/value heads, each read by g = h / k query heads, and a query head is only worth keeping with the keys
+    and values it was trained with. So the reduced block keeps k whole source groups: from every source group its
+    g most important query heads, and of the groups the k whose kept heads have the largest summed importance
+    (ties: the lower group). That is the choice with the largest summed importance under that constraint. Kept
+    groups, and the query heads within them, stay in source order, so inheriting every head reproduces the source
+    exactly. Where g exceeds the source's group size no choice keeps the pairing, and the block is not inherited.
+
+    The query heads come grouped (the j-th reads the j // (keep / keep_kv)-th kept key/value head), each group in
+    source order.
+    """
+    size, want = heads // kv, keep // keep_kv
+    if keep_kv > kv or want > size or keep % keep_kv:
+        return None
+    best = {g: [(h, s) for h, s in order if h // size == g][:want] for g in range(kv)}
+    groups = sorted(sorted(range(kv), key=lambda g: (-sum(s for _, s in best[g]), g))[:keep_kv])
+    return [h for g in groups for h in sorted(h for h, _ in best[g])], groups
+
+
+def copy_grouped_heads(dst: Attention, src: Attention, order: HeadOrder) -> bool:
+    """Give a gpt attention block the query heads and key/value heads ``kept_groups`` chooses of a trained one
+    (their rows of the fused q/k/v projection, the query heads' output columns, the output bias, the norm)."""
+    kept = kept_groups(order, src.heads, src.kv, dst.heads, dst.kv)
+    if kept is None or dst.d_head != src.d_head:
+        return False
+    queries, groups = kept
+    H, K, Dh = src.heads, src.kv, src.d_head
+    rows = [*queries, *(H + g for g in groups), *(H + K + g for g in groups)]  # the kept [q, k, v] row blocks
+    rows = torch.tensor(rows, device=src.qkv.weight.device)
+    D = src.out.out_features
+    with torch.no_grad():
+        dst.qkv.weight.copy_(src.qkv.weight.view(H + 2 * K, Dh, -1)[rows].reshape(-1, src.qkv.in_features))
+        dst.out.weight.copy_(src.out.weight.view(D, H, Dh)[:, queries].reshape(D, -1))
+        if src.qkv.bias is not None:
+            dst.qkv.bias.copy_(src.qkv.bias.view(H + 2 * K, Dh)[rows].reshape(-1))
+            dst.out.bias.copy_(src.out.bias)
+    dst.norm.load_state_dict(src.norm.state_dict())
+    return True
 
 
 def build_block(spec: BlockSpec, cfg: ModelConfig) -> Block:
@@ -145,17 +196,6 @@ def build_block(spec: BlockSpec, cfg: ModelConfig) -> Block:
     raise ValueError(f"no block of kind {spec.kind}")
 
 
-def init_weights(module: nn.Module, std: float) -> None:
-    """N(0, std) weights, zero biases, identity norms (GPT-2's initialisation without its depth scaling)."""
-    for m in module.modules():
-        if init_normal(m, std):
-            continue
-        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-            m.reset_parameters()
-        elif isinstance(m, MoEFeedForward):
-            m.reset_parameters(std=std)
-
-
 class GPT(LanguageModel):
     """The decoder-only language model; the same interface as ``TransformerXL``, with no memory (``mem_len`` 0)."""
 
@@ -164,7 +204,7 @@ class GPT(LanguageModel):
         super().__init__(cfg, arch, 0)
         self.pos = nn.Embedding(cfg.context, cfg.d_model) if cfg.flavour == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(blocks if blocks is not None else [build_block(s, cfg) for s in arch])
+        self.blocks = self.make_blocks(arch, blocks, build_block)
         self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, cfg.init_std)

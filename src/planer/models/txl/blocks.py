@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planer.models.blocks import Block
+from planer.errors import PlanerError
+from planer.models.blocks import Block, FeedForwardParts, HeadOrder
 
 
 class FeedForward(Block):
@@ -23,6 +24,9 @@ class FeedForward(Block):
         self.fc2 = nn.Linear(d_inner, d_model)
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
+
+    def feed_forward(self) -> FeedForwardParts:
+        return self.fc1, self.fc2, "relu", False
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
         h = self.drop(F.relu(self.fc1(x)))
@@ -89,6 +93,17 @@ class RelAttention(Block):
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
 
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.r_w_bias, 0.0, std)
+        nn.init.normal_(self.r_r_bias, 0.0, std)
+
+    def inherit_heads(self, src: Block, order: HeadOrder) -> bool:
+        """The ``n_head`` most important of ``src``'s heads, kept in their order (see ``copy_heads``)."""
+        if self.n_head > src.n_head or self.d_head != src.d_head:
+            return False
+        copy_heads(self, src, sorted(h for h, _ in order[: self.n_head]))
+        return True
+
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
         H, Dh = self.n_head, self.d_head
@@ -118,3 +133,19 @@ class RelAttention(Block):
         )
         out = self.out(att.transpose(1, 2).reshape(B, T, H * Dh))
         return self.norm(x + self.drop(out))
+
+
+def copy_heads(dst: RelAttention, src: RelAttention, heads: list[int]) -> None:
+    """Give an attention block with h heads the listed h heads of a trained one (queries, keys, values, relative
+    positions, output columns, both position biases) and its LayerNorm."""
+    H, Dh, D = src.n_head, src.d_head, src.out.out_features
+    if len(heads) != dst.n_head or dst.d_head != Dh or not all(0 <= h < H for h in heads):
+        raise PlanerError(f"cannot give {dst.n_head} heads of {dst.d_head} dims the heads {heads} of {H} x {Dh}")
+    idx = torch.tensor(heads, device=src.out.weight.device)
+    with torch.no_grad():
+        dst.qkv.weight.copy_(src.qkv.weight.view(3, H, Dh, D)[:, idx].reshape(-1, D))  # (3 * h * Dh, D)
+        dst.r_net.weight.copy_(src.r_net.weight.view(H, Dh, D)[idx].reshape(-1, D))  # (h * Dh, D)
+        dst.out.weight.copy_(src.out.weight.view(D, H, Dh)[:, idx].reshape(D, -1))  # (D, h * Dh)
+        dst.r_w_bias.copy_(src.r_w_bias[idx])  # (h, Dh)
+        dst.r_r_bias.copy_(src.r_r_bias[idx])
+    dst.norm.load_state_dict(src.norm.state_dict())

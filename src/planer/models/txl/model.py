@@ -16,7 +16,7 @@ from torch import nn
 from planer.config import ModelConfig
 from planer.models.arch import Arch, BlockSpec
 from planer.models.blocks import Skip
-from planer.models.language_model import LanguageModel, init_normal
+from planer.models.language_model import LanguageModel, init_weights
 from planer.models.txl.blocks import FeedForward, RelAttention
 
 Mems = list  # one tensor (batch, <= mem_len, d_model) per block, or None for blocks without memory
@@ -36,27 +36,12 @@ def build_block(spec: BlockSpec, cfg: ModelConfig) -> nn.Module:
     raise ValueError(f"no block of kind {spec.kind}")
 
 
-def init_weights(module: nn.Module, std: float) -> None:
-    """Transformer-XL's initialisation: N(0, std) weights, zero biases, identity LayerNorms."""
-    for m in module.modules():
-        if init_normal(m, std):
-            continue
-        if isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, RelAttention):
-            nn.init.normal_(m.r_w_bias, 0.0, std)
-            nn.init.normal_(m.r_r_bias, 0.0, std)
-        elif hasattr(m, "reset_parameters"):  # blocks with stacked weights (MoE experts)
-            m.reset_parameters(std=std)
-
-
 class TransformerXL(LanguageModel):
     def __init__(self, cfg: ModelConfig, arch: Arch | None = None, blocks: list[nn.Module] | None = None):
         """Build the blocks from ``arch``, or take ready-made ``blocks`` (the supernet's super blocks)."""
         super().__init__(cfg, arch, cfg.mem_len)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(blocks if blocks is not None else [build_block(s, cfg) for s in arch])
+        self.blocks = self.make_blocks(arch, blocks, build_block)
         self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         init_weights(self, cfg.init_std)
 
