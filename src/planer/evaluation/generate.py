@@ -1,9 +1,8 @@
 """Sampling from any planer model, one token at a time.
 
-One loop for both backbones, told apart by what they remember, not by name: a model with memory (a
-Transformer-XL, ``mem_len`` > 0) reads the prompt once and then only each new token, its memory carrying the
-past; a model without reads the last ``cfg.context`` tokens again at every step (the gpt backbone's sliding
-context). Temperature 0 is greedy decoding; ``top_k`` keeps the k likeliest tokens before sampling. Sampling draws
+One loop for every backbone: the model's own decoder (``LanguageModel.decoder``) says how it is fed, with its
+memory, its key/value cache (the prompt prefilled once, then each new token alone) or its window read again.
+Temperature 0 is greedy decoding; ``top_k`` keeps the k likeliest tokens before sampling. Sampling draws
 from a generator of its own, seeded, so the same call gives the same tokens and leaves torch's global RNG alone.
 """
 
@@ -40,16 +39,12 @@ def generate(
         raise PlanerError("--tokens, --temperature and --top-k must not be negative")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    seq, fresh, mems = list(prompt), list(prompt), None
+    decoder = model.decoder(len(prompt) + tokens)
+    seq, fresh = list(prompt), list(prompt)
     try:
         for _ in range(tokens):
-            if model.mem_len:
-                logits, mems = model(torch.tensor([fresh], device=device), mems)
-            else:
-                logits, _ = model(torch.tensor([seq[-model.cfg.context :]], device=device))
-            fresh = [pick(logits[0, -1].cpu(), temperature, top_k, gen)]
+            fresh = [pick(decoder.step(fresh).cpu(), temperature, top_k, gen)]
             seq += fresh
     finally:
         model.train(was_training)

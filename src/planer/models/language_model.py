@@ -16,6 +16,7 @@ from torch import nn
 from planer.config import ModelConfig
 from planer.models.arch import Arch, BlockSpec
 from planer.models.blocks import Block
+from planer.models.decoding import MemoryDecoder, WindowDecoder
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -57,6 +58,10 @@ class LanguageModel(nn.Module):
     ) -> nn.ModuleList:
         """The arch's blocks as the family builds them, or ready-made ``blocks`` (the supernet's super blocks)."""
         return nn.ModuleList(blocks if blocks is not None else [build_block(s, self.cfg) for s in arch])
+
+    def decoder(self, capacity: int) -> MemoryDecoder | WindowDecoder:
+        """How generation feeds this model up to ``capacity`` tokens: with its memory, or its window again."""
+        return MemoryDecoder(self) if self.mem_len else WindowDecoder(self)
 
     def init_mems(self) -> list:
         return [None] * len(self.blocks)

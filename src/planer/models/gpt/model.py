@@ -23,6 +23,7 @@ from planer.config import ModelConfig
 from planer.errors import PlanerError
 from planer.models.arch import Arch, BlockSpec
 from planer.models.blocks import Block, FeedForwardParts, HeadOrder, Skip
+from planer.models.gpt.cache import CacheDecoder, KVCache, LayerCache, cached_attention
 from planer.models.language_model import LanguageModel, init_weights
 from planer.models.moe import MoEFeedForward, activate
 
@@ -86,29 +87,35 @@ class Attention(Block):
         """The query heads and key/value groups ``kept_groups`` chooses of ``src`` (see ``copy_grouped_heads``)."""
         return copy_grouped_heads(self, src, order)
 
-    def _rotary(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for positions 0..T-1, kept for the next call of the same length and device.
+    def _rotary(self, start: int, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions start .. start+T-1, from tables kept while they are long enough.
 
-        Not precomputed for the whole context: models such as Llama 3 allow 131072 positions, 2 GB of tables.
+        Not precomputed for the whole context: models such as Llama 3 allow 131072 positions, 2 GB of tables. A
+        position's entries do not depend on the table's length, so a longer table's rows are the same numbers.
         """
-        if self.tables is None or self.tables[0].size(0) != T or self.tables[0].device != device:
-            self.tables = tuple(t.to(device) for t in rotary_tables(T, self.d_head, self.theta))
-        return self.tables
+        if self.tables is None or self.tables[0].size(0) < start + T or self.tables[0].device != device:
+            self.tables = tuple(t.to(device) for t in rotary_tables(start + T, self.d_head, self.theta))
+        return tuple(t[start : start + T] for t in self.tables)
 
-    def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mem: LayerCache | None = None) -> torch.Tensor:
+        """The block's output for new positions (B, T, d_model); with a cache, after every position it holds."""
         B, T, _ = x.shape
         H, K, Dh = self.heads, self.kv, self.d_head
+        start = 0 if mem is None else mem.start
         q, k, v = self.qkv(self.norm(x)).split([H * Dh, K * Dh, K * Dh], dim=-1)
         q = q.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = k.view(B, T, K, Dh).transpose(1, 2)  # (B, K, T, Dh)
         v = v.view(B, T, K, Dh).transpose(1, 2)  # (B, K, T, Dh)
         if self.rotary:
-            cos, sin = (t.to(q.dtype) for t in self._rotary(T, x.device))
+            cos, sin = (t.to(q.dtype) for t in self._rotary(start, T, x.device))
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        # query head i reads key/value head i // (H / K), as Hugging Face's grouped-query attention does
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropatt if self.training else 0.0, is_causal=True, enable_gqa=K != H
-        )  # (B, H, T, Dh)
+        if mem is None:
+            # query head i reads key/value head i // (H / K), as Hugging Face's grouped-query attention does
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropatt if self.training else 0.0, is_causal=True, enable_gqa=K != H
+            )  # (B, H, T, Dh)
+        else:
+            y = cached_attention(q, *mem.extend(k, v), start)
         return x + self.drop(self.out(y.transpose(1, 2).reshape(B, T, H * Dh)))
 
 
@@ -209,17 +216,32 @@ class GPT(LanguageModel):
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, cfg.init_std)
 
-    def forward(self, idx: torch.Tensor, mems: list | None = None) -> tuple[torch.Tensor, list]:
-        """Logits (batch, len, vocab) for token ids (batch, len); ``mems`` is accepted and returned empty."""
-        T = idx.size(1)
-        if T > self.cfg.context:
-            raise PlanerError(f"the model reads at most {self.cfg.context} tokens at once, got {T}")
+    def forward(
+        self, idx: torch.Tensor, mems: list | KVCache | None = None, last_only: bool = False
+    ) -> tuple[torch.Tensor, list | KVCache]:
+        """Logits (batch, len, vocab) for token ids (batch, len), or of the last position only (batch, 1, vocab).
+
+        With a ``KVCache`` the ids are the positions after those it holds: they are read with every cached
+        position and added to the cache, which is returned. Otherwise (``mems`` None or per-block Nones, as
+        training passes them) the ids are a whole sequence, and ``mems`` is returned empty.
+        """
+        cache = mems if isinstance(mems, KVCache) else None
+        start, T = (cache.length if cache else 0), idx.size(1)
+        if start + T > self.cfg.context:
+            raise PlanerError(f"the model reads at most {self.cfg.context} tokens at once, got {start + T}")
+        if cache:
+            cache.check_room(T)
         h = self.embed(idx)  # (B, T, d_model)
         if self.pos is not None:
-            h = h + self.pos(torch.arange(T, device=idx.device))
+            h = h + self.pos(torch.arange(start, start + T, device=idx.device))
         h = self.drop(h)
-        for block in self.blocks:
-            h = block(h, None)
-        h = self.norm(h)
+        for block, layer in zip(self.blocks, cache.layers if cache else [None] * len(self.blocks)):
+            h = block(h, layer)
+        if cache:
+            cache.length += T
+        h = self.norm(h[:, -1:] if last_only else h)
         logits = F.linear(h, self.embed.weight if self.head is None else self.head.weight)  # (B, T, vocab)
-        return logits, self.init_mems()
+        return logits, cache or self.init_mems()
+
+    def decoder(self, capacity: int) -> CacheDecoder:
+        return CacheDecoder(self, capacity)
