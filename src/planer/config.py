@@ -19,6 +19,7 @@ import yaml
 from planer.errors import PlanerError
 from planer.models.arch import BlockSpec
 
+WORKLOADS = ("segment", "prefill", "decode")  # latency.workload (see latency/workload.py)
 DEFAULT_SPACE = ["skip", "attn:1", "attn:2", "attn:4", "attn:8", "ffl", "moe:top1", "moe:top2"]
 
 
@@ -140,6 +141,9 @@ class LatencyConfig:
     threads: int = 1  # one thread: repeatable on a shared CPU, and what the table's fingerprint records
     device: str = "cpu"
     dtype: str = "fp32"  # fp32 | bf16 | fp16
+    workload: str = "segment"  # segment | prefill | decode: what one timed call does (see latency/workload.py)
+    prompt: int = 256  # prefill: the prompt's tokens
+    context: int = 256  # decode: positions cached before the timed new token (gpt; a Transformer-XL's is mem_len)
 
 
 @dataclass
@@ -357,6 +361,7 @@ def validate(cfg: Config) -> None:
     if m.d_model % m.n_head:
         raise PlanerError(f"config model.n_head ({m.n_head}) must divide model.d_model ({m.d_model})")
     validate_backbone(m)
+    validate_workload(cfg.latency)
     if m.n_experts < 2:
         raise PlanerError(f"config model.n_experts must be at least 2, got {m.n_experts}")
     positive(cfg.data, ["min_count"])
@@ -402,6 +407,14 @@ def validate(cfg: Config) -> None:
         b = BlockSpec.parse(spec)
         if b.kind == "moe" and b.top_k > (b.experts or m.n_experts):
             raise PlanerError(f"search space option '{spec}': top_k exceeds the number of experts ({m.n_experts})")
+
+
+def validate_workload(lat: LatencyConfig) -> None:
+    if lat.workload not in WORKLOADS:
+        raise PlanerError(f"config latency.workload must be {', '.join(WORKLOADS)}, got '{lat.workload}'")
+    for key in ("prompt", "context"):
+        if not isinstance(getattr(lat, key), int) or getattr(lat, key) < 1:
+            raise PlanerError(f"config latency.{key} must be a positive number of tokens, got {getattr(lat, key)}")
 
 
 def validate_backbone(m: ModelConfig) -> None:

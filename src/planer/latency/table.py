@@ -1,7 +1,8 @@
 """Latency: one measurement routine, the block lookup table (Eq. 2 of the paper), and end-to-end benchmarks.
 
-Everything here times the same thing: the forward of one (batch, tgt_len) segment with every attention memory
-full, in eval mode under ``torch.inference_mode()``, at a fixed thread count. Candidates are timed in rounds,
+Everything here times the same thing, the call of ``latency.workload`` (latency/workload.py: a segment with full
+memories, a prompt's prefill, or one decoded token after a cached context), in eval mode under
+``torch.inference_mode()``, at a fixed thread count. Candidates are timed in rounds,
 each round calling every candidate once in a fresh random order, so load from other processes and clock drift
 fall on all of them alike; the medians of the rounds are what we report.
 
@@ -38,6 +39,7 @@ from tqdm import tqdm
 from planer.config import Config, LatencyConfig, validate
 from planer.errors import PlanerError
 from planer.io.checkpoint import atomic_write_text, load_checkpoint
+from planer.latency.workload import workload_call
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import backbone, build_block, build_model
 from planer.training.distributed import resolve_device
@@ -97,21 +99,6 @@ def measuring(models: Iterable[torch.nn.Module], threads: int):
         for module, training in modes:
             module.train(training)
         torch.set_num_threads(saved_threads)
-
-
-def segment_forward(model: torch.nn.Module, batch: int, device: torch.device) -> Callable[[], object]:
-    """The forward of one segment with full memories: the steady state of evaluation and generation."""
-    cfg = model.cfg
-    dtype = model.embed.weight.dtype
-    gen = torch.Generator(device=device).manual_seed(0)
-    idx = torch.randint(0, cfg.vocab_size, (batch, cfg.tgt_len), device=device, generator=gen)
-    mems = [
-        torch.randn(batch, model.mem_len, cfg.d_model, device=device, generator=gen).to(dtype)
-        if block.uses_memory and model.mem_len
-        else None
-        for block in model.blocks
-    ]
-    return lambda: model(idx, mems)
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -179,10 +166,10 @@ def sample_models(
     device: torch.device,
     progress: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-round milliseconds of each model's segment forward, all models interleaved in the same rounds
-    (``progress``: see time_interleaved)."""
+    """Per-round milliseconds of each model's call under ``lc.workload``, all models interleaved in the same
+    rounds (``progress``: see time_interleaved)."""
     with measuring(models.values(), lc.threads):
-        fns = {name: segment_forward(model, batch, device) for name, model in models.items()}
+        fns = {name: workload_call(model, batch, lc, device) for name, model in models.items()}
         return time_interleaved(fns, lc.warmup, lc.repeats, device, progress=progress)
 
 
@@ -226,7 +213,20 @@ def fingerprint(cfg: Config) -> dict:
         "n_experts": m.n_experts,
         "vocab_size": m.vocab_size,
         **backbone(m).fingerprint(m),
+        **workload_fingerprint(lc),
     }
+
+
+def tokens_per_call(cfg: Config) -> int:
+    """The new tokens one timed call reads per sequence: a segment, the prompt, or the one decoded token."""
+    return {"segment": cfg.model.tgt_len, "prefill": cfg.latency.prompt, "decode": 1}[cfg.latency.workload]
+
+
+def workload_fingerprint(lc: LatencyConfig) -> dict:
+    """The workload and its size; nothing for the segment workload, so tables from before workloads still hold."""
+    if lc.workload == "segment":
+        return {}
+    return {"workload": lc.workload, "tokens": lc.prompt if lc.workload == "prefill" else lc.context}
 
 
 def at_batch(cfg: Config, batch: int) -> Config:
@@ -497,6 +497,8 @@ def bench(
         "environment": environment(lc),
         "tgt_len": cfg.model.tgt_len,
         "mem_len": cfg.model.mem_len,
+        "workload": lc.workload,
+        "tokens_per_call": tokens_per_call(cfg),
         "settings": {"warmup": lc.warmup, "repeats": lc.repeats},
         "unit": "ms",
         "batches": rows,

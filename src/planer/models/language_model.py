@@ -63,6 +63,11 @@ class LanguageModel(nn.Module):
         """How generation feeds this model up to ``capacity`` tokens: with its memory, or its window again."""
         return MemoryDecoder(self) if self.mem_len else WindowDecoder(self)
 
+    def decoding_state(self, batch: int, capacity: int) -> object | None:
+        """The state decoding starts from, for ``batch`` sequences of up to ``capacity`` positions: None for a
+        model whose memories start empty (its forward makes them)."""
+        return None
+
     def init_mems(self) -> list:
         return [None] * len(self.blocks)
 

@@ -49,8 +49,8 @@ class KVCache:
     """
 
     def __init__(self, model: nn.Module, batch: int, capacity: int):
-        if capacity < 1:
-            raise PlanerError(f"a key/value cache holds at least one position, got capacity {capacity}")
+        if not 1 <= capacity <= model.cfg.context:
+            raise PlanerError(f"a key/value cache holds 1 to the model's {model.cfg.context} positions, not {capacity}")
         self.capacity, self.length = capacity, 0
         like = model.embed.weight
         self.layers = [LayerCache(self, b, batch, like) if b.n_head else None for b in model.blocks]

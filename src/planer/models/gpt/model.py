@@ -243,5 +243,8 @@ class GPT(LanguageModel):
         logits = F.linear(h, self.embed.weight if self.head is None else self.head.weight)  # (B, T, vocab)
         return logits, cache or self.init_mems()
 
+    def decoding_state(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self, batch, capacity)
+
     def decoder(self, capacity: int) -> CacheDecoder:
         return CacheDecoder(self, capacity)

@@ -1,0 +1,72 @@
+"""What one timed call does: the workload a latency is measured on (``latency.workload``).
+
+- ``segment``: the forward of one (batch, tgt_len) segment with every attention memory full, the steady state of
+  a Transformer-XL's evaluation and of training-style scoring.
+- ``prefill``: the forward of a (batch, ``latency.prompt``) prompt into an empty key/value cache (a Transformer-XL:
+  into empty memories), the time to the first token.
+- ``decode``: one new token per sequence after ``latency.context`` cached positions, the time per token once
+  generation runs. A Transformer-XL has no cache: its decode is one new token with its memory full (``mem_len``),
+  the way ``planer generate`` runs it.
+
+The state a call reads (cache, memories) is made once and reset before every call, so only the forward is timed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from planer.config import LatencyConfig
+from planer.errors import PlanerError
+
+
+def random_ids(model: torch.nn.Module, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, model.cfg.vocab_size, (batch, length), device=gen.device, generator=gen)
+
+
+def full_memories(model: torch.nn.Module, batch: int, gen: torch.Generator) -> list:
+    """Random memories of ``mem_len`` positions for the blocks that keep memory (None for the rest)."""
+    device = gen.device
+    dtype = model.embed.weight.dtype
+    return [
+        torch.randn(batch, model.mem_len, model.cfg.d_model, device=device, generator=gen).to(dtype)
+        if block.uses_memory and model.mem_len
+        else None
+        for block in model.blocks
+    ]
+
+
+def segment_call(model: torch.nn.Module, batch: int, lc: LatencyConfig, device: torch.device) -> Callable:
+    gen = torch.Generator(device=device).manual_seed(0)
+    idx = random_ids(model, batch, model.cfg.tgt_len, gen)
+    mems = full_memories(model, batch, gen)
+    return lambda: model(idx, mems)
+
+
+def cached_call(model: torch.nn.Module, batch: int, cached: int, new: int, device: torch.device) -> Callable:
+    """``new`` tokens read after ``cached`` positions of the model's decoding state, reset before every call."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    state = model.decoding_state(batch, cached + new)
+    idx = random_ids(model, batch, new, gen)
+    if state is None:  # a model with memory: full memories stand for the cache
+        mems = full_memories(model, batch, gen) if cached else None
+        return lambda: model(idx, mems)
+
+    def call():
+        state.length = cached
+        return model(idx, state, last_only=True)
+
+    return call
+
+
+def workload_call(model: torch.nn.Module, batch: int, lc: LatencyConfig, device: torch.device) -> Callable:
+    """The call to time for ``model`` at ``batch`` under ``lc.workload``; a PlanerError when the model cannot hold
+    the workload's positions."""
+    if lc.workload == "segment":
+        return segment_call(model, batch, lc, device)
+    cached, new = (0, lc.prompt) if lc.workload == "prefill" else (lc.context, 1)
+    try:
+        return cached_call(model, batch, cached, new, device)
+    except PlanerError as e:
+        raise PlanerError(f"latency.workload {lc.workload} ({cached} cached, {new} new positions): {e}") from None
