@@ -7,6 +7,9 @@ between two sessions; ``--lut`` compares against a table profiled earlier instea
 
     .venv/bin/python benchmarks/latency_fidelity.py [--config configs/shakespeare-char.yaml] [--archs 24]
         [--out benchmarks/out] [--lut runs/x/lut.json] [--seed 0] [--set latency.repeats=100 ...]
+        [--arch-json runs/x/search-*/arch.json]   (these architectures instead of random ones)
+
+Any backbone and workload (``latency.workload``): the gpt config's decode table is checked the same way.
 
 Writes OUT/fidelity.md, OUT/fidelity.json, OUT/fidelity_scatter.png and OUT/block_latency.png.
 ``--compare A/lut.json B/lut.json`` instead prints how far two profiles lie apart (repeatability).
@@ -41,7 +44,7 @@ from planer.latency.table import (  # noqa: E402
     with_vocab_size,
 )
 from planer.models.arch import Arch, BlockSpec  # noqa: E402
-from planer.models.txl.model import TransformerXL  # noqa: E402
+from planer.models.backbone import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "out"
@@ -69,8 +72,7 @@ def measure(cfg, archs: dict[str, Arch], lut: Path | None) -> tuple[LatencyTable
     device = latency_device(lc)
     with private_rng(device, seed=1):
         models = {
-            name: TransformerXL(cfg.model, arch).to(device=device, dtype=DTYPES[lc.dtype])
-            for name, arch in archs.items()
+            name: build_model(cfg.model, arch).to(device=device, dtype=DTYPES[lc.dtype]) for name, arch in archs.items()
         }
     if lut is not None:
         table = LatencyTable.load(lut)
@@ -80,6 +82,20 @@ def measure(cfg, archs: dict[str, Arch], lut: Path | None) -> tuple[LatencyTable
     samples = sample_models({**probes, **{f"arch {name}": m for name, m in models.items()}}, lc.batch_size, lc, device)
     table = table_from_samples(cfg, {name: samples[name] for name in probes}, seconds=0.0)
     return table, {name: samples[f"arch {name}"] for name in models}
+
+
+def workload_size(cfg) -> str:
+    lc, m = cfg.latency, cfg.model
+    return {"segment": f"tgt_len {m.tgt_len}, mem_len {m.mem_len}", "prefill": f"prompt {lc.prompt}",
+            "decode": f"one token after {lc.context} cached"}[lc.workload]  # fmt: skip
+
+
+def given_archs(cfg, paths: list[str]) -> dict[str, Arch]:
+    """The baseline and the architectures of ``arch.json`` files (named by their folders), e.g. a search's picks."""
+    archs = {"baseline": Arch.baseline(cfg.model.n_layer, cfg.model.n_head)}
+    for path in paths:
+        archs.setdefault(Path(path).parent.name, Arch.load(path))
+    return archs
 
 
 def compare(table: LatencyTable, archs: dict[str, Arch], samples: dict[str, np.ndarray]) -> tuple[list[dict], dict]:
@@ -110,7 +126,7 @@ def markdown(cfg, table: LatencyTable, rows: list[dict], summary: dict, shared_r
     fp = table.fingerprint
     lines = [
         f"Latency fidelity on {fp['device']}, {fp['dtype']}, {fp['threads']} thread(s), batch {fp['batch']}, "
-        f"tgt_len {fp['tgt_len']}, mem_len {fp['mem_len']}, {cfg.latency.repeats} rounds; table "
+        f"workload {cfg.latency.workload} ({workload_size(cfg)}), {cfg.latency.repeats} rounds; table "
         + ("profiled in the same rounds" if shared_rounds else f"from {table.settings.get('created')}"),
         "",
         "| arch | estimated ms | measured ms (p10-p90) | error |",
@@ -203,6 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
     parser.add_argument("--lut", help="compare with this lut.json instead of profiling in the same rounds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the architecture sample")
+    parser.add_argument("--arch-json", nargs="+", metavar="ARCH", help="these arch.json files instead of random archs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--compare", nargs=2, metavar="LUT", help="only compare two lut.json files of one fingerprint")
     args = parser.parse_args(argv)
@@ -214,7 +231,7 @@ def main(argv=None) -> int:
             print(repeatability(a, b))
             return 0
         cfg = with_vocab_size(load_config(args.config, args.set))
-        archs = random_archs(cfg, args.archs, args.seed)
+        archs = given_archs(cfg, args.arch_json) if args.arch_json else random_archs(cfg, args.archs, args.seed)
         table, samples = measure(cfg, archs, Path(args.lut) if args.lut else None)
     except PlanerError as e:
         print(f"latency_fidelity: error: {e}", file=sys.stderr)
