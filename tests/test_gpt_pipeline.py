@@ -144,7 +144,7 @@ def test_planer_run_from_an_imported_llama(imported_llama, tmp_path):
 
     cfg = llama_run_cfg(tmp_path, imported_llama)
     plan = Plan(targets=(0.6,), designs=("dense",), batches=(2,), baseline=imported_llama)
-    out = run_pipeline(cfg, tmp_path / "run", plan)
+    out = run_pipeline(cfg, tmp_path / "run", plan).path
     report = (out / "report.md").read_text()
     assert "| baseline |" in report and "| planer-t0.60 |" in report and "| dense-depth-t0.60 |" in report
     assert json.loads((out / "search-t0.60" / "arch.json").read_text())["method"] == "knapsack"

@@ -29,7 +29,7 @@ TINY_RUN = [
 def test_run_pipeline_end_to_end_and_resume(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*TINY_RUN)
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl", "moe:top1"]
-    out = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.5,), batches=(1, 2)))
+    out = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.5,), batches=(1, 2))).path
     for path in [
         "config.yaml",
         "lut.json",
@@ -68,7 +68,7 @@ def test_run_with_every_design_and_seeds(tiny_cfg, tmp_path):
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl", "moe:top1", "moe:top2"]
     cfg.model.n_layer = 3
     plan = Plan(targets=(0.5, 0.8), designs=("sandwich", "par", "iso"), seeds=2, batches=(1,))
-    out = run_pipeline(cfg, tmp_path / "run", plan)
+    out = run_pipeline(cfg, tmp_path / "run", plan).path
     models = [
         "baseline",
         "planer-t0.50",
@@ -160,7 +160,7 @@ def test_run_with_knapsack_rivals_and_the_phase2_recipe(tiny_cfg, tmp_path):
     depth = json.loads((tmp_path / "run" / "planer-t0.60" / "rivals.json").read_text())
     assert [r["name"] for r in depth] == ["dense-depth"]
     # resumed with every rival and a second seed: the first seed's found model gets the rivals it lacked
-    out = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.6,), designs=("dense",), seeds=2, batches=(2,)))
+    out = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.6,), designs=("dense",), seeds=2, batches=(2,))).path
     rivals = {
         json.loads((out / n / "run.json").read_text())["rival"] for n in ("dense-depth-t0.60", "dense-heads-t0.60")
     }
@@ -192,7 +192,7 @@ def test_two_search_methods_against_the_same_rivals(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*TINY_RUN, "search.method=knapsack", "train.steps=30", "train.eval_every=30")
     cfg.search.space = ["skip", "attn:1", "attn:2", "attn:4", "ffl"]
     plan = Plan(targets=(0.6,), designs=("dense-depth",), methods=("gumbel",), batches=(2,))
-    out = run_pipeline(cfg, tmp_path / "run", plan)
+    out = run_pipeline(cfg, tmp_path / "run", plan).path
     knapsack = json.loads((out / "planer-t0.60" / "run.json").read_text())
     gumbel = json.loads((out / "planer-gumbel-t0.60" / "run.json").read_text())
     assert (knapsack["method"], gumbel["method"], gumbel["design"]) == ("knapsack", "gumbel", "planer-gumbel")

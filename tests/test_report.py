@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory):
     text.write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:60000])
     cfg = load_config(None, [*tiny_overrides(text), *TINY_RUN])
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl", "moe:top1"]
-    out = run_pipeline(cfg, tmp / "run", Plan(targets=(0.5,), batches=(1, 2)))
+    out = run_pipeline(cfg, tmp / "run", Plan(targets=(0.5,), batches=(1, 2))).path
     run_search(
         "knapsack", cfg, out / "search-knapsack", 0.8, out / "lut.json", out / "baseline", RunOptions(quiet=True)
     )

@@ -140,13 +140,13 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
 
 def cmd_search(args) -> None:
     from planer.config import load_config
-    from planer.search.designs import iso_space
+    from planer.search.designs import iso_config
     from planer.search.methods import run_search
     from planer.training.loop import RunOptions
 
     cfg = load_config(args.config, [*args.set, *([_limits(args.limits)] if args.limits else [])])
     if args.space == "iso":
-        cfg.search.space = iso_space(cfg.search.space, cfg.model.n_experts)
+        cfg = iso_config(cfg)
     options = RunOptions(force=args.force, resume=args.resume)
     method = args.method or cfg.search.method
     arch = run_search(method, cfg, args.out, args.target, args.lut, args.init_from, options)
@@ -186,10 +186,11 @@ def cmd_run(args) -> None:
         batches=tuple(_ints(args.batches, "--batches")),
         baseline=Path(args.baseline) if args.baseline else None,
     )
-    out = run_pipeline(cfg, args.out, plan, force=args.force)
-    skipped = [name for name, status in plan.stages if status != "ran"]
+    result = run_pipeline(cfg, args.out, plan, force=args.force)
+    skipped = [name for name, status in result.stages if status != "ran"]
     if skipped:
         print(f"planer run: {len(skipped)} stage(s) were done before and skipped: {', '.join(skipped)}")
+    out = result.path
     rows = collect(out)
     level_char = rows[0]["eval"].get("valid", {}).get("bpc") is not None
     for line in verdicts(rows, level_char, cfg.latency.batch_size):

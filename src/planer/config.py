@@ -320,6 +320,12 @@ def describe(cfg: Config) -> list[tuple[str, str, object, object]]:
     return rows
 
 
+def with_vocab_size(cfg: Config, size: int) -> Config:
+    """``cfg`` resolved for a vocabulary of ``size`` symbols (``model.vocab_size``, which the data decides): a copy,
+    so that the caller's config stays as it was given."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=size))
+
+
 def config_from_dict(values: dict) -> Config:
     cfg = _build(Config, values, "")
     validate(cfg)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from planer.config import Config, check_target, saved_config_matches
+from planer.config import Config, check_target, saved_config_matches, with_vocab_size
 from planer.errors import PlanerError
 from planer.evaluation.evaluate import evaluate_run
 from planer.io.checkpoint import CONFIG, WEIGHTS, atomic_write_text, load_checkpoint, load_meta, read_json_object
@@ -29,7 +29,7 @@ from planer.io.data import check_same_vocab, load_corpus
 from planer.latency.table import LatencyTable, at_batch, bench, load_or_profile
 from planer.models.arch import Arch
 from planer.report.markdown import write_report
-from planer.search.designs import RIVALS, iso_space, named_arch, rivals, sandwich_sweep
+from planer.search.designs import RIVALS, iso_config, named_arch, rivals, sandwich_sweep
 from planer.search.methods import METHODS, limit_table_path, run_search
 from planer.training.loop import RunOptions
 from planer.training.train import Recipe, phase2_recipe, train
@@ -49,7 +49,6 @@ class Plan:
     seeds: int = 1
     batches: tuple[int, ...] = BENCH_BATCHES  # the end-to-end benchmark's batch sizes
     baseline: Path | None = None  # a trained (or imported) baseline to use instead of training one
-    stages: list = field(default_factory=list, compare=False)  # (stage, status) as the run went, for its summary
 
     @property
     def rivals(self) -> tuple[str, ...]:
@@ -66,6 +65,15 @@ class Plan:
         for m in self.methods:
             if m not in METHODS:
                 raise PlanerError(f"unknown search method '{m}': expected {' or '.join(METHODS)}")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What ``run_pipeline`` did: the run directory (its report is ``path/report.md``) and every stage with its
+    status (``ran``, or ``done before, skipped``), in the order the run went."""
+
+    path: Path
+    stages: tuple[tuple[str, str], ...]
 
 
 def target_name(target: float) -> str:
@@ -94,19 +102,21 @@ class Pipeline:
     """The stages of one run directory, each skipped when its output is complete."""
 
     def __init__(self, cfg: Config, out: Path, plan: Plan, force: bool):
-        self.cfg, self.out, self.plan, self.force = cfg, out, plan, force
+        """``self.cfg`` is ``cfg`` resolved for the corpus, what every stage runs with; ``cfg`` is left alone."""
+        self.out, self.plan, self.force = out, plan, force
         self.corpus = load_corpus(cfg.data)
-        cfg.model.vocab_size = len(self.corpus.vocab)
+        self.cfg = with_vocab_size(cfg, len(self.corpus.vocab))
         self.models: list[Path] = []
+        self.stages: list[tuple[str, str]] = []
 
     def stage(self, name: str, done: Path, work) -> None:
         """Run ``work`` unless ``done`` exists (or with --force); the run's summary says which it was."""
         if self.force or not done.exists():
             print(f"planer run: {name}", flush=True)
             work()
-            self.plan.stages.append((name, "ran"))
+            self.stages.append((name, "ran"))
         else:
-            self.plan.stages.append((name, "done before, skipped"))
+            self.stages.append((name, "done before, skipped"))
 
     def options(self) -> RunOptions:
         return RunOptions(force=True, resume=not self.force, corpus=self.corpus)
@@ -249,8 +259,9 @@ def adopt_baseline(source: Path, path: Path, cfg: Config) -> None:
     atomic_write_text(path / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
-def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool = False) -> Path:
-    """Every stage of ``plan`` into ``out``; returns the run directory (its report is ``out/report.md``)."""
+def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool = False) -> RunResult:
+    """Every stage of ``plan`` into ``out``; returns the run directory (its report is ``out/report.md``) and what
+    each stage did. ``cfg`` is left as it was given."""
     plan.check()
     if cfg.search.limits and "gumbel" in plan.methods:
         raise PlanerError("search.limits: only the knapsack search keeps limits at other batch sizes; drop gumbel")
@@ -259,6 +270,7 @@ def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool 
             named_arch(d, cfg.model)  # a bad K stops the run before any work
     out = Path(out)
     run = Pipeline(cfg, out, plan, force)
+    cfg = run.cfg
     if plan.baseline is not None:
         check_baseline(plan.baseline, cfg, run.corpus)
     _claim_run_dir(out, cfg, force)
@@ -272,7 +284,7 @@ def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool 
     searched = [("planer", cfg)]
     searched += [(f"planer-{m}", _with_method(cfg, m)) for m in plan.methods if m != cfg.search.method]
     if "iso" in plan.designs:
-        searched.append(("iso", _with_space(cfg, iso_space(cfg.search.space, cfg.model.n_experts))))
+        searched.append(("iso", iso_config(cfg)))
     for seed in range(plan.seeds):
         for design, design_cfg in searched:
             for t in plan.targets:
@@ -282,11 +294,7 @@ def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool 
     run.fixed_designs()
     run.measure()
     write_report(out)
-    return out
-
-
-def _with_space(cfg: Config, space: list[str]) -> Config:
-    return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=space))
+    return RunResult(out, tuple(run.stages))
 
 
 def _with_method(cfg: Config, method: str) -> Config:

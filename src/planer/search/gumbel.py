@@ -92,7 +92,7 @@ def search(
     loop = Loop(cfg, out_dir, options, done="arch.json")
     with loop.setting_up():
         table = load_table(loop, lut_path)
-        check_reachable(table, cfg, target)
+        check_reachable(table, loop.cfg, target)
         phase1 = GumbelSearch(loop, table, target, init_from)
     return phase1.run()
 

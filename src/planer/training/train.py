@@ -91,6 +91,7 @@ def train(
         )
     teacher = Teacher(recipe.teacher, cfg.distill) if recipe.teacher is not None else None
     loop = Loop(cfg, out_dir, options, done="summary.json")
+    cfg = loop.cfg
     model = build_model(cfg.model, arch)
     with loop.setting_up():
         if teacher is not None:
