@@ -192,7 +192,7 @@ def test_the_report_names_the_export_each_model_allows(tiny_cfg, tmp_path):
     Transformer-XL goes to ONNX: the report's commands must work for the model they name."""
     from planer.io.checkpoint import save_checkpoint
     from planer.io.data import load_corpus
-    from planer.report.markdown import export_hint
+    from planer.report.rows import export_hint
 
     def hint(name: str, arch: str, *overrides: str) -> str:
         cfg = tiny_cfg(*overrides)

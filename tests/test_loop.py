@@ -175,8 +175,8 @@ def test_distilled_training_differs_from_plain_and_follows_the_teacher(tiny_cfg,
     train(cfg, tmp_path / "teacher", Arch.parse("attn:4 ffl"), options=options)
     plain = train(cfg, tmp_path / "plain", Arch.parse("attn:1 ffl"), options=options)
     taught = train(cfg, tmp_path / "taught", Arch.parse("attn:1 ffl"), Recipe(teacher=tmp_path / "teacher"), options)
-    assert taught["recipe"]["teacher"] == str(tmp_path / "teacher") and plain["recipe"]["teacher"] is None
-    assert taught["best_valid_loss"] != plain["best_valid_loss"]
+    assert taught.recipe["teacher"] == str(tmp_path / "teacher") and plain.recipe["teacher"] is None
+    assert taught.best_valid_loss != plain.best_valid_loss
 
 
 def test_the_loop_resolves_a_copy_of_the_config(tiny_cfg, tmp_path):

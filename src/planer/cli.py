@@ -46,8 +46,8 @@ def cmd_train(args) -> None:
     summary = train(cfg, args.out, arch, recipe, RunOptions(force=args.force, resume=args.resume))
     if _rank() == 0:
         print(
-            f"trained {arch.short()} ({summary['params']:,} parameters) in {summary['seconds']:.0f} s: "
-            f"best valid loss {summary['best_valid_loss']:.4f} -> {args.out}"
+            f"trained {arch.short()} ({summary.params:,} parameters) in {summary.seconds:.0f} s: "
+            f"best valid loss {summary.best_valid_loss:.4f} -> {args.out}"
         )
 
 
@@ -140,6 +140,7 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
 
 def cmd_search(args) -> None:
     from planer.config import load_config
+    from planer.io.records import SearchRecord
     from planer.search.designs import iso_config
     from planer.search.methods import run_search
     from planer.training.loop import RunOptions
@@ -152,21 +153,21 @@ def cmd_search(args) -> None:
     arch = run_search(method, cfg, args.out, args.target, args.lut, args.init_from, options)
     if _rank() > 0:
         return
-    meta = json.loads((Path(args.out) / "arch.json").read_text())
+    estimate = SearchRecord.read(Path(args.out)).estimate
     print(
-        f"found {arch.short()}: estimated {meta['estimated_ratio']:.3f} of the baseline's latency "
+        f"found {arch.short()}: estimated {estimate.estimated_ratio:.3f} of the baseline's latency "
         f"(target {args.target:g}) -> {args.out}/arch.json"
     )
-    if not meta["meets_target"]:
-        gap = meta["estimated_ratio"] - args.target
+    if not estimate.meets_target:
+        gap = estimate.estimated_ratio - args.target
         print(f"planer: warning: the found architecture is over its target by {gap:.3f} of the baseline's latency "
-              f"({meta['estimated_ratio']:.3f} for {args.target:g})", file=sys.stderr)  # fmt: skip
+              f"({estimate.estimated_ratio:.3f} for {args.target:g})", file=sys.stderr)  # fmt: skip
 
 
 def cmd_run(args) -> None:
     from planer.config import load_config
     from planer.pipeline import Plan, parse_designs, run_pipeline
-    from planer.report.markdown import collect
+    from planer.report.rows import collect
     from planer.report.verdict import verdicts
 
     overrides = list(args.set)
@@ -192,7 +193,7 @@ def cmd_run(args) -> None:
         print(f"planer run: {len(skipped)} stage(s) were done before and skipped: {', '.join(skipped)}")
     out = result.path
     rows = collect(out)
-    level_char = rows[0]["eval"].get("valid", {}).get("bpc") is not None
+    level_char = rows[0].eval.get("valid", {}).get("bpc") is not None
     for line in verdicts(rows, level_char, cfg.latency.batch_size):
         print(line.replace("**", ""))
     print(f"report: {out / 'report.md'}")
