@@ -1,6 +1,8 @@
 """The knapsack search: an exact multiple-choice knapsack, the budget respected, options measured in the baseline."""
 
+import dataclasses
 import itertools
+import json
 import math
 import random
 
@@ -21,6 +23,7 @@ from planer.search.knapsack import (
     pick,
     select,
 )
+from planer.search.option_cache import cached_measure
 
 BLOCKS = {"skip": 0.0, "attn:1": 1.0, "attn:2": 1.6, "attn:4": 2.5, "ffl": 0.8, "moe:top1": 1.5, "moe:top2": 1.9}
 
@@ -203,3 +206,25 @@ def test_local_distillation_measures_every_option(trained_tiny, sample):
     )
     assert all(inc is not None for r in record.knapsack.positions for inc in r.increase)
     assert record.knapsack.distill == {"steps": 10, "lr": 1e-3} and record.estimate.meets_target
+
+
+def test_the_measured_losses_are_kept_per_baseline_space_and_sample(trained_tiny, sample, tmp_path, monkeypatch):
+    """A second search from the same checkpoint, space and sample reads what the first measured; any other
+    checkpoint, space or sample measures again."""
+    from planer.search import knapsack
+
+    model, _ = trained_tiny
+    (tmp_path / "model.safetensors").write_bytes(b"weights")  # the key digests the checkpoint's files
+    (tmp_path / "config.json").write_text("{}")
+    measured = []
+    real = knapsack.option_increases
+    monkeypatch.setattr(knapsack, "option_increases", lambda *a, **k: measured.append(1) or real(*a, **k))
+    cache, space = tmp_path / "option-losses.json", ["skip", "attn:1", "ffl"]
+    first = cached_measure(cache, tmp_path, model, space, sample, None)
+    assert cached_measure(cache, tmp_path, model, space, sample, None) == first and len(measured) == 1
+    assert first == knapsack.measure(model, space, sample)  # what the cache gives back is what was measured
+    cached_measure(cache, tmp_path, model, ["skip", "ffl"], sample, None)
+    cached_measure(cache, tmp_path, model, space, dataclasses.replace(sample, segments=2), None)
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    cached_measure(cache, tmp_path, model, space, sample, None)
+    assert len(measured) == 5 and len(json.loads(cache.read_text())) == 4

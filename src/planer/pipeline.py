@@ -8,7 +8,8 @@ report. A stage whose output is complete is skipped, and an unfinished training 
 newest resume state, so an interrupted run continues where it stopped.
 
 Every model directory gets a manifest, ``run.json`` (a ``Manifest``: design, target, seed, arch, the search it came
-from, its recipe): the report reads those and never parses a directory name.
+from, its recipe): the report reads those and never parses a directory name. The knapsack's measured option losses
+are kept in the run directory (``option-losses.json``), so a second target or seed only solves the knapsack again.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from planer.models.arch import Arch
 from planer.report.markdown import write_report
 from planer.search.designs import RIVALS, iso_config, named_arch, rivals, sandwich_sweep
 from planer.search.methods import SEARCHERS, SearchJob, check_search, limit_table_path
+from planer.search.option_cache import CACHE_FILE
 from planer.training.loop import RunOptions
 from planer.training.train import Recipe, phase2_recipe, train
 
@@ -163,7 +165,7 @@ class Pipeline:
         lut = self.out / "lut.json"
         run_cfg = self.phase2_cfg(cfg.train.seed + seed)
         run_cfg = dataclasses.replace(run_cfg, search=cfg.search)
-        job = SearchJob(run_cfg, found, target, lut, self.baseline, self.options())
+        job = SearchJob(run_cfg, found, target, lut, self.baseline, self.options(), self.out / CACHE_FILE)
         method = cfg.search.method
         self.stage(f"search {name} ({method})", found / SearchRecord.FILE, lambda: SEARCHERS[method].run(job))
         arch = SearchRecord.read(found).found

@@ -406,7 +406,8 @@ class Measured(Record):
     per position (None: it cannot start from the baseline block there), the head ranking the attention options
     kept their heads by (``heads``, as arch.json writes it) and the local distillation's settings (``distill``).
 
-    It depends on the baseline's weights, the search space and the samples alone."""
+    It depends on the baseline's weights, the search space and the samples alone, so a run that searches several
+    targets or seeds measures once (``planer.search.option_cache``)."""
 
     options: list[str]
     baseline_loss: float

@@ -26,7 +26,8 @@ from planer.io.records import Estimate, RerankScore, SearchRecord, arch_of
 from planer.latency.table import LatencyTable
 from planer.models.arch import Arch
 from planer.search.gumbel import check_reachable, load_table, search
-from planer.search.knapsack import KnapsackSettings, LatencyLimit, LocalDistill, knapsack_pick, measure
+from planer.search.knapsack import KnapsackSettings, LatencyLimit, LocalDistill, knapsack_pick
+from planer.search.option_cache import cached_measure
 from planer.training.loop import Loop, RunOptions
 from planer.training.train import phase2_recipe, train
 
@@ -37,7 +38,8 @@ DISTILL_STEPS = 50  # local distillation steps per option with --distill-blocks
 @dataclass(frozen=True)
 class SearchJob:
     """One search: ``target`` into ``out_dir`` with ``cfg``, the latency table at ``lut_path`` (default
-    ``out_dir/lut.json``), from the trained ``baseline``."""
+    ``out_dir/lut.json``), from the trained ``baseline``; ``cache``: a file of measurements a run's searches share
+    (the knapsack's option losses, see option_cache.py), None for none."""
 
     cfg: Config
     out_dir: Path
@@ -45,6 +47,7 @@ class SearchJob:
     lut_path: Path | None = None
     baseline: Path | None = None
     options: RunOptions = RunOptions()
+    cache: Path | None = None
 
 
 class Searcher(Protocol):
@@ -135,7 +138,7 @@ def knapsack_into(job: SearchJob) -> Arch:
     sample, distill = knapsack_samples(loop)
     started = time.perf_counter()
     baseline = baseline.to(loop.device)
-    measured = measure(baseline, cfg.search.space, sample, distill)
+    measured = cached_measure(job.cache, job.baseline, baseline, cfg.search.space, sample, distill)
     settings = KnapsackSettings(candidates=cfg.search.rerank, per_shape=cfg.search.rerank_per_shape, limits=limits)
     record = knapsack_pick(measured, baseline.arch, table, job.target, settings)
     if len(record.knapsack.candidates) > 1:
