@@ -300,7 +300,7 @@ class GumbelSearch:
             arch=found.specs(),
             method="gumbel",
             estimate=Estimate.of(self.table, found, self.baseline_ms, self.target),
-            window=[Fill.low * self.target, self.target],
+            window=Fill().window(self.target),
             details=GumbelDetails(unfilled=unfilled),
             space=self.net.space,
             init_from=str(self.init_from) if self.init_from is not None else None,

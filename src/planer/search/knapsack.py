@@ -324,6 +324,10 @@ class Fill:
     low: float = 0.95
     tolerance: float = 0.005
 
+    def window(self, target: float) -> list[float]:
+        """The window as arch.json records it, fractions of the baseline's latency."""
+        return [self.low * target, target]
+
 
 def pick(
     options: list[str],
@@ -482,7 +486,7 @@ def knapsack_pick(
         ],  # fmt: skip
     )
     return SearchRecord(arch=arch.specs(), method="knapsack", estimate=Estimate.of(table, arch, baseline_ms, target),
-                        window=[fill.low * target, target], details=details)  # fmt: skip
+                        window=fill.window(target), details=details)  # fmt: skip
 
 
 def knapsack_search(
