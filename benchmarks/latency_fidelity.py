@@ -34,6 +34,7 @@ from planer.errors import PlanerError  # noqa: E402
 from planer.latency.table import (  # noqa: E402
     DTYPES,
     LatencyTable,
+    known_vocab_size,
     latency_device,
     private_rng,
     probe_models,
@@ -41,7 +42,6 @@ from planer.latency.table import (  # noqa: E402
     sample_models,
     summarize,
     table_from_samples,
-    with_vocab_size,
 )
 from planer.models.arch import Arch, BlockSpec  # noqa: E402
 from planer.models.backbone import build_model  # noqa: E402
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
                 raise PlanerError("the two tables have different fingerprints")
             print(repeatability(a, b))
             return 0
-        cfg = with_vocab_size(load_config(args.config, args.set))
+        cfg = known_vocab_size(load_config(args.config, args.set))
         archs = given_archs(cfg, args.arch_json) if args.arch_json else random_archs(cfg, args.archs, args.seed)
         table, samples = measure(cfg, archs, Path(args.lut) if args.lut else None)
     except PlanerError as e:

@@ -24,7 +24,7 @@ import torch
 
 from planer.config import load_config
 from planer.io.checkpoint import load_checkpoint
-from planer.latency.table import private_rng, summarize, time_interleaved, with_vocab_size
+from planer.latency.table import known_vocab_size, private_rng, summarize, time_interleaved
 from planer.models.arch import Arch
 from planer.models.txl.model import TransformerXL
 from planer.models.txl.onnx import io_names, session, write_onnx
@@ -35,7 +35,7 @@ def models(args) -> dict[str, TransformerXL]:
     if args.run:
         model, cfg, _ = load_checkpoint(args.run)
     else:
-        cfg = with_vocab_size(load_config(args.config, args.set))
+        cfg = known_vocab_size(load_config(args.config, args.set))
         with private_rng(torch.device("cpu")):
             model = TransformerXL(cfg.model, Arch.parse(args.arch))
     if args.baseline:

@@ -1,6 +1,7 @@
 import pytest
 
 from planer.errors import PlanerError
+from planer.io.records import Estimate, GumbelDetails, SearchRecord
 from planer.models.arch import Arch, BlockSpec
 
 
@@ -23,8 +24,10 @@ def test_unknown_blocks_are_refused(bad):
 
 
 def test_arch_json_round_trip(tmp_path):
+    """A search's arch.json is an architecture file ``--arch`` reads."""
     arch = Arch.parse("attn:2 moe:top1 skip ffl")
-    arch.save(tmp_path / "arch.json", target=0.5)
+    estimate = Estimate(target=0.5, baseline_ms=2.0, estimated_ms=1.0, estimated_ratio=0.5, meets_target=True)
+    SearchRecord(arch=arch.specs(), estimate=estimate, details=GumbelDetails()).save(tmp_path)
     assert Arch.load(tmp_path / "arch.json") == arch
 
 

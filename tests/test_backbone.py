@@ -79,8 +79,8 @@ def test_gpt_validation_is_the_loss_planer_evaluate_reports(tiny_cfg, tmp_path):
     summary = train(cfg, tmp_path / "m", Arch.baseline(2, 4), options=RunOptions(quiet=True))
     logged = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["valid_loss"] for r in logged if "valid_loss" in r]
-    assert len(losses) == 4 and summary["best_valid_loss"] == min(losses)
-    assert evaluate_run(tmp_path / "m", "valid")["loss"] == summary["best_valid_loss"]
+    assert len(losses) == 4 and summary.best_valid_loss == min(losses)
+    assert evaluate_run(tmp_path / "m", "valid")["loss"] == summary.best_valid_loss
 
 
 def test_gpt_validation_with_few_batches_scores_the_first_windows(tiny_cfg, tmp_path):
@@ -101,7 +101,7 @@ def test_rerank_scores_are_the_loss_planer_evaluate_reports(tiny_cfg, tmp_path):
     candidates = [Arch.parse("attn:2 ffl skip ffl"), Arch.parse("attn:4 ffl skip skip")]
     _, scores = rerank(cfg, tmp_path / "rerank", candidates, tmp_path / "base", RunOptions(quiet=True))
     for i, (arch, score) in enumerate(zip(candidates, scores)):
-        assert evaluate_run(tmp_path / "rerank" / f"{i}-{arch.short()}", "valid")["loss"] == score["valid_loss"]
+        assert evaluate_run(tmp_path / "rerank" / f"{i}-{arch.short()}", "valid")["loss"] == score.valid_loss
 
 
 def test_config_checks_of_a_family_run_only_for_it(tiny_cfg):

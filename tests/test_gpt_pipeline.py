@@ -145,7 +145,7 @@ def test_planer_run_from_an_imported_llama(imported_llama, tmp_path):
 
     cfg = llama_run_cfg(tmp_path, imported_llama)
     plan = Plan(targets=(0.6,), designs=("dense",), batches=(2,), baseline=imported_llama)
-    out = run_pipeline(cfg, tmp_path / "run", plan)
+    out = run_pipeline(cfg, tmp_path / "run", plan).path
     report = (out / "report.md").read_text()
     assert "| baseline |" in report and "| planer-t0.60 |" in report and "| dense-depth-t0.60 |" in report
     assert json.loads((out / "search-t0.60" / "arch.json").read_text())["method"] == "knapsack"
@@ -193,7 +193,7 @@ def test_the_report_names_the_export_each_model_allows(tiny_cfg, tmp_path):
     Transformer-XL goes to ONNX: the report's commands must work for the model they name."""
     from planer.io.checkpoint import save_checkpoint
     from planer.io.data import load_corpus
-    from planer.report.markdown import export_hint
+    from planer.report.rows import export_hint
 
     def hint(name: str, arch: str, *overrides: str) -> str:
         cfg = tiny_cfg(*overrides)

@@ -1,6 +1,8 @@
 """The knapsack search: an exact multiple-choice knapsack, the budget respected, options measured in the baseline."""
 
+import dataclasses
 import itertools
+import json
 import math
 import random
 
@@ -12,6 +14,7 @@ from planer.latency.table import LatencyTable
 from planer.search.knapsack import (
     Budget,
     Fill,
+    KnapsackSettings,
     LatencyLimit,
     LocalDistill,
     cheapest,
@@ -20,6 +23,7 @@ from planer.search.knapsack import (
     pick,
     select,
 )
+from planer.search.option_cache import cached_measure
 
 BLOCKS = {"skip": 0.0, "attn:1": 1.0, "attn:2": 1.6, "attn:4": 2.5, "ffl": 0.8, "moe:top1": 1.5, "moe:top2": 1.9}
 
@@ -151,28 +155,25 @@ def test_knapsack_search_respects_the_budget_and_records_every_option(trained_ti
     model, _ = trained_tiny
     lut = table()
     arch, record = knapsack_search(model, list(BLOCKS), lut, 0.5, sample)
-    assert len(arch) == 4 and record["meets_target"]
-    assert lut.estimate(arch) == record["estimated_ms"] <= 0.5 * lut.estimate(model.arch)
-    rows = record["positions"]
-    assert [r["chosen"] for r in rows] == arch.specs()
-    assert (
-        rows[0]["increase"][list(BLOCKS).index("ffl")] is None
-    )  # ffl where the baseline has attention: not inheritable
-    assert rows[0]["increase"][list(BLOCKS).index("attn:4")] == 0.0  # the baseline's own block
-    assert rows[1]["increase"][list(BLOCKS).index("attn:1")] is None
+    assert len(arch) == 4 and record.estimate.meets_target
+    assert lut.estimate(arch) == record.estimate.estimated_ms <= 0.5 * lut.estimate(model.arch)
+    rows = record.knapsack.positions
+    assert [r.chosen for r in rows] == arch.specs()
+    assert rows[0].increase[list(BLOCKS).index("ffl")] is None  # ffl where the baseline has attention: not inheritable
+    assert rows[0].increase[list(BLOCKS).index("attn:4")] == 0.0  # the baseline's own block
+    assert rows[1].increase[list(BLOCKS).index("attn:1")] is None
     # the pick is the best sum of measured increases among all that fit, and is deterministic
     fits = [
         combo
-        for combo in itertools.product(
-            *([s for s, inc in zip(r["options"], r["increase"]) if inc is not None] for r in rows)
-        )
+        for combo in itertools.product(*([s for s, inc in zip(r.options, r.increase) if inc is not None] for r in rows))
         if lut.estimate(combo) <= 0.5 * lut.estimate(model.arch)
     ]
-    increase = {(p, s): inc for p, r in enumerate(rows) for s, inc in zip(r["options"], r["increase"])}
+    increase = {(p, s): inc for p, r in enumerate(rows) for s, inc in zip(r.options, r.increase)}
     best = min(sum(increase[p, s] for p, s in enumerate(combo)) for combo in fits)
-    unfilled = record.get("unfilled", record)  # the window may take up to the tolerance more than the best
-    assert unfilled["predicted_increase"] == pytest.approx(best, abs=1e-9)
-    assert record["predicted_increase"] <= best + Fill().tolerance
+    found = record.knapsack  # the window may take up to the tolerance more than the best
+    unfilled = found.unfilled["predicted_increase"] if found.unfilled else found.predicted_increase
+    assert unfilled == pytest.approx(best, abs=1e-9)
+    assert found.predicted_increase <= best + Fill().tolerance
     assert knapsack_search(model, list(BLOCKS), lut, 0.5, sample)[0] == arch
     with pytest.raises(PlanerError, match="fits"):
         knapsack_search(model, list(BLOCKS), lut, 0.05, sample)
@@ -187,20 +188,43 @@ def test_a_limit_at_another_batch_changes_the_pick_and_is_recorded(trained_tiny,
     free, _ = knapsack_search(model, list(BLOCKS), lut, 0.6, sample)
     baseline_one = at_one.estimate(model.arch)
     tight = at_one.estimate(free) / baseline_one - 0.02
-    arch, record = knapsack_search(model, list(BLOCKS), lut, 0.6, sample, limits=[LatencyLimit(1, tight, at_one)])
-    assert arch != free and record["meets_target"]
+    limited = KnapsackSettings(limits=[LatencyLimit(1, tight, at_one)])
+    arch, record = knapsack_search(model, list(BLOCKS), lut, 0.6, sample, limited)
+    assert arch != free and record.estimate.meets_target
     assert at_one.estimate(arch) <= tight * baseline_one
-    (limit,) = record["limits"]
-    assert limit["batch"] == 1 and limit["meets_target"] and limit["estimated_ratio"] <= tight
+    (limit,) = record.knapsack.limits
+    assert limit.batch == 1 and limit.estimate.meets_target and limit.estimate.estimated_ratio <= tight
     with pytest.raises(PlanerError, match="limits"):
-        knapsack_search(model, list(BLOCKS), lut, 0.6, sample, limits=[LatencyLimit(1, 0.02, at_one)])
+        knapsack_search(model, list(BLOCKS), lut, 0.6, sample, KnapsackSettings(limits=[LatencyLimit(1, 0.02, at_one)]))
 
 
 def test_local_distillation_measures_every_option(trained_tiny, sample):
     model, corpus = trained_tiny
     distill = LocalDistill(Sample(corpus.train[20000:], 8, 16, 16, 2), steps=10)
     arch, record = knapsack_search(
-        model, ["skip", "attn:1", "attn:4", "ffl"], table(), 0.6, sample, distill=distill, fill=Fill(0.9)
+        model, ["skip", "attn:1", "attn:4", "ffl"], table(), 0.6, sample, KnapsackSettings(fill=Fill(0.9)), distill
     )
-    assert all(inc is not None for r in record["positions"] for inc in r["increase"])
-    assert record["distill"] == {"steps": 10, "lr": 1e-3} and record["meets_target"]
+    assert all(inc is not None for r in record.knapsack.positions for inc in r.increase)
+    assert record.knapsack.distill == {"steps": 10, "lr": 1e-3} and record.estimate.meets_target
+
+
+def test_the_measured_losses_are_kept_per_baseline_space_and_sample(trained_tiny, sample, tmp_path, monkeypatch):
+    """A second search from the same checkpoint, space and sample reads what the first measured; any other
+    checkpoint, space or sample measures again."""
+    from planer.search import knapsack
+
+    model, _ = trained_tiny
+    (tmp_path / "model.safetensors").write_bytes(b"weights")  # the key digests the checkpoint's files
+    (tmp_path / "config.json").write_text("{}")
+    measured = []
+    real = knapsack.option_increases
+    monkeypatch.setattr(knapsack, "option_increases", lambda *a, **k: measured.append(1) or real(*a, **k))
+    cache, space = tmp_path / "option-losses.json", ["skip", "attn:1", "ffl"]
+    first = cached_measure(cache, tmp_path, model, space, sample, None)
+    assert cached_measure(cache, tmp_path, model, space, sample, None) == first and len(measured) == 1
+    assert first == knapsack.measure(model, space, sample)  # what the cache gives back is what was measured
+    cached_measure(cache, tmp_path, model, ["skip", "ffl"], sample, None)
+    cached_measure(cache, tmp_path, model, space, dataclasses.replace(sample, segments=2), None)
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    cached_measure(cache, tmp_path, model, space, sample, None)
+    assert len(measured) == 5 and len(json.loads(cache.read_text())) == 4

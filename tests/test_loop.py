@@ -42,11 +42,11 @@ def test_training_equals_a_plain_reference_loop(tiny_cfg, tmp_path):
     arch = Arch.parse("attn:2 moe:top1")
     train(cfg, tmp_path / "run", arch, options=RunOptions(quiet=True))
 
-    tc = cfg.train
-    segments = Segments(load_corpus(cfg.data).train, tc.batch_size, cfg.model.tgt_len)
+    tc, corpus = cfg.train, load_corpus(cfg.data)
+    segments = Segments(corpus.train, tc.batch_size, cfg.model.tgt_len)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
-    model = TransformerXL(cfg.model, arch)
+    model = TransformerXL(dataclasses.replace(cfg.model, vocab_size=len(corpus.vocab)), arch)
     torch.manual_seed(tc.seed)
     params = list(model.parameters())
     opt = Lamb(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -175,5 +175,13 @@ def test_distilled_training_differs_from_plain_and_follows_the_teacher(tiny_cfg,
     train(cfg, tmp_path / "teacher", Arch.parse("attn:4 ffl"), options=options)
     plain = train(cfg, tmp_path / "plain", Arch.parse("attn:1 ffl"), options=options)
     taught = train(cfg, tmp_path / "taught", Arch.parse("attn:1 ffl"), Recipe(teacher=tmp_path / "teacher"), options)
-    assert taught["recipe"]["teacher"] == str(tmp_path / "teacher") and plain["recipe"]["teacher"] is None
-    assert taught["best_valid_loss"] != plain["best_valid_loss"]
+    assert taught.recipe["teacher"] == str(tmp_path / "teacher") and plain.recipe["teacher"] is None
+    assert taught.best_valid_loss != plain.best_valid_loss
+
+
+def test_the_loop_resolves_a_copy_of_the_config(tiny_cfg, tmp_path):
+    """The vocabulary size is part of the config a run resolves and saves, not written into the caller's."""
+    cfg = tiny_cfg()
+    loop = Loop(cfg, tmp_path / "run", RunOptions(quiet=True), done="summary.json")
+    assert cfg.model.vocab_size == 0 and loop.cfg.model.vocab_size == len(loop.corpus.vocab) > 0
+    assert loop.cfg == dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(loop.corpus.vocab)))

@@ -1,5 +1,6 @@
 """planer run: every stage into one run directory, resumable, with a report."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -29,7 +30,7 @@ TINY_RUN = [
 def test_run_pipeline_end_to_end_and_resume(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*TINY_RUN)
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl", "moe:top1"]
-    out = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.5,), batches=(1, 2)))
+    out = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.5,), batches=(1, 2))).path
     for path in [
         "config.yaml",
         "lut.json",
@@ -68,7 +69,7 @@ def test_run_with_every_design_and_seeds(tiny_cfg, tmp_path):
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl", "moe:top1", "moe:top2"]
     cfg.model.n_layer = 3
     plan = Plan(targets=(0.5, 0.8), designs=("sandwich", "par", "iso"), seeds=2, batches=(1,))
-    out = run_pipeline(cfg, tmp_path / "run", plan)
+    out = run_pipeline(cfg, tmp_path / "run", plan).path
     models = [
         "baseline",
         "planer-t0.50",
@@ -160,7 +161,7 @@ def test_run_with_knapsack_rivals_and_the_phase2_recipe(tiny_cfg, tmp_path):
     depth = json.loads((tmp_path / "run" / "planer-t0.60" / "rivals.json").read_text())
     assert [r["name"] for r in depth] == ["dense-depth"]
     # resumed with every rival and a second seed: the first seed's found model gets the rivals it lacked
-    out = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.6,), designs=("dense",), seeds=2, batches=(2,)))
+    out = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.6,), designs=("dense",), seeds=2, batches=(2,))).path
     rivals = {
         json.loads((out / n / "run.json").read_text())["rival"] for n in ("dense-depth-t0.60", "dense-heads-t0.60")
     }
@@ -192,7 +193,7 @@ def test_two_search_methods_against_the_same_rivals(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*TINY_RUN, "search.method=knapsack", "train.steps=30", "train.eval_every=30")
     cfg.search.space = ["skip", "attn:1", "attn:2", "attn:4", "ffl"]
     plan = Plan(targets=(0.6,), designs=("dense-depth",), methods=("gumbel",), batches=(2,))
-    out = run_pipeline(cfg, tmp_path / "run", plan)
+    out = run_pipeline(cfg, tmp_path / "run", plan).path
     knapsack = json.loads((out / "planer-t0.60" / "run.json").read_text())
     gumbel = json.loads((out / "planer-gumbel-t0.60" / "run.json").read_text())
     assert (knapsack["method"], gumbel["method"], gumbel["design"]) == ("knapsack", "gumbel", "planer-gumbel")
@@ -211,3 +212,28 @@ def test_two_search_methods_against_the_same_rivals(tiny_cfg, tmp_path):
     gumbel_verdict = report.split("**Target 0.60, gumbel search**")[1]
     assert "**Target 0.60, knapsack search**" in report and "dense-depth" in gumbel_verdict.split("\n")[0]
     assert "**Search methods at target 0.60**" in report and "| planer-gumbel-t0.60 |" in report
+
+
+@pytest.mark.slow
+def test_a_second_target_reuses_the_measured_option_losses_and_the_config_is_left_alone(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """The knapsack's option losses depend on the baseline, the space and the sample alone: a run with two targets
+    measures them once (kept in the run directory) and solves twice; the caller's config is not changed."""
+    from planer.search import knapsack
+
+    measured = []
+    real = knapsack.option_increases
+    monkeypatch.setattr(knapsack, "option_increases", lambda *a, **k: measured.append(1) or real(*a, **k))
+    cfg = tiny_cfg(*TINY_RUN, "search.method=knapsack", "train.steps=20", "train.eval_every=20",
+                   "search.space=[skip, attn:1, attn:4, ffl]")  # fmt: skip
+    given = copy.deepcopy(cfg)
+    result = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.6, 0.8), batches=(2,)))
+    assert cfg == given and cfg.model.vocab_size == 0
+    assert len(measured) == 1 and len(json.loads((result.path / "option-losses.json").read_text())) == 1
+    found = [json.loads((result.path / f"search-t{t}" / "arch.json").read_text()) for t in ("0.60", "0.80")]
+    assert found[0]["positions"][0]["increase"] == found[1]["positions"][0]["increase"]
+    assert found[0]["target"] == 0.6 and found[1]["target"] == 0.8
+    assert ("search planer-t0.80 (knapsack)", "ran") in result.stages
+    again = run_pipeline(cfg, tmp_path / "run", Plan(targets=(0.6, 0.8), batches=(2,)))
+    assert len(measured) == 1 and all(status == "done before, skipped" for _, status in again.stages)

@@ -5,6 +5,7 @@ One tiny run (a baseline, a Gumbel search and its retrained model, and a knapsac
 and shared by every test here.
 """
 
+import dataclasses
 import json
 import math
 import shlex
@@ -19,7 +20,8 @@ from planer.config import load_config
 from planer.pipeline import Plan, run_pipeline
 from planer.report import plots, samples
 from planer.report.details import duration
-from planer.report.markdown import collect, write_report
+from planer.report.markdown import write_report
+from planer.report.rows import collect
 from planer.search.methods import run_search
 from planer.training.loop import RunOptions
 
@@ -31,7 +33,7 @@ def tiny_run(tmp_path_factory):
     text.write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:60000])
     cfg = load_config(None, [*tiny_overrides(text), *TINY_RUN])
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl", "moe:top1"]
-    out = run_pipeline(cfg, tmp / "run", Plan(targets=(0.5,), batches=(1, 2)))
+    out = run_pipeline(cfg, tmp / "run", Plan(targets=(0.5,), batches=(1, 2))).path
     run_search(
         "knapsack", cfg, out / "search-knapsack", 0.8, out / "lut.json", out / "baseline", RunOptions(quiet=True)
     )
@@ -165,7 +167,7 @@ def test_pareto_title_names_sandwich_k_only_when_a_sandwich_model_ran(tiny_run, 
     monkeypatch.setattr(plots.plt, "close", lambda fig: (titles.append(fig.axes[0].get_title()), close(fig)))
     rows = collect(tiny_run)
     plots.pareto(rows, 1, "BPC", tmp_path / "pareto.png")
-    sandwich = {**rows[-1], "name": "sandwich-k1", "design": "sandwich", "target": None}
+    sandwich = dataclasses.replace(rows[-1], name="sandwich-k1", design="sandwich", target=None)
     plots.pareto([*rows, sandwich], 1, "BPC", tmp_path / "pareto.png")
     assert "Sandwich" not in titles[0] and "Sandwich K" in titles[1]
 

@@ -220,9 +220,9 @@ def test_an_argmax_under_the_window_is_filled_with_the_most_probable_arch_in_it(
     baseline_ms = table.estimate(Arch.baseline(2, 4))  # 0.5 + 2 x (2.0 + 0.6) = 5.7
     run = SimpleNamespace(net=net, table=table, baseline_ms=baseline_ms, target=0.8)
     argmax = net.derive()  # all skip: 0.5 ms, far under the budget
-    filled, record = GumbelSearch.fill_up(run, argmax)
+    filled, unfilled = GumbelSearch.fill_up(run, argmax)
     budget = 0.8 * baseline_ms
-    assert record["unfilled"]["arch"] == argmax.specs() and 0.95 * budget <= table.estimate(filled) <= budget
+    assert unfilled["arch"] == argmax.specs() and 0.95 * budget <= table.estimate(filled) <= budget
     log_p = torch.log_softmax(net.alpha_matrix(), dim=-1)
     best = max(
         (c for c in itertools.product(range(4), repeat=4)
@@ -231,6 +231,6 @@ def test_an_argmax_under_the_window_is_filled_with_the_most_probable_arch_in_it(
     )  # fmt: skip
     assert filled == Arch.parse(" ".join(space[i] for i in best))
     in_window = Arch.parse(" ".join(space[i] for i in best))
-    assert GumbelSearch.fill_up(run, in_window) == (in_window, {})
+    assert GumbelSearch.fill_up(run, in_window) == (in_window, None)
     run.target = 0.7  # blocks would need 3.29-3.49 ms: no sum of 0, 0.6, 1 and 2 ms lands there
-    assert GumbelSearch.fill_up(run, argmax) == (argmax, {})
+    assert GumbelSearch.fill_up(run, argmax) == (argmax, None)

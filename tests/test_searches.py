@@ -82,10 +82,10 @@ def test_rerank_keeps_the_candidate_a_short_phase_2_scores_best(tiny_cfg, tmp_pa
         Arch.parse("ffl ffl skip ffl"),
     ]
     chosen, scores = rerank(cfg, tmp_path / "rerank", candidates, tmp_path / "base", RunOptions(quiet=True))
-    assert [s["arch"] for s in scores] == [c.specs() for c in candidates]
-    assert chosen == candidates[min(range(3), key=lambda i: scores[i]["valid_loss"])]
+    assert [s.arch for s in scores] == [c.specs() for c in candidates]
+    assert chosen == candidates[min(range(3), key=lambda i: scores[i].valid_loss)]
     for i, (arch, score) in enumerate(zip(candidates, scores)):
         summary = json.loads((tmp_path / "rerank" / f"{i}-{arch.short()}" / "summary.json").read_text())
-        assert summary["steps"] == 12 and summary["best_valid_loss"] == score["valid_loss"]
+        assert summary["steps"] == 12 and summary["best_valid_loss"] == score.valid_loss
         assert summary["recipe"]["teacher"] == str(tmp_path / "base")
         assert summary["recipe"]["init_from"] == (None if i == 2 else str(tmp_path / "base"))  # ffl at an attn place

@@ -1,20 +1,33 @@
 """The verdict's words follow the numbers: latency relative to the found model, wins only beyond twice the spread."""
 
+import dataclasses
+from pathlib import Path
+
+from planer.io.records import Estimate, GumbelDetails, SearchRecord
 from planer.models.arch import Arch
+from planer.report.rows import ModelRow
 from planer.report.verdict import verdicts
 
 
-def row(design: str, valid: float, test: float, speedup: float, target: float | None = 0.5) -> dict:
-    return {"design": design, "target": target, "arch": Arch.parse("attn:2 ffl"), "estimated_ratio": 0.48,
-            "found": {"meets_target": True}, "path": design, "sample": {}, "export": "",
-            "eval": {"valid": {"bpc": valid, "loss": valid}, "test": {"bpc": test, "loss": test}},
-            "bench": {"batches": [{"batch": 8, "speedup": speedup}]}}  # fmt: skip
+def row(design: str, valid: float, test: float, speedup: float, target: float | None = 0.5) -> ModelRow:
+    return ModelRow(name=design, path=Path(design), design=design, target=target, arch=Arch.parse("attn:2 ffl"),
+                    estimated_ratio=0.48, found=None,
+                    eval={"valid": {"bpc": valid, "loss": valid}, "test": {"bpc": test, "loss": test}},
+                    bench={"batches": [{"batch": 8, "speedup": speedup}]})  # fmt: skip
+
+
+def found(method: str, seconds: float) -> SearchRecord:
+    """A search's record that met its target in ``seconds``."""
+    estimate = Estimate(target=0.5, baseline_ms=1.0, estimated_ms=0.48, estimated_ratio=0.48, meets_target=True)
+    return SearchRecord(
+        arch=["attn:2", "ffl"], method=method, estimate=estimate, details=GumbelDetails(), seconds=seconds
+    )
 
 
 BASE = row("baseline", 2.30, 2.45, 1.0, None)
 
 
-def seeds(design: str, valid: float, test: float, speedup: float, step: float) -> list[dict]:
+def seeds(design: str, valid: float, test: float, speedup: float, step: float) -> list[ModelRow]:
     """Three seeds of one design, their scores ``step`` apart: a standard deviation of ``step``."""
     return [row(design, valid + d, test + d, speedup) for d in (0.0, step, 2 * step)]
 
@@ -44,9 +57,8 @@ def test_two_search_methods_share_the_rivals_and_are_compared():
     rows = [BASE] + seeds("planer", 2.30, 2.44, 2.0, 0.002)
     rows += seeds("planer-gumbel", 2.35, 2.50, 2.1, 0.002)
     rows += seeds("dense-depth", 2.33, 2.49, 1.96, 0.002)
-    for r in rows:
-        r["found"] = {"meets_target": True, "method": "gumbel" if r["design"] == "planer-gumbel" else "knapsack",
-                      "seconds": 600.0 if r["design"] == "planer-gumbel" else 20.0}  # fmt: skip
+    gumbel, knapsack = found("gumbel", 600.0), found("knapsack", 20.0)
+    rows = [dataclasses.replace(r, found=gumbel if r.design == "planer-gumbel" else knapsack) for r in rows]
     text = verdicts(rows, level_char=True, batch=8)
     knapsack, gumbel, methods = text[0], text[2], text[4]
     assert knapsack.startswith("**Target 0.50, knapsack search**") and "dense-depth, at its latency" in knapsack

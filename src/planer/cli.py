@@ -46,8 +46,8 @@ def cmd_train(args) -> None:
     summary = train(cfg, args.out, arch, recipe, RunOptions(force=args.force, resume=args.resume))
     if _rank() == 0:
         print(
-            f"trained {arch.short()} ({summary['params']:,} parameters) in {summary['seconds']:.0f} s: "
-            f"best valid loss {summary['best_valid_loss']:.4f} -> {args.out}"
+            f"trained {arch.short()} ({summary.params:,} parameters) in {summary.seconds:.0f} s: "
+            f"best valid loss {summary.best_valid_loss:.4f} -> {args.out}"
         )
 
 
@@ -140,33 +140,34 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
 
 def cmd_search(args) -> None:
     from planer.config import load_config
-    from planer.search.designs import iso_space
+    from planer.io.records import SearchRecord
+    from planer.search.designs import iso_config
     from planer.search.methods import run_search
     from planer.training.loop import RunOptions
 
     cfg = load_config(args.config, [*args.set, *([_limits(args.limits)] if args.limits else [])])
     if args.space == "iso":
-        cfg.search.space = iso_space(cfg.search.space, cfg.model.n_experts)
+        cfg = iso_config(cfg)
     options = RunOptions(force=args.force, resume=args.resume)
     method = args.method or cfg.search.method
     arch = run_search(method, cfg, args.out, args.target, args.lut, args.init_from, options)
     if _rank() > 0:
         return
-    meta = json.loads((Path(args.out) / "arch.json").read_text())
+    estimate = SearchRecord.read(Path(args.out)).estimate
     print(
-        f"found {arch.short()}: estimated {meta['estimated_ratio']:.3f} of the baseline's latency "
+        f"found {arch.short()}: estimated {estimate.estimated_ratio:.3f} of the baseline's latency "
         f"(target {args.target:g}) -> {args.out}/arch.json"
     )
-    if not meta["meets_target"]:
-        gap = meta["estimated_ratio"] - args.target
+    if not estimate.meets_target:
+        gap = estimate.estimated_ratio - args.target
         print(f"planer: warning: the found architecture is over its target by {gap:.3f} of the baseline's latency "
-              f"({meta['estimated_ratio']:.3f} for {args.target:g})", file=sys.stderr)  # fmt: skip
+              f"({estimate.estimated_ratio:.3f} for {args.target:g})", file=sys.stderr)  # fmt: skip
 
 
 def cmd_run(args) -> None:
     from planer.config import load_config
     from planer.pipeline import Plan, parse_designs, run_pipeline
-    from planer.report.markdown import collect
+    from planer.report.rows import collect
     from planer.report.verdict import verdicts
 
     overrides = list(args.set)
@@ -186,12 +187,13 @@ def cmd_run(args) -> None:
         batches=tuple(_ints(args.batches, "--batches")),
         baseline=Path(args.baseline) if args.baseline else None,
     )
-    out = run_pipeline(cfg, args.out, plan, force=args.force)
-    skipped = [name for name, status in plan.stages if status != "ran"]
+    result = run_pipeline(cfg, args.out, plan, force=args.force)
+    skipped = [name for name, status in result.stages if status != "ran"]
     if skipped:
         print(f"planer run: {len(skipped)} stage(s) were done before and skipped: {', '.join(skipped)}")
+    out = result.path
     rows = collect(out)
-    level_char = rows[0]["eval"].get("valid", {}).get("bpc") is not None
+    level_char = rows[0].eval.get("valid", {}).get("bpc") is not None
     for line in verdicts(rows, level_char, cfg.latency.batch_size):
         print(line.replace("**", ""))
     print(f"report: {out / 'report.md'}")

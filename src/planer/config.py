@@ -324,6 +324,12 @@ def describe(cfg: Config) -> list[tuple[str, str, object, object]]:
     return rows
 
 
+def with_vocab_size(cfg: Config, size: int) -> Config:
+    """``cfg`` resolved for a vocabulary of ``size`` symbols (``model.vocab_size``, which the data decides): a copy,
+    so that the caller's config stays as it was given."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=size))
+
+
 def config_from_dict(values: dict) -> Config:
     cfg = _build(Config, values, "")
     validate(cfg)
@@ -388,16 +394,12 @@ def validate(cfg: Config) -> None:
     non_negative(cfg.phase2, ["steps"])
     non_negative(s, ["rerank"])
     positive(s, ["rerank_steps", "rerank_per_shape"])
-    if s.method not in ("gumbel", "knapsack"):
-        raise PlanerError(f"config search.method must be gumbel or knapsack, got '{s.method}'")
     for batch, fraction in s.limits.items():
         if batch <= 0 or not 0.0 < fraction <= 1.0:
             raise PlanerError(
                 f"config search.limits: each is batch: fraction, a positive batch size and a fraction of the "
                 f"baseline's latency in (0, 1], got {batch}: {fraction}"
             )
-    if s.limits and s.method != "knapsack":
-        raise PlanerError("config search.limits: only the knapsack search keeps limits at other batch sizes")
     if not 0.0 <= cfg.distill.weight <= 1.0:
         raise PlanerError(f"config distill.weight must be in [0, 1], got {cfg.distill.weight}")
     positive(cfg.distill, ["temperature"])
@@ -425,8 +427,3 @@ def validate_backbone(m: ModelConfig) -> None:
     if m.n_kv_head and m.n_head % m.n_kv_head:
         raise PlanerError(f"config model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})")
     family.check(m)
-
-
-def check_target(target: float) -> None:
-    if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
-        raise PlanerError(f"a latency target is a fraction of the baseline's latency in (0, 1], got {target}")

@@ -7,8 +7,9 @@ over a few K, PAR), evaluation of every model on valid and test, end-to-end late
 report. A stage whose output is complete is skipped, and an unfinished training or search continues from its
 newest resume state, so an interrupted run continues where it stopped.
 
-Every model directory gets a manifest, ``run.json`` (design, target, seed, arch, the search it came from, its
-recipe): the report reads those and never parses a directory name.
+Every model directory gets a manifest, ``run.json`` (a ``Manifest``: design, target, seed, arch, the search it came
+from, its recipe): the report reads those and never parses a directory name. The knapsack's measured option losses
+are kept in the run directory (``option-losses.json``), so a second target or seed only solves the knapsack again.
 """
 
 from __future__ import annotations
@@ -16,27 +17,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from planer.config import Config, check_target, saved_config_matches
+from planer.config import Config, saved_config_matches, with_vocab_size
 from planer.errors import PlanerError
 from planer.evaluation.evaluate import evaluate_run
 from planer.io.checkpoint import CONFIG, WEIGHTS, atomic_write_text, load_checkpoint, load_meta, read_json_object
 from planer.io.data import check_same_vocab, load_corpus
+from planer.io.records import Manifest, SearchRecord, TrainingSummary
 from planer.latency.table import LatencyTable, at_batch, bench, load_or_profile
 from planer.models.arch import Arch
 from planer.report.markdown import write_report
-from planer.search.designs import RIVALS, iso_space, named_arch, rivals, sandwich_sweep
-from planer.search.methods import METHODS, limit_table_path, run_search
+from planer.search.designs import RIVALS, iso_config, named_arch, rivals, sandwich_sweep
+from planer.search.methods import SEARCHERS, SearchJob, check_search, limit_table_path
+from planer.search.option_cache import CACHE_FILE
 from planer.training.loop import RunOptions
 from planer.training.train import Recipe, phase2_recipe, train
 
 BENCH_BATCHES = (1, 8, 64)
 DESIGNS = ("dense", *RIVALS, "sandwich", "par", "iso")
-MANIFEST = "run.json"
 
 
 @dataclass(frozen=True)
@@ -49,23 +51,33 @@ class Plan:
     seeds: int = 1
     batches: tuple[int, ...] = BENCH_BATCHES  # the end-to-end benchmark's batch sizes
     baseline: Path | None = None  # a trained (or imported) baseline to use instead of training one
-    stages: list = field(default_factory=list, compare=False)  # (stage, status) as the run went, for its summary
 
     @property
     def rivals(self) -> tuple[str, ...]:
         """The rivals to train: every one for ``dense``, else those named."""
         return RIVALS if "dense" in self.designs else tuple(r for r in RIVALS if r in self.designs)
 
-    def check(self) -> None:
-        for t in self.targets:
-            check_target(t)
+    def check(self, cfg: Config, out: Path) -> None:
+        """Refuse a plan that cannot run, before any work: its targets and search methods (with ``cfg``, the
+        baseline to be trained in ``out``), seeds, batch sizes and Sandwich's K."""
+        for method in dict.fromkeys((cfg.search.method, *self.methods)):
+            check_search(method, cfg, self.targets, out / "baseline")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise PlanerError(f"--seeds must be a positive integer, got {self.seeds}")
         if not self.batches or any(b <= 0 for b in self.batches):
             raise PlanerError(f"batch sizes must be positive integers, got {list(self.batches)}")
-        for m in self.methods:
-            if m not in METHODS:
-                raise PlanerError(f"unknown search method '{m}': expected {' or '.join(METHODS)}")
+        for d in self.designs:
+            if d.startswith("sandwich:"):
+                named_arch(d, cfg.model)  # a bad K stops the run before any work
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What ``run_pipeline`` did: the run directory (its report is ``path/report.md``) and every stage with its
+    status (``ran``, or ``done before, skipped``), in the order the run went."""
+
+    path: Path
+    stages: tuple[tuple[str, str], ...]
 
 
 def target_name(target: float) -> str:
@@ -82,39 +94,34 @@ def parse_designs(text: str) -> tuple[str, ...]:
     return designs
 
 
-def write_manifest(model_dir: Path, **fields) -> None:
-    """The model's ``run.json``, rewritten only when it changes (a resumed run leaves finished folders alone)."""
-    text = json.dumps(fields, indent=1) + "\n"
-    path = model_dir / MANIFEST
-    if not path.exists() or path.read_text() != text:
-        atomic_write_text(path, text)
-
-
 class Pipeline:
     """The stages of one run directory, each skipped when its output is complete."""
 
     def __init__(self, cfg: Config, out: Path, plan: Plan, force: bool):
-        self.cfg, self.out, self.plan, self.force = cfg, out, plan, force
+        """``self.cfg`` is ``cfg`` resolved for the corpus, what every stage runs with; ``cfg`` is left alone."""
+        self.out, self.plan, self.force = out, plan, force
         self.corpus = load_corpus(cfg.data)
-        cfg.model.vocab_size = len(self.corpus.vocab)
+        self.cfg = with_vocab_size(cfg, len(self.corpus.vocab))
         self.models: list[Path] = []
+        self.stages: list[tuple[str, str]] = []
 
     def stage(self, name: str, done: Path, work) -> None:
         """Run ``work`` unless ``done`` exists (or with --force); the run's summary says which it was."""
         if self.force or not done.exists():
             print(f"planer run: {name}", flush=True)
             work()
-            self.plan.stages.append((name, "ran"))
+            self.stages.append((name, "ran"))
         else:
-            self.plan.stages.append((name, "done before, skipped"))
+            self.stages.append((name, "done before, skipped"))
 
     def options(self) -> RunOptions:
         return RunOptions(force=True, resume=not self.force, corpus=self.corpus)
 
-    def trained(self, name: str, arch: Arch, cfg: Config, recipe: Recipe, manifest: dict) -> Path:
+    def trained(self, name: str, arch: Arch, cfg: Config, recipe: Recipe, manifest: Manifest) -> Path:
+        """Train ``arch`` into ``name`` (unless done) and write its ``manifest``, completed with what it trained."""
         path = self.out / name
-        self.stage(f"train {name}", path / "summary.json", lambda: train(cfg, path, arch, recipe, self.options()))
-        write_manifest(path, **manifest, arch=arch.specs(), seed=cfg.train.seed, recipe=recipe.to_dict())
+        self.stage(f"train {name}", path / TrainingSummary.FILE, lambda: train(cfg, path, arch, recipe, self.options()))
+        dataclasses.replace(manifest, arch=arch.specs(), seed=cfg.train.seed, recipe=recipe.to_dict()).save(path)
         self.models.append(path)
         return path
 
@@ -146,7 +153,7 @@ class Pipeline:
                 "train baseline", path / "summary.json", lambda: train(self.cfg, path, arch, options=self.options())
             )
         model_arch = load_checkpoint(path)[0].arch
-        write_manifest(path, design="baseline", arch=model_arch.specs(), seed=self.cfg.train.seed, recipe={})
+        Manifest(design="baseline", arch=model_arch.specs(), seed=self.cfg.train.seed).save(path)
         self.models.append(path)
         self.baseline = path
         return path
@@ -158,11 +165,11 @@ class Pipeline:
         lut = self.out / "lut.json"
         run_cfg = self.phase2_cfg(cfg.train.seed + seed)
         run_cfg = dataclasses.replace(run_cfg, search=cfg.search)
-        self.stage(f"search {name} ({cfg.search.method})", found / "arch.json",
-                   lambda: run_search(cfg.search.method, run_cfg, found, target, lut, self.baseline, self.options()))  # fmt: skip
-        arch = Arch.load(found / "arch.json")
-        manifest = {"design": design, "target": target, "repeat": seed + 1, "search": found.name,
-                    "method": cfg.search.method}  # fmt: skip
+        job = SearchJob(run_cfg, found, target, lut, self.baseline, self.options(), self.out / CACHE_FILE)
+        method = cfg.search.method
+        self.stage(f"search {name} ({method})", found / SearchRecord.FILE, lambda: SEARCHERS[method].run(job))
+        arch = SearchRecord.read(found).found
+        manifest = Manifest(design=design, target=target, repeat=seed + 1, search=found.name, method=method)
         return self.trained(name, arch, run_cfg, self.recipe(arch, search=found), manifest), arch
 
     def rival_stage(self, found: Path, arch: Arch, target: float, seed: int) -> None:
@@ -179,8 +186,8 @@ class Pipeline:
             rival_arch = Arch.parse(" ".join(rival["arch"]))
             cfg = self.phase2_cfg(self.cfg.train.seed + seed, rival["model"])
             recipe = self.recipe(rival_arch, rival["model"])
-            manifest = {"design": "dense", "rival": rival["name"], "target": target, "repeat": seed + 1,
-                        "rival_of": found.name, "sizing": rival}  # fmt: skip
+            manifest = Manifest(design="dense", rival=rival["name"], target=target, repeat=seed + 1,
+                                rival_of=found.name, sizing=rival)  # fmt: skip
             self.trained(name, rival_arch, cfg, recipe, manifest)
 
     def fixed_designs(self) -> None:
@@ -192,9 +199,8 @@ class Pipeline:
         runs = []
         for name, spec, design in names:
             arch = named_arch(spec, self.cfg.model)
-            runs.append(
-                self.trained(name, arch, self.phase2_cfg(self.cfg.train.seed), self.recipe(arch), {"design": design})
-            )
+            cfg = self.phase2_cfg(self.cfg.train.seed)
+            runs.append(self.trained(name, arch, cfg, self.recipe(arch), Manifest(design=design)))
         if ks:
             _choose_sandwich(self.out, runs[: len(ks)])
 
@@ -245,20 +251,16 @@ def adopt_baseline(source: Path, path: Path, cfg: Config) -> None:
         if (source / name).exists():
             shutil.copy2(source / name, path / name)
     atomic_write_text(path / CONFIG, json.dumps(meta, indent=1) + "\n")
-    summary = {"params": model.num_params(), "arch": model.arch.specs(), "adopted_from": str(source)}
-    atomic_write_text(path / "summary.json", json.dumps(summary, indent=2) + "\n")
+    TrainingSummary(params=model.num_params(), arch=model.arch.specs(), adopted_from=str(source)).save(path)
 
 
-def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool = False) -> Path:
-    """Every stage of ``plan`` into ``out``; returns the run directory (its report is ``out/report.md``)."""
-    plan.check()
-    if cfg.search.limits and "gumbel" in plan.methods:
-        raise PlanerError("search.limits: only the knapsack search keeps limits at other batch sizes; drop gumbel")
-    for d in plan.designs:
-        if d.startswith("sandwich:"):
-            named_arch(d, cfg.model)  # a bad K stops the run before any work
+def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool = False) -> RunResult:
+    """Every stage of ``plan`` into ``out``; returns the run directory (its report is ``out/report.md``) and what
+    each stage did. ``cfg`` is left as it was given."""
     out = Path(out)
+    plan.check(cfg, out)
     run = Pipeline(cfg, out, plan, force)
+    cfg = run.cfg
     if plan.baseline is not None:
         check_baseline(plan.baseline, cfg, run.corpus)
     _claim_run_dir(out, cfg, force)
@@ -272,7 +274,7 @@ def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool 
     searched = [("planer", cfg)]
     searched += [(f"planer-{m}", _with_method(cfg, m)) for m in plan.methods if m != cfg.search.method]
     if "iso" in plan.designs:
-        searched.append(("iso", _with_space(cfg, iso_space(cfg.search.space, cfg.model.n_experts))))
+        searched.append(("iso", iso_config(cfg)))
     for seed in range(plan.seeds):
         for design, design_cfg in searched:
             for t in plan.targets:
@@ -282,11 +284,7 @@ def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool 
     run.fixed_designs()
     run.measure()
     write_report(out)
-    return out
-
-
-def _with_space(cfg: Config, space: list[str]) -> Config:
-    return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=space))
+    return RunResult(out, tuple(run.stages))
 
 
 def _with_method(cfg: Config, method: str) -> Config:

@@ -10,6 +10,7 @@ weights, so the folder is complete on its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes: what tells one model's weights from another's."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_json_object(path: Path) -> dict:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from planer.config import Config, LatencyConfig, validate
+from planer.config import Config, LatencyConfig, validate, with_vocab_size
 from planer.errors import PlanerError
 from planer.io.checkpoint import atomic_write_text, load_checkpoint
 from planer.latency.workload import workload_call
@@ -234,14 +234,13 @@ def at_batch(cfg: Config, batch: int) -> Config:
     return dataclasses.replace(cfg, latency=dataclasses.replace(cfg.latency, batch_size=batch))
 
 
-def with_vocab_size(cfg: Config) -> Config:
-    """A copy of ``cfg`` whose model.vocab_size is known, from the data when the config leaves it at 0."""
-    cfg = copy.deepcopy(cfg)
-    if cfg.model.vocab_size == 0:
-        from planer.io.data import load_corpus
+def known_vocab_size(cfg: Config) -> Config:
+    """``cfg`` with its model.vocab_size known, from the data when the config leaves it at 0."""
+    if cfg.model.vocab_size:
+        return cfg
+    from planer.io.data import load_corpus
 
-        cfg.model.vocab_size = len(load_corpus(cfg.data).vocab)
-    return cfg
+    return with_vocab_size(cfg, len(load_corpus(cfg.data).vocab))
 
 
 def probe_models(cfg: Config, specs: list[str]) -> dict[str, torch.nn.Module]:
@@ -277,7 +276,7 @@ def profile(cfg: Config, progress: bool = False) -> LatencyTable:
 
     ``progress`` shows a bar over the timing rounds on stderr.
     """
-    cfg = with_vocab_size(cfg)
+    cfg = known_vocab_size(cfg)
     started = time.perf_counter()
     specs = profiled_specs(cfg)
     probes = probe_models(cfg, specs)
@@ -410,7 +409,7 @@ def load_or_profile(cfg: Config, path: str | Path, force: bool = False, progress
     record of another device's profile. ``progress``: a bar while profiling (see profile).
     """
     path = Path(path)
-    cfg = with_vocab_size(cfg)
+    cfg = known_vocab_size(cfg)
     if path.exists() and not force:
         table = LatencyTable.load(path)
         table.check(cfg, where=str(path))

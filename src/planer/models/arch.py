@@ -114,9 +114,6 @@ class Arch:
             return Arch(tuple(BlockSpec.parse(s) for s in specs))
         return Arch.parse(text)
 
-    def save(self, path: str | Path, **extra) -> None:
-        Path(path).write_text(json.dumps({"arch": self.specs(), **extra}, indent=2) + "\n")
-
     def specs(self) -> list[str]:
         return [str(b) for b in self.blocks]
 

@@ -13,30 +13,28 @@ import math
 import re
 import shlex
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-from planer.io.checkpoint import read_json_object
+from planer.io.records import KnapsackDetails, SearchRecord, arch_of
 from planer.models.arch import Arch, BlockSpec
+from planer.report.rows import ModelRow, bench_batches
 from planer.report.samples import SEED, TOKENS
 
 
-def _batches(rows: list[dict]) -> list[int]:
-    return sorted({b["batch"] for r in rows for b in r["bench"].get("batches", [])})
-
-
-def _row(cells: list[str]) -> str:
+def table_row(cells: list[str]) -> str:
+    """One row of a Markdown table."""
     return "| " + " | ".join(cells) + " |"
 
 
-def latency_ms(rows: list[dict]) -> list[str]:
+def latency_ms(rows: list[ModelRow]) -> list[str]:
     """Each model's median ms per segment at each batch size (bench.json), and the baseline's beside them."""
-    batches = _batches(rows)
+    batches = bench_batches(rows)
     if not batches:
         return []
-    base = {b: [x["baseline"]["median"] for r in rows for x in r["bench"].get("batches", []) if x["batch"] == b]
-            for b in batches}  # fmt: skip
+    base = {b: [r.by_batch[b]["baseline"]["median"] for r in rows if b in r.by_batch] for b in batches}
     times = max(len(v) for v in base.values())
-    name = next((r["name"] for r in rows if r["design"] == "baseline"), "baseline")
+    name = next((r.name for r in rows if r.design == "baseline"), "baseline")
 
     def base_cell(values: list[float]) -> str:
         spread = f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
@@ -51,14 +49,16 @@ def latency_ms(rows: list[dict]) -> list[str]:
         "Latency in milliseconds: the median forward of one segment with full memory at each batch size. The "
         f"baseline was timed beside {beside}.",
         "",
-        _row(["model", *[f"ms b{b}" for b in batches]]),
+        table_row(["model", *[f"ms b{b}" for b in batches]]),
         "|" + "---|" * (len(batches) + 1),
-        _row([name, *[base_cell(base[b]) for b in batches]]),
+        table_row([name, *[base_cell(base[b]) for b in batches]]),
     ]
     for r in rows:
-        per = {x["batch"]: x for x in r["bench"].get("batches", [])}
+        per = r.by_batch
         if per:
-            lines.append(_row([r["name"], *[f"{per[b]['model']['median']:.2f}" if b in per else "–" for b in batches]]))
+            lines.append(
+                table_row([r.name, *[f"{per[b]['model']['median']:.2f}" if b in per else "–" for b in batches]])
+            )
     return lines
 
 
@@ -71,106 +71,109 @@ def duration(seconds: float | None) -> str:
     return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def searches(run_dir: Path) -> dict[str, dict]:
-    """Every search folder in ``run_dir`` (one holding an arch.json), by name: its arch.json and search.jsonl."""
+@dataclass(frozen=True)
+class Search:
+    """A search folder of the run: its arch.json, and its search.jsonl (the Gumbel search's epochs; else none)."""
+
+    record: SearchRecord
+    log: list[dict]
+
+
+def searches(run_dir: Path) -> dict[str, Search]:
+    """Every search folder in ``run_dir`` (one holding an arch.json), by name."""
     found = {}
-    for d in sorted(p for p in run_dir.iterdir() if (p / "arch.json").is_file()):
+    for d in sorted(p for p in run_dir.iterdir() if (p / SearchRecord.FILE).is_file()):
         log = d / "search.jsonl"
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-        found[d.name] = {"arch": read_json_object(d / "arch.json"), "records": records}
+        found[d.name] = Search(SearchRecord.read(d), records)
     return found
 
 
-def wall_times(rows: list[dict], found: dict[str, dict], lut: dict) -> list[str]:
+def wall_times(rows: list[ModelRow], found: dict[str, Search], lut: dict) -> list[str]:
     """The wall time of every stage that recorded one, in the order ``planer run`` runs them, and their sum."""
     stages = []
 
-    def training(r: dict) -> None:
-        s = r["summary"]
-        note = f"{s['steps']} steps, {s['ms_per_step']:.1f} ms a step" if "ms_per_step" in s else ""
-        stages.append((f"train {r['name']}", s.get("seconds"), note or f"copied from {s.get('adopted_from', '?')}"))
+    def training(r: ModelRow) -> None:
+        s = r.summary
+        note = f"{s.steps} steps, {s.ms_per_step:.1f} ms a step" if s.ms_per_step is not None else ""
+        stages.append((f"train {r.name}", s.seconds, note or f"copied from {s.adopted_from or '?'}"))
+
+    def searched(name: str) -> tuple[str, float | None, str]:
+        return f"search {name}", found[name].record.seconds, found[name].record.method
 
     for r in rows:
-        if r["design"] == "baseline":
+        if r.design == "baseline":
             training(r)
     profiled = lut.get("settings", {}).get("seconds")
     if lut:
         stages.append(("profile blocks (lut.json)", profiled, f"{len(lut.get('blocks', {}))} blocks"))
     listed = set()
     for r in rows:
-        name = r["search"]
-        if name in found and name not in listed:
-            listed.add(name)
-            stages.append((f"search {name}", found[name]["arch"].get("seconds"), search_method(found[name]["arch"])))
-        if r["design"] != "baseline":
+        if r.search in found and r.search not in listed:
+            listed.add(r.search)
+            stages.append(searched(r.search))
+        if r.design != "baseline":
             training(r)
-    stages += [
-        (f"search {n}", f["arch"].get("seconds"), search_method(f["arch"])) for n, f in found.items() if n not in listed
-    ]
+    stages += [searched(n) for n in found if n not in listed]
     total = sum(s for _, s, _ in stages if s is not None)
     lines = [
         "Wall time of each stage (evaluation and benchmarks not counted):",
         "",
-        _row(["stage", "wall time", "what"]),
+        table_row(["stage", "wall time", "what"]),
     ]
-    lines += ["|---|---|---|", *[_row([n, duration(s), note]) for n, s, note in stages]]
-    return [*lines, _row(["total", duration(total), ""])]
-
-
-def search_method(arch_json: dict) -> str:
-    """The method a search's arch.json came from (one written before methods were recorded: the Gumbel search)."""
-    return arch_json.get("method", "gumbel")
+    lines += ["|---|---|---|", *[table_row([n, duration(s), note]) for n, s, note in stages]]
+    return [*lines, table_row(["total", duration(total), ""])]
 
 
 def _code(spec: str) -> str:
     return Arch((BlockSpec.parse(spec),)).short()
 
 
-def chosen_probabilities(arch_json: dict, alpha: list[list[float]]) -> list[tuple[str, float]]:
+def chosen_probabilities(record: SearchRecord, alpha: list[list[float]]) -> list[tuple[str, float]]:
     """Per position, the chosen option and its probability under ``alpha`` (the softmax of that position's row)."""
-    space = [str(BlockSpec.parse(s)) for s in arch_json["space"]]
+    space = [str(BlockSpec.parse(s)) for s in record.space]
     chosen = []
-    for row, spec in zip(alpha, arch_json["arch"]):
+    for row, spec in zip(alpha, record.arch):
         top = max(row)
         weights = [math.exp(a - top) for a in row]
         chosen.append((spec, weights[space.index(str(BlockSpec.parse(spec)))] / sum(weights)))
     return chosen
 
 
-def reranked(arch_json: dict) -> str:
+def reranked(found: KnapsackDetails) -> str:
     """What the short training of the knapsack's candidates measured, and which it kept ("" without a rerank)."""
-    scores = arch_json.get("rerank")
+    scores = found.rerank
     if not scores:
         return ""
-    shown = ", ".join(f"`{Arch.parse(' '.join(c['arch'])).short()}` {c['valid_loss']:.3f}" for c in scores)
-    pick = Arch.parse(" ".join(arch_json["knapsack_pick"]["arch"])).short()
-    return (f" The sum of single swaps picked `{pick}`; {len(scores)} picks trained {scores[0]['steps']} steps each "
+    shown = ", ".join(f"`{arch_of(c.arch).short()}` {c.valid_loss:.3f}" for c in scores)
+    pick = arch_of(found.knapsack_pick["arch"]).short()
+    return (f" The sum of single swaps picked `{pick}`; {len(scores)} picks trained {scores[0].steps} steps each "
             f"with phase 2's recipe scored (valid nats per token) {shown}, and the lowest was kept.")  # fmt: skip
 
 
-def confidence(name: str, search: dict) -> str:
+def confidence(name: str, search: Search) -> str:
     """How sure one search was: the Gumbel search's final probabilities of its choices, or, for the knapsack's
     exact pick, the loss increase it predicted for each choice."""
-    arch_json, records = search["arch"], search["records"]
-    if search_method(arch_json) == "knapsack":
-        increases = [p["increase"][p["options"].index(p["chosen"])] for p in arch_json.get("positions", [])]
-        shown = ", ".join(f"{_code(p['chosen'])} {inc:+.3f}" for p, inc in zip(arch_json["positions"], increases))
+    record, found = search.record, search.record.knapsack
+    if found is not None:
+        increases = [p.chosen_increase for p in found.positions]
+        shown = ", ".join(f"{_code(p.chosen)} {inc:+.3f}" for p, inc in zip(found.positions, increases))
         text = (f"- `{name}` (knapsack): an exact pick under the latency budget, so no probabilities; the loss "
                 f"increase it predicted for each chosen option, swapped alone into the baseline (nats per token): "
-                f"{shown}; in all {sum(increases):+.3f} over the baseline's {arch_json['baseline_loss']:.3f}.")  # fmt: skip
-        return text + reranked(arch_json)
-    if not records:
+                f"{shown}; in all {sum(increases):+.3f} over the baseline's {found.baseline_loss:.3f}.")  # fmt: skip
+        return text + reranked(found)
+    if not search.log:
         return f"- `{name}`: no search.jsonl, so no probabilities to show."
-    chosen = chosen_probabilities(arch_json, records[-1]["alpha"])
+    chosen = chosen_probabilities(record, search.log[-1]["alpha"])
     probs = [p for _, p in chosen]
-    even = 1 / len(arch_json["space"])
+    even = 1 / len(record.space)
     return (f"- `{name}` (Gumbel-softmax): the final probability of each chosen option, block by block: "
             + ", ".join(f"{_code(s)} {p:.2f}" for s, p in chosen)
             + f"; lowest {min(probs):.2f}, mean {statistics.mean(probs):.2f} (1 is certain; {even:.2f}, one in "
-            f"{len(arch_json['space'])}, no preference at all).")  # fmt: skip
+            f"{len(record.space)}, no preference at all).")  # fmt: skip
 
 
-def search_confidence(found: dict[str, dict]) -> list[str]:
+def search_confidence(found: dict[str, Search]) -> list[str]:
     if not found:
         return []
     return ["How sure each search was of what it chose:", "", *[confidence(n, s) for n, s in found.items()]]
@@ -182,7 +185,7 @@ def fenced(text: str) -> list[str]:
     return [fence + "text", *text.splitlines(), fence]
 
 
-def samples_section(rows: list[dict], sampled: dict[str, dict], missing: str) -> list[str]:
+def samples_section(rows: list[ModelRow], sampled: dict[str, dict], missing: str) -> list[str]:
     """Each model's text after the shared prompt, and the command that prints it again."""
     note = [f"No text sample of {missing}"] if missing else []
     if not sampled:
@@ -195,6 +198,6 @@ def samples_section(rows: list[dict], sampled: dict[str, dict], missing: str) ->
         "",
     ]
     for r in rows:
-        if r["name"] in sampled:
-            lines += [f"**{r['name']}**:", "", *fenced(sampled[r["name"]]["text"]), ""]
+        if r.name in sampled:
+            lines += [f"**{r.name}**:", "", *fenced(sampled[r.name]["text"]), ""]
     return [*lines, *note] if note else lines[:-1]

@@ -1,6 +1,6 @@
 """The figures of a report, as PNG files: what people would rather look at than tables.
 
-Each function takes the rows that ``report.collect`` read back from a run directory and writes one figure.
+Each function takes the rows that ``report.rows.collect`` read back from a run directory and writes one figure.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
 from planer.models.arch import BlockSpec  # noqa: E402
+from planer.report.rows import ModelRow, bench_batches  # noqa: E402
 
 KIND_COLORS = {"skip": "#f0f0f0", "ffl": "#4c9f70", "ffl-wide": "#1f5e3a", "moe1": "#e6a23c", "moe2": "#b5651d"}
 ATTN_COLORS = {1: "#c6dbef", 2: "#6baed6", 4: "#2171b5", 8: "#08306b"}
@@ -45,16 +46,16 @@ def legend_handles() -> list[Patch]:
     return handles + [Patch(facecolor=KIND_COLORS[k], edgecolor="grey", label=v) for k, v in labels.items()]
 
 
-def arch_strips(rows: list[dict], path: Path) -> None:
+def arch_strips(rows: list[ModelRow], path: Path) -> None:
     """One row of coloured cells per model, like the paper's Figures 7 and 8."""
-    width = max(len(r["arch"]) for r in rows)
+    width = max(len(r.arch) for r in rows)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * width + 3), 0.5 * len(rows) + 1.6))
     for y, r in enumerate(rows):
-        for x, spec in enumerate(r["arch"]):
+        for x, spec in enumerate(r.arch):
             ax.add_patch(plt.Rectangle((x, y), 0.95, 0.9, facecolor=block_color(spec), edgecolor="grey", lw=0.5))
     ax.set_xlim(0, width)
     ax.set_ylim(len(rows), -0.1)
-    ax.set_yticks([y + 0.45 for y in range(len(rows))], [r["name"] for r in rows])
+    ax.set_yticks([y + 0.45 for y in range(len(rows))], [r.name for r in rows])
     ax.set_xticks([x + 0.475 for x in range(width)], [str(x + 1) for x in range(width)], fontsize=7)
     ax.set_xlabel("block position (input at the left)")
     ax.set_title("Architectures")
@@ -103,34 +104,34 @@ def lighter(color: str, amount: float) -> tuple[float, float, float]:
     return tuple(c + (1.0 - c) * amount for c in to_rgb(color))
 
 
-def speedups(rows: list[dict], path: Path) -> None:
+def speedups(rows: list[ModelRow], path: Path) -> None:
     """Measured end-to-end speed-up over the baseline against batch size, one line per model (paper Figure 4).
 
     Each design has its colour, darker for tighter latency targets; repeats with other seeds are dashed or dotted.
     """
-    benched = [r for r in rows if r["bench"]]
+    benched = [r for r in rows if r.bench]
 
-    def variant(r: dict) -> tuple[float, str]:  # seeds of one target share a shade; fixed designs go by name
-        return (r["target"], "") if r["target"] is not None else (0.0, r["name"])
+    def variant(r: ModelRow) -> tuple[float, str]:  # seeds of one target share a shade; fixed designs go by name
+        return (r.target, "") if r.target is not None else (0.0, r.name)
 
-    variants = {d: sorted({variant(r) for r in benched if r["design"] == d}) for d in {r["design"] for r in benched}}
+    variants = {d: sorted({variant(r) for r in benched if r.design == d}) for d in {r.design for r in benched}}
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for r in benched:
-        color, marker = DESIGN_STYLE.get(r["design"], DESIGN_STYLE["other"])
-        siblings = variants[r["design"]]
+        color, marker = DESIGN_STYLE.get(r.design, DESIGN_STYLE["other"])
+        siblings = variants[r.design]
         shade = siblings.index(variant(r)) / max(1, len(siblings) - 1)
-        points = sorted((b["batch"], b["speedup"]) for b in r["bench"]["batches"])
+        points = sorted((batch, b["speedup"]) for batch, b in r.by_batch.items())
         ax.plot(
             [p[0] for p in points],
             [p[1] for p in points],
             marker=marker,
             color=lighter(color, 0.6 * shade),
-            ls=SEED_LINES[(r["seed"] - 1) % len(SEED_LINES)],
+            ls=SEED_LINES[(r.seed - 1) % len(SEED_LINES)],
             lw=1.0,
-            label=r["name"],
+            label=r.name,
         )
     ax.axhline(1.0, color="black", lw=0.8, ls="--", label="baseline")
-    batches = sorted({b["batch"] for r in benched for b in r["bench"]["batches"]})
+    batches = bench_batches(benched)
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_xlabel("batch size (segments)")
@@ -142,23 +143,23 @@ def speedups(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def pareto(rows: list[dict], batch: int, metric: str, path: Path) -> None:
+def pareto(rows: list[ModelRow], batch: int, metric: str, path: Path) -> None:
     """Accuracy against measured latency (relative to the baseline), one colour and marker per design."""
     fig, ax = plt.subplots(figsize=(6.0, 4.4))
     labelled, tags = set(), []
     for r in rows:
-        valid = r["eval"].get("valid")
-        per = {b["batch"]: b for b in r["bench"].get("batches", [])}
-        latency = 1.0 if r["design"] == "baseline" else (1.0 / per[batch]["speedup"] if batch in per else None)
+        valid = r.eval.get("valid")
+        per = r.by_batch
+        latency = 1.0 if r.design == "baseline" else (1.0 / per[batch]["speedup"] if batch in per else None)
         if not valid or latency is None:
             continue
         score = valid["bpc"] if metric == "BPC" else valid["ppl"]
-        color = design_point(ax, r["design"], latency, score, labelled)
+        color = design_point(ax, r.design, latency, score, labelled)
         tags.append((latency, score, color, point_tag(r)))
     label_points(ax, tags)
     ax.set_xlabel(f"measured latency relative to the baseline (batch {batch})")
     ax.set_ylabel(f"validation {metric} (lower is better)")
-    sandwich = any(r["design"] == "sandwich" for r in rows)  # its labels say K only where one ran
+    sandwich = any(r.design == "sandwich" for r in rows)  # its labels say K only where one ran
     ax.set_title("Accuracy against latency (labels: latency target" + (", or Sandwich K)" if sandwich else ")"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -306,21 +307,21 @@ def label_points(ax, points: list[tuple[float, float, str, str]]) -> None:
         taken.append(box)
 
 
-def point_tag(row: dict) -> str:
+def point_tag(row: ModelRow) -> str:
     """The short label of a model in a scatter plot: its latency target (and seed), or Sandwich's K."""
-    if row["target"] is not None:
-        return f"{row['target']:.2f}" + (f" s{row['seed']}" if row["seed"] > 1 else "")
-    return row["name"].removeprefix("sandwich-") if row["design"] == "sandwich" else ""
+    if row.target is not None:
+        return f"{row.target:.2f}" + (f" s{row.seed}" if row.seed > 1 else "")
+    return row.name.removeprefix("sandwich-") if row.design == "sandwich" else ""
 
 
-def estimate_vs_measured(points: list[tuple[dict, float, float]], batch: int, path: Path) -> None:
+def estimate_vs_measured(points: list[tuple[ModelRow, float, float]], batch: int, path: Path) -> None:
     """Estimated against measured latency relative to the baseline, like the paper's Figure 5b."""
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     top = max(1.05, *[max(e, m) for _, e, m in points]) * 1.05
     ax.plot([0, top], [0, top], color="grey", ls="--", lw=0.8, label="y = x")
     labelled, tags = set(), []
     for row, est, meas in points:
-        color = design_point(ax, row["design"], est, meas, labelled)
+        color = design_point(ax, row.design, est, meas, labelled)
         tags.append((est, meas, color, point_tag(row)))
     label_points(ax, tags)
     ax.set_xlim(0, top)

@@ -9,7 +9,6 @@ reads it back instead of sampling again, and a model trained again (``--force``)
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from planer import load
 from planer.config import config_from_dict
 from planer.errors import PlanerError
 from planer.evaluation.generate import generate
-from planer.io.checkpoint import WEIGHTS, atomic_write_text, load_meta, read_json_object, read_vocab
+from planer.io.checkpoint import WEIGHTS, atomic_write_text, file_digest, load_meta, read_json_object, read_vocab
 from planer.io.data import EOS, load_corpus
 
 SAMPLE_FILE = "sample.json"
@@ -48,17 +47,12 @@ def prompt_text(model_dir: Path) -> str:
     return vocab.decode((whole[0] if whole else ids)[: PROMPT_TOKENS.get(vocab.level, 10)]).strip()
 
 
-def _digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def model_sample(model_dir: Path, prompt: Callable[[], str]) -> dict:
     """``model_dir``'s sample: the one in its sample.json while that was drawn from these weights, else a new one
     (``prompt()`` is only asked then, so a report made again needs no data files)."""
     if not (model_dir / WEIGHTS).is_file():
         raise PlanerError(f"{model_dir} has no {WEIGHTS}")
-    digest = _digest(model_dir / WEIGHTS)
+    digest = file_digest(model_dir / WEIGHTS)
     saved = read_json_object(model_dir / SAMPLE_FILE)
     if saved.get("weights_sha256") == digest and (saved.get("tokens"), saved.get("seed")) == (TOKENS, SEED):
         return saved

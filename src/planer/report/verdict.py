@@ -12,7 +12,7 @@ import math
 import shlex
 import statistics
 
-from planer.report.details import search_method
+from planer.report.rows import ModelRow, is_found
 
 COMPETITORS = ("iso", "dense-depth", "dense-heads", "dense-width")  # what a found model is compared with
 
@@ -21,19 +21,19 @@ def metric_name(level_char: bool) -> str:
     return "bpc" if level_char else "ppl"
 
 
-def group_stats(members: list[dict], split: str, metric: str) -> tuple[float, float, int] | None:
+def group_stats(members: list[ModelRow], split: str, metric: str) -> tuple[float, float, int] | None:
     """Mean, standard deviation (0 for one seed) and count of a design's score over its repeats."""
-    values = [m["eval"][split][metric] for m in members if m["eval"].get(split)]
+    values = [m.eval[split][metric] for m in members if m.eval.get(split)]
     if not values:
         return None
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
-def mean_speedups(members: list[dict]) -> dict[int, float]:
+def mean_speedups(members: list[ModelRow]) -> dict[int, float]:
     per_batch: dict[int, list[float]] = {}
     for m in members:
-        for row in m["bench"].get("batches", []):
-            per_batch.setdefault(row["batch"], []).append(row["speedup"])
+        for batch, row in m.by_batch.items():
+            per_batch.setdefault(batch, []).append(row["speedup"])
     return {b: statistics.mean(v) for b, v in sorted(per_batch.items())}
 
 
@@ -45,7 +45,7 @@ def _fmt(stats: tuple[float, float, int], digits: int) -> str:
 MATCHED = 0.05  # a rival is at the found model's latency when its measured latency is within this fraction of it
 
 
-def compare(found: list[dict], rival: list[dict], split: str, metric: str, digits: int) -> str:
+def compare(found: list[ModelRow], rival: list[ModelRow], split: str, metric: str, digits: int) -> str:
     """How the found model scores against a rival on one split: better or worse only beyond twice the larger seed
     spread, a tie within it; with one seed each there is no spread, and the words say so."""
     a, b = group_stats(found, split, metric), group_stats(rival, split, metric)
@@ -62,13 +62,8 @@ def compare(found: list[dict], rival: list[dict], split: str, metric: str, digit
     return f"{way} on {split} by {abs(gap):.{digits}f} (seed spread {spread:.{digits}f})"
 
 
-def is_found(design: str) -> bool:
-    """A searched design: ``planer`` (the run's search method) or ``planer-METHOD`` (another one, same rivals)."""
-    return design == "planer" or design.startswith("planer-")
-
-
 def rivals_sentence(
-    found: list[dict], groups: dict[str, list[dict]], metric: str, digits: int, batch: int | None
+    found: list[ModelRow], groups: dict[str, list[ModelRow]], metric: str, digits: int, batch: int | None
 ) -> str:
     """The found model against every rival: their measured latency relative to it at ``batch`` (the latency
     table's), and the accuracy comparison on valid and test; then whether it beats every rival of matched latency."""
@@ -108,40 +103,38 @@ def rivals_sentence(
     return text
 
 
-def _method(found: list[dict]) -> str:
-    return search_method(found[0]["found"])
-
-
-def target_verdict(rows: list[dict], target: float, level_char: bool, batch: int | None, design: str = "planer") -> str:
+def target_verdict(
+    rows: list[ModelRow], target: float, level_char: bool, batch: int | None, design: str = "planer"
+) -> str:
     """One paragraph for ``design``'s found model at ``target``: speed-ups, accuracy against the baseline, target
     met, and the rivals (the same for every search method)."""
     metric, digits = metric_name(level_char), 3 if level_char else 2
-    base = next((r for r in rows if r["design"] == "baseline"), None)
-    groups: dict[str, list[dict]] = {}
+    base = next((r for r in rows if r.design == "baseline"), None)
+    groups: dict[str, list[ModelRow]] = {}
     for r in rows:
-        if r["target"] == target and (r["design"] in COMPETITORS or is_found(r["design"])):
-            groups.setdefault(r["design"], []).append(r)
+        if r.target == target and (r.design in COMPETITORS or is_found(r.design)):
+            groups.setdefault(r.design, []).append(r)
     found = groups.get(design)
     if not found:
         return ""
     speed = mean_speedups(found)
     test = group_stats(found, "test", metric)
-    label = "" if len(_found_designs(rows, target)) < 2 else f", {_method(found)} search"
-    parts = [f"**Target {target:.2f}{label}**: the found model (`{found[0]['arch'].short()}`"
+    label = "" if len(_found_designs(rows, target)) < 2 else f", {found[0].method} search"
+    parts = [f"**Target {target:.2f}{label}**: the found model (`{found[0].arch.short()}`"
              + (f", {len(found)} seeds" if len(found) > 1 else "") + ")"]  # fmt: skip
     if speed:
         parts.append(
             " is " + " / ".join(f"{v:.2f}x" for v in speed.values()) + " faster than the baseline at batch "
             + " / ".join(str(b) for b in speed)
         )  # fmt: skip
-    base_test = base["eval"].get("test", {}).get(metric) if base else None
+    base_test = base.eval.get("test", {}).get(metric) if base else None
     if test and base_test:
         change = 100 * (test[0] - base_test) / base_test
         parts.append(
             f", with test {metric.upper()} {_fmt(test, digits)} ({change:+.1f}% on the baseline's {base_test:.{digits}f})"
         )
-    met = all(r["found"].get("meets_target", True) for r in found)
-    ratios = [r["estimated_ratio"] for r in found if r["estimated_ratio"]]
+    met = all(r.meets_target for r in found)
+    ratios = [r.estimated_ratio for r in found if r.estimated_ratio]
     if ratios:
         parts.append(f"; target {'met' if met else 'NOT met'} (estimate {statistics.mean(ratios):.2f})")
     text = "".join(parts) + "."
@@ -149,27 +142,27 @@ def target_verdict(rows: list[dict], target: float, level_char: bool, batch: int
     return text + (" " + against if against else "")
 
 
-def _found_designs(rows: list[dict], target: float) -> list[str]:
-    designs = {r["design"] for r in rows if is_found(r["design"]) and r["target"] == target}
+def _found_designs(rows: list[ModelRow], target: float) -> list[str]:
+    designs = {r.design for r in rows if is_found(r.design) and r.target == target}
     return sorted(designs, key=lambda d: (d != "planer", d))
 
 
-def methods_sentence(rows: list[dict], target: float, level_char: bool) -> str:
+def methods_sentence(rows: list[ModelRow], target: float, level_char: bool) -> str:
     """The search methods against each other at ``target``: the same baseline, rivals and phase-2 recipe, so their
     found models' accuracy and speed and the searches' wall time say which method to use."""
     designs = _found_designs(rows, target)
     if len(designs) < 2:
         return ""
     metric, digits = metric_name(level_char), 3 if level_char else 2
-    group = {d: [r for r in rows if r["design"] == d and r["target"] == target] for d in designs}
+    group = {d: [r for r in rows if r.design == d and r.target == target] for d in designs}
     first = group[designs[0]]
     parts = []
     for d in designs[1:]:
         words = [compare(first, group[d], split, metric, digits) for split in ("valid", "test")]
         parts.append(
-            f"against the {_method(group[d])} search's model, the {_method(first)} search's is " + " and ".join(words)
+            f"against the {group[d][0].method} search's model, the {first[0].method} search's is " + " and ".join(words)
         )
-    seconds = ", ".join(f"{_method(group[d])} {_search_seconds(group[d])}" for d in designs)
+    seconds = ", ".join(f"{group[d][0].method} {_search_seconds(group[d])}" for d in designs)
     return (
         f"**Search methods at target {target:.2f}** (same baseline, rivals and phase-2 recipe): "
         + "; ".join(parts)
@@ -177,36 +170,36 @@ def methods_sentence(rows: list[dict], target: float, level_char: bool) -> str:
     )
 
 
-def _search_seconds(found: list[dict]) -> str:
-    times = [r["found"]["seconds"] for r in found if r["found"].get("seconds") is not None]
+def _search_seconds(found: list[ModelRow]) -> str:
+    times = [r.found.seconds for r in found if r.found is not None and r.found.seconds is not None]
     if not times:
         return "not recorded"
     mean = statistics.mean(times)
     return f"{mean:.0f} s" if mean >= 10 else f"{mean:.1f} s"
 
 
-def usage(found: list[dict]) -> str:
+def usage(found: list[ModelRow]) -> str:
     """Where the found model is (the best on valid of its seeds) and the commands that use it, with the prompt of
     its text sample when it has one."""
-    best = min(found, key=lambda r: r["eval"].get("valid", {}).get("loss", math.inf))
-    path = shlex.quote(str(best["path"]))
-    prompt = shlex.quote(best["sample"].get("prompt") or "TEXT")
+    best = min(found, key=lambda r: r.eval.get("valid", {}).get("loss", math.inf))
+    path = shlex.quote(str(best.path))
+    prompt = shlex.quote(best.sample.get("prompt") or "TEXT")
     seeds = f" (the best on valid of its {len(found)} seeds)" if len(found) > 1 else ""
     return (
-        f"The found model{seeds} is `{best['path']}`: `planer generate --run {path} --prompt {prompt}` writes text "
-        f"with it, and {best['export']}"
+        f"The found model{seeds} is `{best.path}`: `planer generate --run {path} --prompt {prompt}` writes text "
+        f"with it, and {best.export}"
     )
 
 
-def verdicts(rows: list[dict], level_char: bool, batch: int | None = None) -> list[str]:
+def verdicts(rows: list[ModelRow], level_char: bool, batch: int | None = None) -> list[str]:
     """Per target, the verdict paragraph and the found model's path and commands; rivals' latencies are compared
     at ``batch`` (the latency table's; by default the middle batch benchmarked)."""
-    targets = sorted({r["target"] for r in rows if is_found(r["design"]) and r["target"] is not None})
+    targets = sorted({r.target for r in rows if is_found(r.design) and r.target is not None})
     paragraphs = []
     for t in targets:
         for design in _found_designs(rows, t):
             if verdict := target_verdict(rows, t, level_char, batch, design):
-                paragraphs += [verdict, usage([r for r in rows if r["design"] == design and r["target"] == t])]
+                paragraphs += [verdict, usage([r for r in rows if r.design == design and r.target == t])]
         if methods := methods_sentence(rows, t, level_char):
             paragraphs.append(methods)
     return paragraphs

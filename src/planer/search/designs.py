@@ -77,6 +77,12 @@ def iso_space(space: list[str], n_experts: int) -> list[str]:
     return out
 
 
+def iso_config(cfg: Config) -> Config:
+    """``cfg`` searching its iso-parameter space (``iso_space``): a copy."""
+    space = iso_space(cfg.search.space, cfg.model.n_experts)
+    return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=space))
+
+
 RIVAL_TOLERANCE = 0.05  # a rival matches the found model when its latency is within this fraction of it
 
 

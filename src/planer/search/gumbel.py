@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from planer.config import Config, check_target
+from planer.config import Config
 from planer.errors import PlanerError
 from planer.io.checkpoint import SUPERNET, load_checkpoint, save_weights
 from planer.io.data import check_same_vocab
+from planer.io.records import Estimate, GumbelDetails, SearchRecord
 from planer.latency.table import LatencyTable, at_batch, load_or_profile
 from planer.models.arch import Arch, BlockSpec
 from planer.models.language_model import token_nll
@@ -88,11 +89,10 @@ def search(
     ``train.ckpt_every`` weight steps). Under torchrun every rank draws the same paths and the same Gumbel noise,
     from one generator seeded alike, and the gradients of weights and alpha are summed over ranks.
     """
-    check_target(target)
-    loop = Loop(cfg, out_dir, options, done="arch.json")
+    loop = Loop(cfg, out_dir, options, done=SearchRecord.FILE)
     with loop.setting_up():
         table = load_table(loop, lut_path)
-        check_reachable(table, cfg, target)
+        check_reachable(table, loop.cfg, target)
         phase1 = GumbelSearch(loop, table, target, init_from)
     return phase1.run()
 
@@ -259,10 +259,10 @@ class GumbelSearch:
         record = {"epoch": self.loop.cfg.search.epochs, "tau": self.at.tau, "correction": True, **fix, **self.state()}
         self.log.write(json.dumps(record) + "\n")
 
-    def fill_up(self, found: Arch) -> tuple[Arch, dict]:
+    def fill_up(self, found: Arch) -> tuple[Arch, dict | None]:
         """The arch to return: the argmax, or, where it leaves more than ``Fill.low`` of the latency budget unused,
         the most probable arch (the largest sum of log-probabilities, solved exactly with the table's latencies)
-        whose estimate lies in [Fill.low, 1] x the target; with the record of what it replaced.
+        whose estimate lies in [Fill.low, 1] x the target; with what it replaced (None: the argmax itself).
 
         The latency loss only pushes down, so the argmax often ends well under the target (0.45 for 0.50 on the
         default config) and a tenth of the budget buys nothing. The search's own probabilities rank the dearer
@@ -270,7 +270,7 @@ class GumbelSearch:
         """
         budget = self.baseline_ms * self.target
         if self.table.estimate(found) >= Fill.low * budget:
-            return found, {}
+            return found, None
         space = [BlockSpec.parse(o) for o in self.net.space]
         costs = [[self.table.latency(o) for o in space]] * len(found)
         log_probs = torch.log_softmax(self.net.alpha_matrix().detach().double(), dim=-1)
@@ -278,11 +278,10 @@ class GumbelSearch:
         fixed = self.table.fixed_ms
         picked = cheapest(costs, surprise, Fill.low * budget - fixed, budget - fixed)
         if picked is None:
-            return found, {}
+            return found, None
         filled = Arch(tuple(space[i] for i in picked[0]))
-        return filled, {
-            "unfilled": {"arch": found.specs(), "estimated_ratio": self.table.estimate(found) / self.baseline_ms}
-        }
+        ratio = Estimate.of(self.table, found, self.baseline_ms, self.target).estimated_ratio
+        return filled, {"arch": found.specs(), "estimated_ratio": ratio}
 
     def state(self) -> dict:
         """Alpha, its probabilities, their expected latency, and the arch the search would return now."""
@@ -296,15 +295,20 @@ class GumbelSearch:
 
     def finish(self) -> Arch:
         """Write arch.json and the supernet's weights (rank 0); returns the found arch."""
-        out, (found, filled) = self.loop.out_dir, self.fill_up(self.net.derive())
-        estimated = self.table.estimate(found)
+        out, (found, unfilled) = self.loop.out_dir, self.fill_up(self.net.derive())
+        record = SearchRecord(
+            arch=found.specs(),
+            method="gumbel",
+            estimate=Estimate.of(self.table, found, self.baseline_ms, self.target),
+            window=Fill().window(self.target),
+            details=GumbelDetails(unfilled=unfilled),
+            space=self.net.space,
+            init_from=str(self.init_from) if self.init_from is not None else None,
+            seconds=round(time.perf_counter() - self.started, 1),
+        )
 
         def write() -> None:
-            found.save(out / "arch.json", method="gumbel", target=self.target, estimated_ms=estimated, baseline_ms=self.baseline_ms,
-                       estimated_ratio=estimated / self.baseline_ms, meets_target=estimated <= self.baseline_ms * self.target,
-                       window=[Fill.low * self.target, self.target], **filled,
-                       space=self.net.space, init_from=str(self.init_from) if self.init_from is not None else None,
-                       seconds=round(time.perf_counter() - self.started, 1))  # fmt: skip
+            record.save(out)
             save_weights(out / SUPERNET, self.net)
 
         self.loop.finish(write)

@@ -15,6 +15,7 @@ default config this pick (53 s) beat the Gumbel search (9.5 min) and, retrained,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -24,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planer.config import check_target
 from planer.errors import PlanerError
 from planer.evaluation.importance import Ranking, Sample, rank_heads, sample_loss
+from planer.io.records import Estimate, KnapsackDetails, LimitEstimate, Position, Record, SearchRecord
 from planer.latency.table import LatencyTable
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_block
@@ -51,10 +52,14 @@ class LatencyLimit:
     target: float
     table: LatencyTable
 
-    def record(self, arch: Arch, baseline: Arch) -> dict:
-        estimate, baseline_ms = self.table.estimate(arch), self.table.estimate(baseline)
-        return {"batch": self.batch, "target": self.target, "baseline_ms": baseline_ms, "estimated_ms": estimate,
-                "estimated_ratio": estimate / baseline_ms, "meets_target": estimate <= self.target * baseline_ms}  # fmt: skip
+    def estimate(self, arch: Arch, baseline: Arch) -> LimitEstimate:
+        estimate = Estimate.of(self.table, arch, self.table.estimate(baseline), self.target)
+        return LimitEstimate(batch=self.batch, estimate=estimate)
+
+    def budget(self, options: list[str], baseline: Arch) -> tuple[list[float], float]:
+        """Every option's latency at this batch, and what the blocks may cost there together."""
+        table = self.table
+        return [table.latency(o) for o in options], self.target * table.estimate(baseline) - table.fixed_ms
 
 
 @dataclass(frozen=True)
@@ -319,6 +324,10 @@ class Fill:
     low: float = 0.95
     tolerance: float = 0.005
 
+    def window(self, target: float) -> list[float]:
+        """The window as arch.json records it, fractions of the baseline's latency."""
+        return [self.low * target, target]
+
 
 def pick(
     options: list[str],
@@ -395,69 +404,103 @@ def cut_picks(
     return picks
 
 
+@dataclass(frozen=True, kw_only=True)
+class Measured(Record):
+    """What swapping every option alone into the baseline measured on a sample: its loss, each option's increase
+    per position (None: it cannot start from the baseline block there), the head ranking the attention options
+    kept their heads by (``heads``, as arch.json writes it) and the local distillation's settings (``distill``).
+
+    It depends on the baseline's weights, the search space and the samples alone, so a run that searches several
+    targets or seeds measures once (``planer.search.option_cache``)."""
+
+    options: list[str]
+    baseline_loss: float
+    increases: list[list[float | None]]
+    heads: dict[str, list[list]]
+    distill: dict | None
+
+
+def measure(baseline: nn.Module, space: list[str], sample: Sample, distill: LocalDistill | None = None) -> Measured:
+    """Rank the baseline's heads on ``sample``, then measure every option of ``space`` swapped in alone."""
+    options = [str(BlockSpec.parse(s)) for s in space]
+    ranking = rank_heads(baseline, sample)
+    base, increases = option_increases(baseline, options, sample, ranking, distill)
+    return Measured(
+        options=options,
+        baseline_loss=base,
+        increases=increases,
+        heads={str(p): [[h, inc] for h, inc in order] for p, order in ranking.items()},
+        distill=None if distill is None else {"steps": distill.steps, "lr": distill.lr},
+    )
+
+
+@dataclass(frozen=True)
+class KnapsackSettings:
+    """How the pick is made from the measured increases: ``fill`` is the window the estimate should land in (see
+    ``select``); with ``candidates`` > 1 the record lists picks of as many shapes, ``per_shape`` of each
+    (``cut_picks``), for a short training to choose among; every pick keeps ``limits`` too."""
+
+    fill: Fill = Fill()
+    candidates: int = 1
+    per_shape: int = 1
+    limits: Sequence[LatencyLimit] = ()
+
+
+def knapsack_pick(
+    measured: Measured, baseline: Arch, table: LatencyTable, target: float, settings: KnapsackSettings
+) -> SearchRecord:
+    """The architecture the knapsack picks for ``target`` x the baseline's estimate from what was ``measured``, as
+    its record for arch.json: per position every option's latency and measured loss increase and the chosen one,
+    the head ranking, the estimate against the target and against each limit, and the candidates to rerank."""
+    options, limits, fill = measured.options, settings.limits, settings.fill
+    latency = [table.latency(o) for o in options]
+    baseline_ms = table.estimate(baseline)
+    bounds = (target * baseline_ms - table.fixed_ms, fill.low * target * baseline_ms - table.fixed_ms)
+    held = [lim.budget(options, baseline) for lim in limits]
+
+    def solve(rows: list, exclude: Collection[Arch] = ()) -> tuple[Arch, dict]:
+        return pick(options, latency, rows, *bounds, fill.tolerance, held, exclude)
+
+    arch, info = solve(measured.increases)
+    skip = options.index("skip") if "skip" in options else None
+    cuts = cut_picks(measured.increases, skip, settings.candidates, lambda rows, ex: solve(rows, ex)[0],
+                     settings.per_shape) if settings.candidates > 1 else []  # fmt: skip
+    details = KnapsackDetails(
+        limits=[lim.estimate(arch, baseline) for lim in limits],
+        **info,
+        baseline_loss=measured.baseline_loss,
+        positions=[
+            Position(options=options, latency_ms=latency, increase=row, chosen=str(spec))
+            for row, spec in zip(measured.increases, arch)
+        ],  # fmt: skip
+        heads=measured.heads,
+        distill=measured.distill,
+        candidates=[
+            {
+                "arch": a.specs(),
+                "layers_cut": cut,
+                "estimated_ratio": Estimate.of(table, a, baseline_ms, target).estimated_ratio,
+                "limits": [lim.estimate(a, baseline).estimate.estimated_ratio for lim in limits],
+            }
+            for cut, a in cuts
+        ],  # fmt: skip
+    )
+    return SearchRecord(arch=arch.specs(), method="knapsack", estimate=Estimate.of(table, arch, baseline_ms, target),
+                        window=fill.window(target), details=details)  # fmt: skip
+
+
 def knapsack_search(
     baseline: nn.Module,
     space: list[str],
     table: LatencyTable,
     target: float,
     sample: Sample,
-    ranking: Ranking | None = None,
+    settings: KnapsackSettings = KnapsackSettings(),
     distill: LocalDistill | None = None,
-    fill: Fill = Fill(),
-    candidates: int = 1,
-    limits: Sequence[LatencyLimit] = (),
-    per_shape: int = 1,
-) -> tuple[Arch, dict]:
-    """The architecture the knapsack picks for ``target`` x the baseline's estimate, and its record for arch.json.
-
-    ``ranking`` (computed on ``sample`` when not given) ranks the heads attention options keep; ``fill`` is the
-    window the estimate should land in (see ``select``); with ``candidates`` > 1 the record lists picks of as many
-    shapes, ``per_shape`` of each (``cut_picks``), for a short training to choose among; every pick keeps ``limits``
-    too. The record
-    holds, per position, every option's latency and measured loss increase (None: not inheritable there) and the
-    chosen one; the head ranking; the estimate against the target and against each limit.
-    """
-    check_target(target)
+) -> tuple[Arch, SearchRecord]:
+    """The architecture the knapsack picks for ``target`` x the baseline's estimate, and its record for arch.json:
+    every option of ``space`` measured in the baseline on ``sample`` (``distill``: each option first fitted to
+    the baseline block's output), then the pick (``knapsack_pick``)."""
     started = time.perf_counter()
-    options = [str(BlockSpec.parse(s)) for s in space]
-    latency = [table.latency(o) for o in options]
-    ranking = rank_heads(baseline, sample) if ranking is None else ranking
-    base, increases = option_increases(baseline, options, sample, ranking, distill)
-    baseline_ms = table.estimate(baseline.arch)
-    bounds = (target * baseline_ms - table.fixed_ms, fill.low * target * baseline_ms - table.fixed_ms)
-    held = [([lim.table.latency(o) for o in options], lim.target * lim.table.estimate(baseline.arch) - lim.table.fixed_ms)
-            for lim in limits]  # fmt: skip
-    arch, info = pick(options, latency, increases, *bounds, fill.tolerance, held)
-    estimate = table.estimate(arch)
-    skip = options.index("skip") if "skip" in options else None
-    solve = lambda rows, exclude: pick(options, latency, rows, *bounds, fill.tolerance, held, exclude)[0]  # noqa: E731
-    cuts = cut_picks(increases, skip, candidates, solve, per_shape) if candidates > 1 else []
-    record = {
-        "method": "knapsack",
-        "target": target,
-        "baseline_ms": baseline_ms,
-        "estimated_ms": estimate,
-        "estimated_ratio": estimate / baseline_ms,
-        "meets_target": estimate <= target * baseline_ms,
-        "window": [fill.low * target, target],
-        "limits": [lim.record(arch, baseline.arch) for lim in limits],
-        **info,
-        "baseline_loss": base,
-        "positions": [
-            {"options": options, "latency_ms": latency, "increase": row, "chosen": str(spec)}
-            for row, spec in zip(increases, arch)
-        ],
-        "heads": {str(p): [[h, inc] for h, inc in heads] for p, heads in ranking.items()},
-        "distill": None if distill is None else {"steps": distill.steps, "lr": distill.lr},
-        "candidates": [
-            {
-                "arch": a.specs(),
-                "layers_cut": cut,
-                "estimated_ratio": table.estimate(a) / baseline_ms,
-                "limits": [lim.record(a, baseline.arch)["estimated_ratio"] for lim in limits],
-            }
-            for cut, a in cuts
-        ],
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    return arch, record
+    record = knapsack_pick(measure(baseline, space, sample, distill), baseline.arch, table, target, settings)
+    return record.found, dataclasses.replace(record, seconds=round(time.perf_counter() - started, 1))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from planer.config import Config, TrainConfig, saved_config_matches
+from planer.config import Config, TrainConfig, saved_config_matches, with_vocab_size
 from planer.errors import PlanerError
 from planer.io.checkpoint import save_checkpoint
 from planer.io.data import Corpus, Segments, load_corpus, stream_share
@@ -142,11 +142,12 @@ class Loop:
     def __init__(self, cfg: Config, out_dir: str | Path, options: RunOptions, done: str):
         """Load the corpus, set up ranks, open ``out_dir`` (``done`` marks a finished run there) and seed.
 
-        The vocabulary size is written into ``cfg``, which every later stage builds its models from.
+        ``self.cfg`` is ``cfg`` resolved for the corpus (its vocabulary size), what the run builds its models from
+        and saves; ``cfg`` itself is left as it was.
         """
-        self.cfg, self.options = cfg, options
+        self.options = options
         self.corpus = options.corpus or load_corpus(cfg.data)
-        cfg.model.vocab_size = len(self.corpus.vocab)
+        self.cfg = cfg = with_vocab_size(cfg, len(self.corpus.vocab))
         self.env, self.device = distributed.setup(cfg.train.device)
         tc = cfg.train
         self.segments = Segments(

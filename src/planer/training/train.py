@@ -7,7 +7,6 @@ trained baseline: its logits (distillation, ``Recipe.teacher``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +15,9 @@ import torch
 from planer.config import Config, Phase2Config
 from planer.errors import PlanerError
 from planer.evaluation.importance import Sample, rank_heads
-from planer.io.checkpoint import SUPERNET, atomic_write_text, load_checkpoint, load_weights, read_json_object
+from planer.io.checkpoint import SUPERNET, load_checkpoint, load_weights
 from planer.io.data import Corpus, Vocab, check_same_vocab
+from planer.io.records import SearchRecord, TrainingSummary
 from planer.models.arch import Arch
 from planer.models.backbone import build_model
 from planer.search.supernet import SuperNet
@@ -59,8 +59,8 @@ def inherited_weights(source: Path, cfg: Config, arch: Arch, corpus: Corpus) -> 
     """The weights ``arch`` starts from: a search folder's supernet options, or a trained model's blocks with
     each attention block's most important heads (ranked on a sample of training segments)."""
     if (source / SUPERNET).exists():
-        found = read_json_object(source / "arch.json")
-        net = SuperNet(cfg.model, found.get("space", cfg.search.space), len(arch))
+        found = SearchRecord.read(source)
+        net = SuperNet(cfg.model, found.space if found and found.space else cfg.search.space, len(arch))
         load_weights(net, source / SUPERNET)
         return from_supernet(net, arch, cfg.model).state_dict()
     model, _, vocab = load_checkpoint(source)
@@ -77,8 +77,8 @@ def check_teacher(teacher: Teacher, vocab: Vocab, where: Path) -> None:
 
 def train(
     cfg: Config, out_dir: str | Path, arch: Arch, recipe: Recipe = Recipe(), options: RunOptions = RunOptions()
-) -> dict:
-    """Train ``arch`` and keep the best-on-valid checkpoint in ``out_dir``; returns a summary.
+) -> TrainingSummary:
+    """Train ``arch`` and keep the best-on-valid checkpoint in ``out_dir``; returns its summary.json.
 
     Every ``train.ckpt_every`` steps a full state goes to ``out_dir/resume``; ``options.resume`` continues from
     the newest one (or starts afresh where there is none), and ends with the weights an uninterrupted run ends
@@ -90,7 +90,8 @@ def train(
             f"{2 * cfg.model.n_layer}; give {2 * cfg.model.n_layer} blocks or set model.n_layer"
         )
     teacher = Teacher(recipe.teacher, cfg.distill) if recipe.teacher is not None else None
-    loop = Loop(cfg, out_dir, options, done="summary.json")
+    loop = Loop(cfg, out_dir, options, done=TrainingSummary.FILE)
+    cfg = loop.cfg
     model = build_model(cfg.model, arch)
     with loop.setting_up():
         if teacher is not None:
@@ -102,8 +103,7 @@ def train(
     trainer = loop.trainer(model.parameters(), cfg.train, cfg.train.balance_coef)
     if teacher is not None:
         trainer.teacher = teacher.to(loop.device)
-    summary = Fit(loop, model, trainer).run(f"train {arch.short()[:24]}")
-    summary.update(params=model.num_params(), arch=arch.specs(), recipe=recipe.to_dict())
-    text = json.dumps(summary, indent=2) + "\n"
-    loop.finish(lambda: atomic_write_text(loop.out_dir / "summary.json", text))  # marks a finished run
+    fit = Fit(loop, model, trainer).run(f"train {arch.short()[:24]}")
+    summary = TrainingSummary(**fit, params=model.num_params(), arch=arch.specs(), recipe=recipe.to_dict())
+    loop.finish(lambda: summary.save(loop.out_dir))  # marks a finished run
     return summary
