@@ -18,7 +18,7 @@ from planer.config import load_config
 from planer.io.checkpoint import save_checkpoint
 from planer.io.data import Vocab
 from planer.models.arch import Arch
-from planer.models.moe import MoEFeedForward
+from planer.models.moe import MoEConfig, MoEFeedForward
 from planer.models.txl.model import TransformerXL
 
 ort = pytest.importorskip("onnxruntime")
@@ -112,7 +112,7 @@ def test_export_takes_exactly_one_form(tmp_path, capsys, argv):
 def test_dense_moe_path_equals_the_grouped_one(top_k):
     """The path the export traces computes what training and inference compute, gradients included."""
     torch.manual_seed(0)
-    grouped = MoEFeedForward(32, 64, n_experts=4, top_k=top_k, dropout=0.0)
+    grouped = MoEFeedForward(MoEConfig(32, 64, n_experts=4, top_k=top_k, dropout=0.0))
     dense = copy.deepcopy(grouped)
     dense.impl = "dense"
     x = torch.randn(2, 9, 32)

@@ -13,7 +13,7 @@ from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_block, build_model
 from planer.models.gpt.model import GPT, MLP, kv_heads
 from planer.models.language_model import token_nll
-from planer.models.moe import MoEFeedForward
+from planer.models.moe import MoEConfig, MoEFeedForward
 from planer.models.txl.model import TransformerXL
 
 
@@ -87,9 +87,9 @@ def test_experts_upcycled_from_the_mlp_equal_it(flavour):
 def test_gpt_experts_match_the_sequential_reference(activation):
     """The grouped experts' own backward, for the new activations, against autograd through the paper's loop."""
     torch.manual_seed(0)
-    kw = dict(dropout=0.0, activation=activation, bias=activation == "gelu", pre_norm=True)
-    grouped = MoEFeedForward(16, 24, 4, 2, **kw)
-    reference = MoEFeedForward(16, 24, 4, 2, impl="sequential", **kw)
+    kw = dict(dropout=0.0, activation=activation, bias=activation == "gelu")
+    grouped = MoEFeedForward(MoEConfig(16, 24, 4, 2, **kw), pre_norm=True)
+    reference = MoEFeedForward(MoEConfig(16, 24, 4, 2, impl="sequential", **kw), pre_norm=True)
     reference.load_state_dict(grouped.state_dict())
     x = torch.randn(2, 9, 16, requires_grad=True)
     outputs, grads = [], []
@@ -108,7 +108,7 @@ def test_gpt_experts_match_the_sequential_reference(activation):
 
 def test_expert_dropout_with_gelu_trains():
     torch.manual_seed(0)
-    block = MoEFeedForward(16, 24, 4, 1, dropout=0.3, activation="gelu", pre_norm=True).train()
+    block = MoEFeedForward(MoEConfig(16, 24, 4, 1, dropout=0.3, activation="gelu"), pre_norm=True).train()
     x = torch.randn(3, 5, 16, requires_grad=True)
     block(x).sum().backward()
     assert torch.isfinite(x.grad).all() and block.w1.grad.abs().sum() > 0
