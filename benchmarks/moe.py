@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from planer.models.moe import MoEFeedForward, PackedWeights, packed_linear
+from planer.models.moe import MoEConfig, MoEFeedForward, PackedWeights, packed_linear
 from planer.models.txl.blocks import FeedForward
 from planer.training.allocator import keep_freed_memory
 
@@ -67,9 +67,9 @@ def candidates(d_model: int, d_inner: int, experts: int, training: bool) -> dict
         blocks[f"dense{k}"] = FeedForward(d_model, k * d_inner, 0.1)
         if not training:
             blocks[f"packed{k}"] = PackedFeedForward(d_model, k * d_inner, 0.1)
-        blocks[f"moe{k}"] = MoEFeedForward(d_model, d_inner, experts, k, 0.2)
-        blocks[f"seq{k}"] = MoEFeedForward(d_model, d_inner, experts, k, 0.2, impl="sequential")
-        blocks[f"route{k}"] = RoutingOnly(d_model, d_inner, experts, k, 0.2)
+        blocks[f"moe{k}"] = MoEFeedForward(MoEConfig(d_model, d_inner, experts, k, 0.2))
+        blocks[f"seq{k}"] = MoEFeedForward(MoEConfig(d_model, d_inner, experts, k, 0.2, impl="sequential"))
+        blocks[f"route{k}"] = RoutingOnly(MoEConfig(d_model, d_inner, experts, k, 0.2))
     for block in blocks.values():
         for p in block.parameters():
             if p.dim() > 1:

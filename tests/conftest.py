@@ -1,15 +1,70 @@
 """Shared fixtures: tiny configs and corpora that train in seconds."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from planer.config import load_config
+from planer.config import ModelConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The settings of a model that trains in seconds: every tiny config of the tests starts here, and a test changes
+# only what it needs to (see tiny_overrides). Its corpus (data.path) comes with the test.
+TINY = (
+    "model.d_model=32",
+    "model.n_head=4",
+    "model.d_inner=64",
+    "model.n_layer=2",
+    "model.tgt_len=16",
+    "model.mem_len=16",
+    "model.dropout=0.0",
+    "train.steps=300",
+    "train.batch_size=8",
+    "train.lr=0.05",
+    "train.warmup=10",
+    "train.eval_every=150",
+    "train.eval_batches=4",
+    "eval.batch_size=4",
+    "latency.repeats=3",
+    "latency.warmup=1",
+)
+# A one-layer model trained for 30 steps: for tests of what the command line does around a checkpoint, not of how
+# good the checkpoint is.
+QUICK = ("model.n_layer=1", "train.steps=30", "train.eval_every=30", "train.batch_size=4", "train.eval_batches=2",
+         "train.warmup=5")  # fmt: skip
+# A whole `planer run` in seconds: a short Gumbel search, 40 training steps, latencies at batch 2.
+TINY_RUN = ("search.method=gumbel", "search.epochs=3", "search.steps_per_epoch=8", "search.freeze_fraction=0.3",
+            "train.steps=40", "train.eval_every=40", "latency.batch_size=2")  # fmt: skip
 # The Llama backbone on any tiny config (grouped-query attention, no memory)
 LLAMA_SETTINGS = ["model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0"]
+
+
+def tiny_overrides(*variants: str, text: Path | None = None) -> list[str]:
+    """The config overrides of the tiny model, ``variants`` on top (the later of two settings of a key wins), and
+    ``data.path`` when ``text`` is given (for fixtures of other scopes too)."""
+    return [*([f"data.path={text}"] if text is not None else []), *TINY, *variants]
+
+
+def cli_sets(overrides) -> list[str]:
+    """Config overrides as the command line takes them: ``--set KEY=VALUE`` each."""
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def tiny_model(**values) -> ModelConfig:
+    """The tiny model's config without data, for tests of the modules themselves: segments and memory of 8 tokens,
+    4 experts and a vocabulary of 40, unless ``values`` say otherwise."""
+    model = load_config(None, list(TINY)).model
+    return dataclasses.replace(model, **(dict(tgt_len=8, mem_len=8, n_experts=4, vocab_size=40) | values))
+
+
+def tiny_gpt(flavour: str = "gpt2", **values) -> ModelConfig:
+    """``tiny_model`` on the gpt backbone, with no memory and segments of 16 (llama: 2 key/value heads, untied)."""
+    gpt = dict(backbone="gpt", flavour=flavour, d_inner=48, tgt_len=16, mem_len=0, moe_dropout=0.0, vocab_size=50)
+    if flavour == "llama":
+        gpt |= dict(n_kv_head=2, tie_embeddings=False)
+    return tiny_model(**(gpt | values))
 
 
 @pytest.fixture(autouse=True)
@@ -27,33 +82,10 @@ def tiny_text(tmp_path) -> Path:
     return path
 
 
-def tiny_overrides(text: Path) -> list[str]:
-    """The config overrides of a model that trains in seconds on ``text`` (for fixtures of other scopes too)."""
-    return [
-        f"data.path={text}",
-        "model.d_model=32",
-        "model.n_head=4",
-        "model.d_inner=64",
-        "model.n_layer=2",
-        "model.tgt_len=16",
-        "model.mem_len=16",
-        "model.dropout=0.0",
-        "train.steps=300",
-        "train.batch_size=8",
-        "train.lr=0.05",
-        "train.warmup=10",
-        "train.eval_every=150",
-        "train.eval_batches=4",
-        "eval.batch_size=4",
-        "latency.repeats=3",
-        "latency.warmup=1",
-    ]
-
-
 @pytest.fixture
 def tiny_cfg(tiny_text):
     def make(*overrides):
-        return load_config(None, [*tiny_overrides(tiny_text), *overrides])
+        return load_config(None, tiny_overrides(*overrides, text=tiny_text))
 
     return make
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import QUICK, cli_sets, tiny_overrides
 
 
 def planer(*args, cwd=None):
@@ -18,30 +19,7 @@ def assert_user_error(result, fragment):
     assert fragment in lines[0], lines[0]
 
 
-TINY = [
-    "--set",
-    "model.d_model=32",
-    "--set",
-    "model.n_head=4",
-    "--set",
-    "model.d_inner=64",
-    "--set",
-    "model.n_layer=1",
-    "--set",
-    "model.tgt_len=16",
-    "--set",
-    "model.mem_len=16",
-    "--set",
-    "train.steps=30",
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "train.eval_every=30",
-    "--set",
-    "train.eval_batches=2",
-    "--set",
-    "train.warmup=5",
-]
+SETS = cli_sets(tiny_overrides(*QUICK))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +29,7 @@ def trained(tmp_path_factory):
     text.write_text("To be, or not to be, that is the question:\n" * 400)
     config = root / "c.yaml"
     config.write_text(f"data:\n  path: {text}\n")
-    result = planer("train", "--config", config, "--out", root / "run", *TINY)
+    result = planer("train", "--config", config, "--out", root / "run", *SETS)
     assert result.returncode == 0, result.stderr
     return root, config
 
@@ -73,7 +51,7 @@ def test_evaluate_json_and_unseen_symbols(trained):
 def test_existing_output_is_not_overwritten(trained):
     root, config = trained
     before = (root / "run" / "model.safetensors").read_bytes()
-    assert_user_error(planer("train", "--config", config, "--out", root / "run", *TINY), "not empty")
+    assert_user_error(planer("train", "--config", config, "--out", root / "run", *SETS), "not empty")
     assert (root / "run" / "model.safetensors").read_bytes() == before
 
 
@@ -99,7 +77,7 @@ def test_bad_train_input(trained, tmp_path, make_case, fragment):
     (root / "empty.txt").write_text("")
     (root / "empty.yaml").write_text("")
     (root / "short.txt").write_text("Now is the winter of our discontent, made glorious summer.\n")
-    assert_user_error(planer("train", "--out", tmp_path / "out", *TINY, *make_case(root)), fragment)
+    assert_user_error(planer("train", "--out", tmp_path / "out", *SETS, *make_case(root)), fragment)
 
 
 @pytest.mark.slow
@@ -165,8 +143,7 @@ def test_every_option_has_help():
 @pytest.mark.slow
 def test_profile_shows_a_progress_bar(trained, tmp_path):
     _, config = trained
-    fast = ["--set", "latency.repeats=3", "--set", "latency.warmup=1", "--set", "latency.batch_size=2"]
-    result = planer("profile", "--config", config, "--out", tmp_path / "lut", *TINY, *fast)
+    result = planer("profile", "--config", config, "--out", tmp_path / "lut", *SETS, "--set", "latency.batch_size=2")
     assert result.returncode == 0, result.stderr
     assert "profiling" in result.stderr and " blocks" in result.stderr and "/4 [" in result.stderr  # 1 + 3 rounds
     assert "lut.json" in result.stdout

@@ -6,25 +6,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import QUICK, cli_sets, tiny_overrides
 
 from planer.cli import main
 from planer.config import Config, load_config, saved_config_matches
 from planer.errors import PlanerError
 
 TEXT = "To be, or not to be, that is the question:\n" * 400
-TINY = [
-    "model.d_model=32",
-    "model.n_head=4",
-    "model.d_inner=64",
-    "model.n_layer=1",
-    "model.tgt_len=16",
-    "model.mem_len=16",
-    "train.steps=4",
-    "train.batch_size=4",
-    "train.eval_every=4",
-    "train.eval_batches=1",
-    "train.warmup=1",
-]
+SETS = cli_sets(tiny_overrides(*QUICK))
 
 
 def planer(*args, cwd):
@@ -57,7 +46,7 @@ def test_a_missing_data_file_names_the_absolute_path(project, monkeypatch, capsy
     root, config = project
     config.write_text("data:\n  path: ../data/missing.txt\n")
     monkeypatch.chdir(root / "elsewhere")
-    assert main(["train", "--config", "../configs/c.yaml", "--out", "out", *sum((["--set", s] for s in TINY), [])]) == 2
+    assert main(["train", "--config", "../configs/c.yaml", "--out", "out", *SETS]) == 2
     assert f"data file not found: {root / 'data' / 'missing.txt'}" in capsys.readouterr().err
     assert not (root / "elsewhere" / "out").exists()
 
@@ -66,10 +55,9 @@ def test_a_missing_data_file_names_the_absolute_path(project, monkeypatch, capsy
 def test_train_and_resume_from_other_folders(project):
     """The config names its data relative to itself; runs from two other folders read the same file and agree."""
     root, config = project
-    overrides = sum((["--set", s] for s in TINY), [])
-    done = planer("train", "--config", config, "--out", root / "run", *overrides, cwd=root / "elsewhere")
+    done = planer("train", "--config", config, "--out", root / "run", *SETS, cwd=root / "elsewhere")
     assert done.returncode == 0, done.stderr
-    again = planer("train", "--config", "configs/c.yaml", "--out", "run", *overrides, "--resume", cwd=root)
+    again = planer("train", "--config", "configs/c.yaml", "--out", "run", *SETS, "--resume", cwd=root)
     assert again.returncode == 2 and "nothing to resume" in again.stderr, again.stderr  # the config matched
 
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import LLAMA_SETTINGS, ROOT
+from conftest import LLAMA_SETTINGS, ROOT, cli_sets, tiny_overrides
 from safetensors.torch import load_file
 
 from planer.config import load_config
@@ -20,35 +20,16 @@ from planer.latency.table import profile_dir
 
 pytestmark = pytest.mark.slow  # trains, or starts processes that do
 
-SETTINGS = [
-    "model.d_model=32",
-    "model.n_head=4",
-    "model.d_inner=64",
-    "model.n_layer=2",
-    "model.tgt_len=16",
-    "model.mem_len=16",
-    "model.dropout=0.0",
-    "model.moe_dropout=0.0",
-    "train.batch_size=7",
-    "train.steps=12",
-    "train.eval_every=6",
-    "train.eval_batches=2",
-    "train.warmup=3",
-    "train.lr=0.02",
-    "train.balance_coef=0.0",
-    "train.device=cpu",
-    "search.epochs=3",
-    "search.steps_per_epoch=6",
-    "search.freeze_fraction=0.3",
-    "latency.repeats=3",
-    "latency.warmup=1",
-    "latency.batch_size=2",
-]
+# The tiny config (no dropout) without expert dropout or balance loss, 7 streams (4 + 3), a few steps of each.
+SETTINGS = tiny_overrides("model.moe_dropout=0.0", "train.batch_size=7", "train.steps=12", "train.eval_every=6",
+                          "train.eval_batches=2", "train.warmup=3", "train.lr=0.02", "train.balance_coef=0.0",
+                          "train.device=cpu", "search.epochs=3", "search.steps_per_epoch=6",
+                          "search.freeze_fraction=0.3", "latency.batch_size=2")  # fmt: skip
 
 
 def worker(launcher: list[str], config, lut, out, settings: list[str]) -> None:
     cmd = [*launcher, str(ROOT / "tests" / "ddp_worker.py"), str(config), str(lut), str(out)]
-    cmd += [a for s in settings for a in ("--set", s)]
+    cmd += cli_sets(settings)
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -12,18 +12,18 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from planer.cli import main
 from planer.config import load_config
 from planer.io.checkpoint import save_checkpoint
 from planer.io.data import Vocab
 from planer.models.arch import Arch
-from planer.models.moe import MoEFeedForward
+from planer.models.moe import MoEConfig, MoEFeedForward
 from planer.models.txl.model import TransformerXL
 
 ort = pytest.importorskip("onnxruntime")
 
-SMALL = ["model.d_model=32", "model.n_head=4", "model.d_inner=64", "model.n_layer=3", "model.tgt_len=12"]
 BASELINE = "attn:4 ffl attn:4 ffl attn:4 ffl"
 FOUND = "attn:2 moe:top1 skip moe:top2 attn:1 ffl"  # skip, fewer heads and both MoE kinds
 
@@ -31,7 +31,8 @@ FOUND = "attn:2 moe:top1 skip moe:top2 attn:1 ffl"  # skip, fewer heads and both
 def checkpoint(tmp_path, arch: str, mem_len: int = 12):
     """A saved model with random weights (biases too, so that every parameter shows in the logits)."""
     vocab = Vocab.build(list("abcdefghijklmnopqrstuvwxyz ."), "char")
-    cfg = load_config(None, [*SMALL, f"model.mem_len={mem_len}", f"model.vocab_size={len(vocab)}"])
+    shape = ["model.n_layer=3", "model.tgt_len=12", f"model.mem_len={mem_len}", f"model.vocab_size={len(vocab)}"]
+    cfg = load_config(None, tiny_overrides(*shape))
     torch.manual_seed(0)
     model = TransformerXL(cfg.model, Arch.parse(arch)).eval()
     with torch.no_grad():
@@ -112,7 +113,7 @@ def test_export_takes_exactly_one_form(tmp_path, capsys, argv):
 def test_dense_moe_path_equals_the_grouped_one(top_k):
     """The path the export traces computes what training and inference compute, gradients included."""
     torch.manual_seed(0)
-    grouped = MoEFeedForward(32, 64, n_experts=4, top_k=top_k, dropout=0.0)
+    grouped = MoEFeedForward(MoEConfig(32, 64, n_experts=4, top_k=top_k, dropout=0.0))
     dense = copy.deepcopy(grouped)
     dense.impl = "dense"
     x = torch.randn(2, 9, 32)

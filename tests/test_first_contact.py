@@ -2,16 +2,13 @@
 and word-level training that speaks of perplexity."""
 
 import pytest
-from conftest import ROOT
+from conftest import QUICK, ROOT, cli_sets, tiny_overrides
 
 from planer.cli import main
 
 
 def tiny_sets(*extra: str) -> list[str]:
-    sets = ["model.d_model=32", "model.n_head=4", "model.d_inner=64", "model.n_layer=1", "model.tgt_len=16",
-            "model.mem_len=16", "train.steps=20", "train.batch_size=4", "train.eval_every=20", "train.eval_batches=2",
-            "eval.batch_size=4", "latency.repeats=2", "latency.warmup=1", "latency.batch_size=2", *extra]  # fmt: skip
-    return [a for s in sets for a in ("--set", s)]
+    return cli_sets(tiny_overrides(*QUICK, "latency.batch_size=2", *extra))
 
 
 @pytest.fixture

@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import LLAMA_SETTINGS, tiny_gpt, tiny_model
 
-from planer.config import ModelConfig, load_config
+from planer.config import load_config
 from planer.errors import PlanerError
 from planer.evaluation.evaluate import evaluate_sliding
 from planer.evaluation.generate import generate
@@ -13,22 +14,14 @@ from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_block, build_model
 from planer.models.gpt.model import GPT, MLP, kv_heads
 from planer.models.language_model import token_nll
-from planer.models.moe import MoEFeedForward
+from planer.models.moe import MoEConfig, MoEFeedForward
 from planer.models.txl.model import TransformerXL
-
-
-def tiny(flavour="gpt2", **kw) -> ModelConfig:
-    values = dict(backbone="gpt", flavour=flavour, d_model=32, n_head=4, d_inner=48, n_layer=2, tgt_len=16)
-    values |= dict(mem_len=0, dropout=0.0, n_experts=4, moe_dropout=0.0, vocab_size=50)
-    if flavour == "llama":
-        values |= dict(n_kv_head=2, tie_embeddings=False)
-    return ModelConfig(**(values | kw))
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_every_block_kind_runs_forward_and_backward(flavour):
     torch.manual_seed(0)
-    cfg = tiny(flavour)
+    cfg = tiny_gpt(flavour)
     model = build_model(cfg, Arch.parse("attn:4 ffl attn:1 moe:top2 skip ffl:x2 attn:2 moe:top1"))
     assert isinstance(model, GPT) and model.mem_len == 0
     logits, mems = model(torch.randint(0, 50, (2, 16)))
@@ -42,7 +35,7 @@ def test_every_block_kind_runs_forward_and_backward(flavour):
 
 def test_attention_is_causal():
     torch.manual_seed(0)
-    model = build_model(tiny("llama"), Arch.parse("attn:4 ffl")).eval()
+    model = build_model(tiny_gpt("llama"), Arch.parse("attn:4 ffl")).eval()
     idx = torch.randint(0, 50, (1, 12))
     changed = idx.clone()
     changed[0, 8:] = (changed[0, 8:] + 1) % 50
@@ -51,10 +44,10 @@ def test_attention_is_causal():
 
 
 def test_key_value_heads_keep_the_grouping():
-    cfg = tiny("llama", n_head=8, d_model=64, n_kv_head=2)
+    cfg = tiny_gpt("llama", n_head=8, d_model=64, n_kv_head=2)
     assert [kv_heads(cfg, h) for h in (8, 4, 2, 1, 6)] == [2, 1, 1, 1, 1]
-    assert [kv_heads(tiny("gpt2", n_head=8, d_model=64), h) for h in (8, 4, 1)] == [8, 4, 1]
-    assert kv_heads(tiny("llama", n_head=4, n_kv_head=2), 5) == 1  # 5 * 2 // 4 = 2 does not divide 5
+    assert [kv_heads(tiny_gpt("gpt2", n_head=8, d_model=64), h) for h in (8, 4, 1)] == [8, 4, 1]
+    assert kv_heads(tiny_gpt("llama", n_head=4, n_kv_head=2), 5) == 1  # 5 * 2 // 4 = 2 does not divide 5
     block = build_block(BlockSpec("attn", heads=8), cfg)
     assert block.qkv.out_features == (8 + 2 * 2) * 8
 
@@ -63,7 +56,7 @@ def test_key_value_heads_keep_the_grouping():
 def test_experts_upcycled_from_the_mlp_equal_it(flavour):
     """Every expert a copy of the MLP: the MoE block computes the MLP block, whatever the routing."""
     torch.manual_seed(0)
-    cfg = tiny(flavour)
+    cfg = tiny_gpt(flavour)
     mlp = build_block(BlockSpec("ffl"), cfg)
     moe = build_block(BlockSpec("moe", top_k=2), cfg)
     assert isinstance(mlp, MLP) and isinstance(moe, MoEFeedForward)
@@ -87,9 +80,9 @@ def test_experts_upcycled_from_the_mlp_equal_it(flavour):
 def test_gpt_experts_match_the_sequential_reference(activation):
     """The grouped experts' own backward, for the new activations, against autograd through the paper's loop."""
     torch.manual_seed(0)
-    kw = dict(dropout=0.0, activation=activation, bias=activation == "gelu", pre_norm=True)
-    grouped = MoEFeedForward(16, 24, 4, 2, **kw)
-    reference = MoEFeedForward(16, 24, 4, 2, impl="sequential", **kw)
+    kw = dict(dropout=0.0, activation=activation, bias=activation == "gelu")
+    grouped = MoEFeedForward(MoEConfig(16, 24, 4, 2, **kw), pre_norm=True)
+    reference = MoEFeedForward(MoEConfig(16, 24, 4, 2, impl="sequential", **kw), pre_norm=True)
     reference.load_state_dict(grouped.state_dict())
     x = torch.randn(2, 9, 16, requires_grad=True)
     outputs, grads = [], []
@@ -108,7 +101,7 @@ def test_gpt_experts_match_the_sequential_reference(activation):
 
 def test_expert_dropout_with_gelu_trains():
     torch.manual_seed(0)
-    block = MoEFeedForward(16, 24, 4, 1, dropout=0.3, activation="gelu", pre_norm=True).train()
+    block = MoEFeedForward(MoEConfig(16, 24, 4, 1, dropout=0.3, activation="gelu"), pre_norm=True).train()
     x = torch.randn(3, 5, 16, requires_grad=True)
     block(x).sum().backward()
     assert torch.isfinite(x.grad).all() and block.w1.grad.abs().sum() > 0
@@ -117,7 +110,7 @@ def test_expert_dropout_with_gelu_trains():
 def test_sliding_window_scores_every_token_once_with_its_context():
     """Against a direct computation: each token's loss from one forward over exactly the context its window gives."""
     torch.manual_seed(0)
-    model = build_model(tiny("llama"), Arch.parse("attn:4 ffl")).eval()
+    model = build_model(tiny_gpt("llama"), Arch.parse("attn:4 ffl")).eval()
     ids = torch.randint(0, 50, (41,))
     window, stride = 16, 5
     result = evaluate_sliding(model, ids, window, stride, batch_size=3)
@@ -140,7 +133,7 @@ def test_sliding_window_scores_every_token_once_with_its_context():
 
 def test_greedy_generation_reads_the_sliding_context():
     torch.manual_seed(0)
-    model = build_model(tiny("gpt2"), Arch.parse("attn:4 ffl")).eval()
+    model = build_model(tiny_gpt("gpt2"), Arch.parse("attn:4 ffl")).eval()
     out = generate(model, [1, 2, 3], 30, temperature=0)
     seq = [1, 2, 3]
     with torch.no_grad():
@@ -152,7 +145,7 @@ def test_greedy_generation_reads_the_sliding_context():
 def test_transformer_xl_generation_carries_its_memory():
     """With memory longer than the text, one token at a time with memory equals reading the whole text each time."""
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_head=4, d_inner=48, tgt_len=8, mem_len=64, dropout=0.0, vocab_size=30)
+    cfg = tiny_model(d_inner=48, mem_len=64, vocab_size=30)
     model = TransformerXL(cfg, Arch.parse("attn:4 ffl attn:2 ffl")).eval()
     out = generate(model, [4, 5], 20, temperature=0)
     seq = [4, 5]
@@ -164,7 +157,7 @@ def test_transformer_xl_generation_carries_its_memory():
 
 def test_sampling_is_seeded_and_top_k_limits_choices():
     torch.manual_seed(0)
-    model = build_model(tiny("llama"), Arch.parse("attn:4 ffl")).eval()
+    model = build_model(tiny_gpt("llama"), Arch.parse("attn:4 ffl")).eval()
     a = generate(model, [7], 20, temperature=1.0, seed=3)
     assert a == generate(model, [7], 20, temperature=1.0, seed=3)
     assert a != generate(model, [7], 20, temperature=1.0, seed=4)
@@ -193,7 +186,7 @@ def test_tiny_gpt_trains(tiny_cfg, tmp_path):
     from planer.training.loop import RunOptions
     from planer.training.train import train
 
-    cfg = tiny_cfg("model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0")
+    cfg = tiny_cfg(*LLAMA_SETTINGS)
     cfg.train.steps, cfg.train.eval_every = 30, 30
     summary = train(cfg, tmp_path / "gpt", Arch.baseline(2, 4), options=RunOptions(quiet=True))
     assert summary.best_valid_loss < math.log(len(load_checkpoint(tmp_path / "gpt")[2]))

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import LLAMA_SETTINGS, ROOT, tiny_gpt, tiny_model, tiny_overrides
 
 from planer.config import ModelConfig
 from planer.models.arch import Arch
@@ -14,14 +15,6 @@ from planer.search.supernet import SuperNet, warm_start
 from planer.training.inherit import can_inherit, from_supernet, inherit
 
 SPACE = ["skip", "attn:1", "attn:2", "attn:4", "ffl", "ffl:x2", "moe:top1", "moe:top2"]
-
-
-def tiny(flavour: str, **kw) -> ModelConfig:
-    values = dict(backbone="gpt", flavour=flavour, d_model=32, n_head=4, d_inner=48, n_layer=2, tgt_len=16)
-    values |= dict(mem_len=0, dropout=0.0, n_experts=4, moe_dropout=0.0, vocab_size=50)
-    if flavour == "llama":
-        values |= dict(n_kv_head=2, tie_embeddings=False)
-    return ModelConfig(**(values | kw))
 
 
 def trained_like(cfg: ModelConfig, arch: Arch) -> torch.nn.Module:
@@ -36,7 +29,7 @@ def trained_like(cfg: ModelConfig, arch: Arch) -> torch.nn.Module:
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_one_hot_supernet_equals_the_standalone_gpt(flavour):
-    cfg = tiny(flavour, n_layer=3)
+    cfg = tiny_gpt(flavour, n_layer=3)
     arch = Arch.parse("attn:2 moe:top1 skip ffl:x2 attn:4 moe:top2")
     torch.manual_seed(0)
     net = SuperNet(cfg, SPACE, len(arch)).eval()
@@ -57,7 +50,7 @@ def test_one_hot_supernet_equals_the_standalone_gpt(flavour):
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_inheriting_every_head_reproduces_the_gpt_source_exactly(flavour):
-    cfg = tiny(flavour)
+    cfg = tiny_gpt(flavour)
     source = trained_like(cfg, Arch.baseline(2, 4))
     ranking = {0: [(2, 0.3), (0, 0.2), (3, 0.1), (1, 0.0)], 2: [(1, 0.5), (3, 0.4), (0, 0.2), (2, 0.1)]}
     torch.manual_seed(1)
@@ -84,7 +77,7 @@ def test_inheriting_every_head_reproduces_the_gpt_source_exactly(flavour):
 def test_llama_with_grouped_query_attention_keeps_whole_groups():
     """8 query heads over 2 key/value heads (groups {0..3}, {4..7}): attn:4 has 1 key/value head, so it keeps the
     group whose best 4 heads matter most, and computes the source with the other group's heads silenced."""
-    cfg = tiny("llama", d_model=64, n_head=8, n_kv_head=2)
+    cfg = tiny_gpt("llama", d_model=64, n_head=8, n_kv_head=2)
     source = trained_like(cfg, Arch.baseline(2, 8))
     order = [(0, 0.9), (5, 0.5), (6, 0.4), (7, 0.4), (4, 0.3), (1, 0.0), (2, 0.0), (3, 0.0)]
     assert kept_groups(order, 8, 2, 4, 1) == ([4, 5, 6, 7], [1])  # 1.6 beats 0.9
@@ -101,10 +94,10 @@ def test_llama_with_grouped_query_attention_keeps_whole_groups():
 
 
 def test_can_inherit_follows_the_backbone():
-    llama = trained_like(tiny("llama"), Arch.baseline(2, 4))
+    llama = trained_like(tiny_gpt("llama"), Arch.baseline(2, 4))
     assert can_inherit(llama, Arch.parse("attn:1 moe:top1 skip ffl:x2"))
     assert not can_inherit(llama, Arch.parse("ffl ffl attn:4 ffl"))  # an FFL where the source has attention
-    txl = ModelConfig(d_model=32, n_head=4, d_inner=48, n_layer=2, tgt_len=16, vocab_size=50)
+    txl = tiny_model(d_inner=48, tgt_len=16, vocab_size=50)
     assert not can_inherit(llama, llama.arch, txl)  # another backbone
 
 
@@ -115,18 +108,16 @@ def llama_run_cfg(root, imported, *overrides):
     model = ["backbone=gpt", "flavour=llama", "d_model=32", "n_head=4", "n_kv_head=2", "d_inner=48", "n_layer=2",
              "tgt_len=64", "mem_len=0", "n_positions=64", "tie_embeddings=false", "rope_theta=500.0",
              "norm_eps=1e-6", "dropout=0.0", "n_experts=4"]  # fmt: skip
-    rest = ["train.steps=4", "train.eval_every=4", "train.batch_size=4", "train.eval_batches=1", "eval.batch_size=4",
-            "latency.batch_size=2", "latency.repeats=2", "latency.warmup=1", "search.method=knapsack",
-            "phase2.init=baseline", "search.space=[skip, attn:1, attn:2, attn:4, ffl]"]  # fmt: skip
-    sets = [f"data.path={root / 'tiny.txt'}", f"data.tokenizer={imported}", *(f"model.{m}" for m in model), *rest]
-    return load_config(None, [*sets, *overrides])
+    run = ["train.steps=4", "train.eval_every=4", "train.batch_size=4", "train.eval_batches=1", "latency.batch_size=2",
+           "search.method=knapsack", "phase2.init=baseline", "search.space=[skip, attn:1, attn:2, attn:4, ffl]"]  # fmt: skip
+    sets = [f"data.tokenizer={imported}", *(f"model.{m}" for m in model), *run, *overrides]
+    return load_config(None, tiny_overrides(*sets, text=root / "tiny.txt"))
 
 
 @pytest.fixture
 def imported_llama(tmp_path):
     """A tiny random transformers Llama with grouped-query attention, saved and imported with ``planer import``."""
     pytest.importorskip("transformers")
-    from conftest import ROOT
     from test_hf import hf_model, make_tokenizer
 
     from planer.cli import main
@@ -162,7 +153,7 @@ def test_a_given_baseline_must_match_the_run_config(tiny_cfg, tmp_path):
     from planer.io.data import load_corpus
     from planer.pipeline import adopt_baseline
 
-    cfg = tiny_cfg("model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0")
+    cfg = tiny_cfg(*LLAMA_SETTINGS)
     corpus = load_corpus(cfg.data)
     cfg.model.vocab_size = len(corpus.vocab)
     save_checkpoint(tmp_path, build_model(cfg.model, Arch.baseline(2, 4)), cfg, corpus.vocab)
@@ -176,8 +167,6 @@ def test_a_given_baseline_must_match_the_run_config(tiny_cfg, tmp_path):
 
 
 def test_the_shipped_gpt_config_builds_a_llama_with_grouped_queries():
-    from conftest import ROOT
-
     from planer.config import load_config
 
     cfg = load_config(ROOT / "configs" / "shakespeare-gpt.yaml")
@@ -203,8 +192,7 @@ def test_the_report_names_the_export_each_model_allows(tiny_cfg, tmp_path):
         save_checkpoint(tmp_path / name, build_model(cfg.model, Arch.parse(arch)), cfg, corpus.vocab)
         return export_hint(tmp_path / name, Arch.parse(arch))
 
-    llama = ("model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0")
-    assert "--hf OUT" in hint("uniform", "attn:2 ffl attn:2 ffl", *llama)
-    mixed = hint("mixed", "attn:2 ffl skip ffl", *llama)
+    assert "--hf OUT" in hint("uniform", "attn:2 ffl attn:2 ffl", *LLAMA_SETTINGS)
+    mixed = hint("mixed", "attn:2 ffl skip ffl", *LLAMA_SETTINGS)
     assert "no Hugging Face form" in mixed and "every layer must be attn:H then ffl" in mixed
     assert "--onnx model.onnx" in hint("txl", "attn:2 ffl skip ffl")

@@ -33,40 +33,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICK, cli_sets, tiny_overrides
 from safetensors.torch import load_file, save_file
 
 from planer.cli import main
 
-TINY = [
-    "--set",
-    "model.d_model=32",
-    "--set",
-    "model.n_head=4",
-    "--set",
-    "model.d_inner=64",
-    "--set",
-    "model.n_layer=1",
-    "--set",
-    "model.tgt_len=16",
-    "--set",
-    "model.mem_len=16",
-    "--set",
-    "train.steps=30",
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "train.eval_every=30",
-    "--set",
-    "train.eval_batches=2",
-    "--set",
-    "train.warmup=5",
-    "--set",
-    "latency.repeats=3",
-    "--set",
-    "latency.warmup=1",
-    "--set",
-    "latency.batch_size=2",
-]
+SETS = cli_sets(tiny_overrides(*QUICK, "latency.batch_size=2"))
 TEXT = "To be, or not to be, that is the question:\n" * 400
 OTHER_TEXT = "Now is the winter of our discontent, made glorious summer by this sun of York.\n" * 300
 
@@ -76,7 +48,7 @@ class World:
     """What exists before the cases run: a config, its corpus, a finished run and a latency table."""
 
     root: Path
-    config: Path  # data.path only; everything else comes from TINY
+    config: Path  # data.path only; everything else comes from SETS
     run: Path  # an earlier `planer train` run
     lut: Path  # an earlier `planer profile` directory holding lut.json
 
@@ -100,8 +72,8 @@ def world(tmp_path_factory) -> World:
     config = root / "c.yaml"
     config.write_text(f"data:\n  path: {root / 'text.txt'}\n")
     w = World(root, config, root / "run", root / "lut")
-    assert main(["train", "--config", str(config), "--out", str(w.run), *TINY]) == 0
-    assert main(["profile", "--config", str(config), "--out", str(w.lut), *TINY]) == 0
+    assert main(["train", "--config", str(config), "--out", str(w.run), *SETS]) == 0
+    assert main(["profile", "--config", str(config), "--out", str(w.lut), *SETS]) == 0
     return w
 
 
@@ -132,7 +104,7 @@ def write(path: Path, content: str | bytes) -> Path:
 
 
 def cfg_args(w: World, *extra: str) -> list:
-    return ["--config", w.config, *TINY, *extra]
+    return ["--config", w.config, *SETS, *extra]
 
 
 def train(*extra: str):
@@ -145,7 +117,7 @@ def train_with_config(text: str | bytes):
         "train",
         "--config",
         write(t / "bad.yaml", text),
-        *TINY,
+        *SETS,
         "--set",
         f"data.path={w.root / 'text.txt'}",
         "--out",
@@ -339,7 +311,9 @@ CASES = [
         id="config-python-tag",
     ),
     pytest.param(train_with_config(b"# caf\xe9\nmodel:\n  d_model: 32\n"), "is not UTF-8", id="config-not-utf8"),
-    pytest.param(train_with_config("eval: 5\n"), "config eval: expected a mapping", id="config-section-not-mapping"),
+    pytest.param(
+        train_with_config("search: 5\n"), "config search: expected a mapping", id="config-section-not-mapping"
+    ),
     pytest.param(
         train("--set", "model.d_model=abc"), "config model.d_model: expected int, got 'abc'", id="config-string-for-int"
     ),

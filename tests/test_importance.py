@@ -3,6 +3,7 @@ reproduces the source model."""
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from planer.config import ModelConfig
 from planer.errors import PlanerError
@@ -12,9 +13,7 @@ from planer.models.txl.model import TransformerXL
 from planer.search.supernet import SuperNet, warm_start
 from planer.training.inherit import from_supernet, inherit
 
-CFG = ModelConfig(
-    d_model=32, n_head=4, d_inner=64, n_layer=2, tgt_len=8, mem_len=8, dropout=0.0, n_experts=4, vocab_size=40
-)
+CFG = tiny_model()
 
 
 def two_segments(model, x):

@@ -9,14 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import QUICK, cli_sets, tiny_overrides
 
 from planer.cli import main
 from planer.errors import PlanerError
 from planer.latency.table import LatencyTable, load_or_profile, measure_models, profile
 from planer.models.arch import Arch
 from planer.models.txl.model import TransformerXL
-
-FAST = ["latency.repeats=3", "latency.warmup=1"]
 
 
 def test_attention_cost_grows_with_heads(tiny_cfg):
@@ -38,7 +37,7 @@ def test_attention_cost_grows_with_heads(tiny_cfg):
 
 
 def test_table_covers_space_iso_ffl_and_baseline(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(*FAST, "search.space=[skip, attn:1]", "model.n_experts=4")
+    cfg = tiny_cfg("search.space=[skip, attn:1]", "model.n_experts=4")
     table = load_or_profile(cfg, tmp_path / "lut.json")
     assert set(table.blocks) == {"skip", "attn:1", "ffl:x4", "attn:4", "ffl"}
     fp = table.fingerprint
@@ -48,7 +47,7 @@ def test_table_covers_space_iso_ffl_and_baseline(tiny_cfg, tmp_path):
 
 def test_moe_blocks_are_profiled_like_any_block(tiny_cfg):
     pytest.importorskip("planer.models.moe")
-    cfg = tiny_cfg(*FAST, "search.space=[skip, ffl, moe:top1, moe:top2]")
+    cfg = tiny_cfg("search.space=[skip, ffl, moe:top1, moe:top2]")
     table = profile(cfg)
     assert {"moe:top1", "moe:top2"} <= table.blocks.keys()
     assert table.estimate(Arch.parse("moe:top1 ffl moe:top2 skip")) > table.fixed_ms
@@ -56,19 +55,19 @@ def test_moe_blocks_are_profiled_like_any_block(tiny_cfg):
 
 def test_matching_table_is_reused_and_another_fingerprint_refused(tiny_cfg, tmp_path):
     path = tmp_path / "lut.json"
-    cfg = tiny_cfg(*FAST)
+    cfg = tiny_cfg()
     first = load_or_profile(cfg, path)
     assert not first.reused
     written = path.read_bytes()
-    again = load_or_profile(tiny_cfg(*FAST), path)
+    again = load_or_profile(tiny_cfg(), path)
     assert again.reused and again.blocks == first.blocks and path.read_bytes() == written
     for change in ("latency.batch_size=3", "model.mem_len=8", "latency.threads=2", "model.d_inner=32"):
         with pytest.raises(PlanerError, match="was profiled for"):
-            load_or_profile(tiny_cfg(*FAST, change), path)
+            load_or_profile(tiny_cfg(change), path)
     with pytest.raises(PlanerError, match="lacks the blocks attn:3"):
-        load_or_profile(tiny_cfg(*FAST, "search.space=[skip, attn:3]"), path)
+        load_or_profile(tiny_cfg("search.space=[skip, attn:3]"), path)
     assert path.read_bytes() == written
-    forced = load_or_profile(tiny_cfg(*FAST, "latency.batch_size=3"), path, force=True)
+    forced = load_or_profile(tiny_cfg("latency.batch_size=3"), path, force=True)
     assert forced.fingerprint["batch"] == 3 and LatencyTable.load(path).fingerprint["batch"] == 3
 
 
@@ -76,10 +75,10 @@ def test_a_table_of_other_block_code_is_refused(tiny_cfg, tmp_path, monkeypatch)
     """A table profiled before a block's forward changed (an older BLOCKS_REVISION) times other code."""
     path = tmp_path / "lut.json"
     monkeypatch.setattr("planer.latency.table.BLOCKS_REVISION", 1)
-    load_or_profile(tiny_cfg(*FAST), path)
+    load_or_profile(tiny_cfg(), path)
     monkeypatch.undo()
     with pytest.raises(PlanerError, match="was profiled for blocks=1, but this run needs blocks=2"):
-        load_or_profile(tiny_cfg(*FAST), path)
+        load_or_profile(tiny_cfg(), path)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +92,7 @@ def test_a_table_of_other_block_code_is_refused(tiny_cfg, tmp_path, monkeypatch)
 )
 def test_edited_or_corrupt_table_is_refused(tiny_cfg, tmp_path, damage, fragment):
     path = tmp_path / "lut.json"
-    cfg = tiny_cfg(*FAST)
+    cfg = tiny_cfg()
     load_or_profile(cfg, path)
     path.write_text(damage(path.read_text()))
     with pytest.raises(PlanerError, match=fragment):
@@ -126,7 +125,7 @@ def test_expected_is_differentiable_and_equals_estimate_when_one_hot():
 
 
 def test_measurement_leaves_model_and_process_state_untouched(tiny_cfg):
-    cfg = tiny_cfg(*FAST, "model.vocab_size=40")
+    cfg = tiny_cfg("model.vocab_size=40")
     model = TransformerXL(cfg.model, Arch.parse("attn:2 ffl skip attn:4")).train()
     model.blocks[1].eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -146,24 +145,7 @@ def test_measurement_leaves_model_and_process_state_untouched(tiny_cfg):
 # The command line, on a checkpoint trained in a few steps
 
 
-def sets(*items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
-TINY = sets(
-    "model.d_model=32",
-    "model.n_head=4",
-    "model.d_inner=64",
-    "model.n_layer=1",
-    "model.tgt_len=16",
-    "model.mem_len=16",
-    "train.steps=4",
-    "train.batch_size=4",
-    "train.eval_every=4",
-    "train.eval_batches=1",
-    "train.warmup=1",
-)
-LAT = sets(*FAST)
+SETS = cli_sets(tiny_overrides(*QUICK))
 
 
 def planer_process(*args):
@@ -192,9 +174,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("latency")
     (root / "text.txt").write_text("Now is the winter of our discontent made glorious summer.\n" * 300)
     (root / "c.yaml").write_text(f"data:\n  path: {root / 'text.txt'}\n")
-    result = planer_process(
-        "train", "--config", root / "c.yaml", "--out", root / "run", "--arch", "attn:2 ffl", *TINY, *LAT
-    )
+    result = planer_process("train", "--config", root / "c.yaml", "--out", root / "run", "--arch", "attn:2 ffl", *SETS)
     assert result.returncode == 0, result.stderr
     return root
 
@@ -208,9 +188,9 @@ def test_cli_profile_writes_reuses_and_refuses(trained):
         root / "c.yaml",
         "--out",
         root / "prof",
-        *TINY,
-        *LAT,
-        *sets("search.space=[skip, attn:1, ffl]"),
+        *SETS,
+        "--set",
+        "search.space=[skip, attn:1, ffl]",
     ]
     result = planer_process(*args)
     assert result.returncode == 0, result.stderr
@@ -224,7 +204,7 @@ def test_cli_profile_writes_reuses_and_refuses(trained):
     (root / "prof" / "lut.json").write_text("{}")
     assert_user_error(planer(*args), "not a planer latency table")
     assert_user_error(
-        planer("profile", "--config", root / "c.yaml", "--out", root / "text.txt", *TINY), "not a directory"
+        planer("profile", "--config", root / "c.yaml", "--out", root / "text.txt", *SETS), "not a directory"
     )
 
 

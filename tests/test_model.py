@@ -1,25 +1,15 @@
 """Transformer-XL's defining properties: exact memory, causality, and relative positions."""
 
 import torch
+from conftest import tiny_model
 
-from planer.config import ModelConfig
 from planer.models.arch import Arch
 from planer.models.txl.blocks import rel_shift
 from planer.models.txl.model import TransformerXL
 
 
 def make_model(arch="attn:4 ffl attn:2 ffl skip attn:1", mem_len=16, dropatt=0.0):
-    cfg = ModelConfig(
-        d_model=32,
-        n_head=4,
-        d_inner=64,
-        n_layer=3,
-        tgt_len=8,
-        mem_len=mem_len,
-        dropout=0.0,
-        dropatt=dropatt,
-        vocab_size=50,
-    )
+    cfg = tiny_model(n_layer=3, mem_len=mem_len, dropatt=dropatt, vocab_size=50)
     torch.manual_seed(0)
     return TransformerXL(cfg, Arch.parse(arch)).eval()
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from planer.models.moe import MoEFeedForward
+from planer.models.moe import MoEConfig, MoEFeedForward
 
 D, DI, E = 16, 24, 4
 
@@ -20,7 +20,7 @@ def make(top_k=1, routing="random", **kwargs):
     first (and expert 0 second).
     """
     torch.manual_seed(0)
-    block = MoEFeedForward(D, DI, E, top_k, dropout=kwargs.pop("dropout", 0.0), **kwargs)
+    block = MoEFeedForward(MoEConfig(D, DI, E, top_k, dropout=kwargs.pop("dropout", 0.0), **kwargs))
     with torch.no_grad():
         for p in (block.w1, block.w2, block.router.weight):
             p.normal_(0.0, 0.3)
@@ -98,7 +98,7 @@ def test_gradients_match_sequential_and_reach_only_used_experts(top_k):
 def test_gradcheck(top_k, dropout):
     """Finite differences agree with backward; reseeding keeps the dropout masks fixed between evaluations."""
     torch.manual_seed(0)
-    block = MoEFeedForward(6, 5, 3, top_k, dropout=dropout).double()
+    block = MoEFeedForward(MoEConfig(6, 5, 3, top_k, dropout=dropout)).double()
     with torch.no_grad():
         block.router.weight.normal_(0.0, 1.0)
     x = torch.randn(1, 7, 6, dtype=torch.double, requires_grad=True)
@@ -122,7 +122,7 @@ def test_expert_dropout_only_in_training():
 
 def test_balance_loss():
     """E * sum_i f_i P_i: 1 when tokens and probabilities are spread evenly, E when everything goes to one expert."""
-    block = MoEFeedForward(D, DI, E, 1, dropout=0.0)
+    block = MoEFeedForward(MoEConfig(D, DI, E, 1, dropout=0.0))
     assert block.balance_loss is None and block.expert_counts is None
     with torch.no_grad():
         block.router.weight.copy_(torch.eye(E, D))
@@ -198,7 +198,7 @@ def test_inference_fast_path_follows_weight_changes():
 
 
 def test_reset_parameters():
-    block = MoEFeedForward(64, 128, 8, 1)
+    block = MoEFeedForward(MoEConfig(64, 128, 8, 1))
     block.reset_parameters(std=0.05)
     assert block.w1.std().item() == pytest.approx(0.05, rel=0.05)
     assert block.w2.std().item() == pytest.approx(0.05, rel=0.05)
@@ -209,4 +209,4 @@ def test_reset_parameters():
 @pytest.mark.parametrize("kwargs", [dict(top_k=3, n_experts=2), dict(impl="fast"), dict(capacity_factor=0.0)])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
-        MoEFeedForward(D, DI, **kwargs)
+        MoEFeedForward(MoEConfig(D, DI, **kwargs))

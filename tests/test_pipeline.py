@@ -6,24 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TINY_RUN
 
 from planer.io.checkpoint import load_checkpoint
 from planer.models.arch import Arch
 from planer.pipeline import Plan, run_pipeline
 from planer.training.inherit import can_inherit
-
-TINY_RUN = [
-    "search.method=gumbel",
-    "search.epochs=3",
-    "search.steps_per_epoch=8",
-    "search.freeze_fraction=0.3",
-    "train.steps=40",
-    "train.eval_every=40",
-    "latency.batch_size=2",
-    "latency.repeats=3",
-    "model.n_layer=2",
-]
 
 
 @pytest.mark.slow

@@ -12,8 +12,7 @@ import shlex
 import shutil
 
 import pytest
-from conftest import ROOT, tiny_overrides
-from test_pipeline import TINY_RUN
+from conftest import ROOT, TINY_RUN, tiny_overrides
 
 from planer.cli import main
 from planer.config import load_config
@@ -31,7 +30,7 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     text = tmp / "tiny.txt"
     text.write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:60000])
-    cfg = load_config(None, [*tiny_overrides(text), *TINY_RUN])
+    cfg = load_config(None, tiny_overrides(*TINY_RUN, text=text))
     cfg.search.space = ["skip", "attn:1", "attn:4", "ffl", "moe:top1"]
     out = run_pipeline(cfg, tmp / "run", Plan(targets=(0.5,), batches=(1, 2))).path
     run_search(

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import LLAMA_SETTINGS
+from conftest import LLAMA_SETTINGS, cli_sets, tiny_overrides
 from safetensors.torch import load_file
 
 from planer.config import load_config
@@ -17,28 +17,14 @@ from planer.latency.table import profile_dir
 
 pytestmark = pytest.mark.slow  # trains, or starts processes that do
 
-TINY = [
-    "model.d_model=32",
-    "model.n_head=4",
-    "model.d_inner=64",
-    "model.n_layer=2",
-    "model.tgt_len=16",
-    "model.mem_len=16",
-    "model.dropout=0.1",
-    "train.batch_size=8",
-    "train.lr=0.02",
-    "train.warmup=10",
-    "train.eval_batches=4",
-    "train.ckpt_every=10",
-    "latency.repeats=3",
-    "latency.warmup=1",
-    "latency.batch_size=2",
-]
+# Dropout on, so that a resumed run must restore the random state too, a resume state every 10 steps, and the
+# learning rate these runs were written for.
+RESUMABLE = tiny_overrides("model.dropout=0.1", "train.lr=0.02", "train.ckpt_every=10", "latency.batch_size=2")
 
 
 def command(sub: str, config, out, *extra) -> list[str]:
-    sets = [a for s in TINY for a in ("--set", s)]
-    return [sys.executable, "-m", "planer", sub, "--config", str(config), "--out", str(out), *sets, *extra]
+    args = [sub, "--config", str(config), "--out", str(out), *cli_sets(RESUMABLE), *extra]
+    return [sys.executable, "-m", "planer", *args]
 
 
 def kill_after_state(cmd: list[str], out, min_step: int) -> None:
@@ -77,8 +63,8 @@ def without_timings(path) -> list[dict]:
 @pytest.mark.slow
 def test_killed_training_resumes_to_the_same_weights(tiny_text, tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(f"data:\n  path: {tiny_text}\ntrain:\n  steps: 400\n  eval_every: 100\n")
-    arch = ["--arch", "attn:2 moe:top1 attn:4 ffl"]
+    config.write_text(f"data:\n  path: {tiny_text}\n")
+    arch = [*cli_sets(["train.steps=400", "train.eval_every=100"]), "--arch", "attn:2 moe:top1 attn:4 ffl"]
     run(command("train", config, tmp_path / "full", *arch))
     kill_after_state(command("train", config, tmp_path / "cut", *arch), tmp_path / "cut", 150)
     assert not (tmp_path / "cut" / "summary.json").exists()
@@ -88,16 +74,17 @@ def test_killed_training_resumes_to_the_same_weights(tiny_text, tmp_path):
     assert not (tmp_path / "cut" / "resume").exists()  # states are removed once the run has finished
 
 
-LLAMA = [a for s in LLAMA_SETTINGS for a in ("--set", s)]
+LLAMA = cli_sets(LLAMA_SETTINGS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", [[], LLAMA], ids=["txl", "llama"])
 def test_killed_distilled_inherited_training_resumes_to_the_same_weights(tiny_text, tmp_path, backbone):
     config = tmp_path / "c.yaml"
-    config.write_text(f"data:\n  path: {tiny_text}\ntrain:\n  steps: 300\n  eval_every: 100\n")
-    run(command("train", config, tmp_path / "base", "--set", "train.steps=100", *backbone))
-    recipe = ["--arch", "attn:2 ffl attn:1 moe:top1", "--teacher", str(tmp_path / "base"), "--init-from",
+    config.write_text(f"data:\n  path: {tiny_text}\n")
+    schedule = cli_sets(["train.steps=300", "train.eval_every=100"])
+    run(command("train", config, tmp_path / "base", *schedule, "--set", "train.steps=100", *backbone))
+    recipe = [*schedule, "--arch", "attn:2 ffl attn:1 moe:top1", "--teacher", str(tmp_path / "base"), "--init-from",
               str(tmp_path / "base"), *backbone]  # fmt: skip
     run(command("train", config, tmp_path / "full", *recipe))
     kill_after_state(command("train", config, tmp_path / "cut", *recipe), tmp_path / "cut", 150)
@@ -115,7 +102,7 @@ def test_killed_search_resumes_to_the_same_weights_and_alpha(tiny_text, tmp_path
         f"data:\n  path: {tiny_text}\nsearch:\n  epochs: 6\n  steps_per_epoch: 40\n"
         "  freeze_fraction: 0.2\n  space: [skip, attn:1, attn:4, ffl, moe:top1]\n"
     )
-    profile_dir(load_config(config, TINY), tmp_path / "lut")
+    profile_dir(load_config(config, RESUMABLE), tmp_path / "lut")
     lut = ["--target", "0.6", "--lut", str(tmp_path / "lut" / "lut.json"), "--method", "gumbel"]
     run(command("search", config, tmp_path / "full", *lut))
     kill_after_state(command("search", config, tmp_path / "cut", *lut), tmp_path / "cut", 130)
@@ -137,13 +124,14 @@ def test_killed_search_resumes_to_the_same_weights_and_alpha(tiny_text, tmp_path
 
 def test_resume_refuses_another_config(tiny_text, tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(f"data:\n  path: {tiny_text}\ntrain:\n  steps: 20\n  eval_every: 20\n")
-    run(command("train", config, tmp_path / "run"))
-    result = subprocess.run(
-        command("train", config, tmp_path / "run", "--set", "train.lr=0.5", "--resume"), capture_output=True, text=True
-    )
+    config.write_text(f"data:\n  path: {tiny_text}\n")
+    schedule = cli_sets(["train.steps=20", "train.eval_every=20"])
+    run(command("train", config, tmp_path / "run", *schedule))
+    other = command("train", config, tmp_path / "run", *schedule, "--set", "train.lr=0.5", "--resume")
+    result = subprocess.run(other, capture_output=True, text=True)
     assert result.returncode == 2 and "different config" in result.stderr
-    result = subprocess.run(command("train", config, tmp_path / "run", "--resume"), capture_output=True, text=True)
+    same = command("train", config, tmp_path / "run", *schedule, "--resume")
+    result = subprocess.run(same, capture_output=True, text=True)
     assert result.returncode == 2 and "has finished" in result.stderr
 
 

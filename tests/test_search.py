@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from conftest import hand_table
+from conftest import hand_table, tiny_model
 
 from planer.cli import main
-from planer.config import LatencyConfig, ModelConfig
+from planer.config import LatencyConfig
 from planer.io.data import load_corpus
 from planer.models.arch import Arch
 from planer.models.txl.model import TransformerXL
@@ -21,9 +21,7 @@ SPACE = ["skip", "attn:1", "attn:2", "attn:4", "ffl", "moe:top1", "moe:top2"]
 
 
 def test_one_hot_supernet_equals_standalone_model():
-    cfg = ModelConfig(
-        d_model=32, n_head=4, d_inner=64, n_layer=3, tgt_len=8, mem_len=8, dropout=0.0, n_experts=4, vocab_size=40
-    )
+    cfg = tiny_model(n_layer=3)
     arch = Arch.parse("attn:2 moe:top1 skip ffl attn:4 moe:top2")
     torch.manual_seed(0)
     net = SuperNet(cfg, SPACE, len(arch)).eval()
@@ -52,7 +50,7 @@ def test_one_hot_supernet_equals_standalone_model():
 
 
 def test_memory_is_kept_at_the_super_block_input():
-    cfg = ModelConfig(d_model=32, n_head=4, d_inner=64, n_layer=1, tgt_len=8, mem_len=8, dropout=0.0, vocab_size=40)
+    cfg = tiny_model(n_layer=1)
     net = SuperNet(cfg, ["skip", "attn:2", "ffl"], 2).eval()
     assert all(block.uses_memory for block in net.blocks)
     x = torch.randint(0, 40, (2, 8))
@@ -67,7 +65,7 @@ def test_memory_is_kept_at_the_super_block_input():
 
 
 def test_soft_path_mixes_and_trains_alpha():
-    cfg = ModelConfig(d_model=32, n_head=4, d_inner=64, n_layer=1, tgt_len=8, mem_len=8, dropout=0.0, vocab_size=40)
+    cfg = tiny_model(n_layer=1)
     net = SuperNet(cfg, ["attn:1", "ffl"], 2)
     net.set_mode("soft", tau=1.0)
     logits, _ = net(torch.randint(0, 40, (2, 8)))
@@ -134,9 +132,7 @@ def test_warm_start_reproduces_the_baseline():
     top-2 MoE of upcycled experts computes what the feed-forward block it came from computes."""
     from planer.search.supernet import warm_start
 
-    cfg = ModelConfig(
-        d_model=32, n_head=4, d_inner=64, n_layer=2, tgt_len=8, mem_len=8, dropout=0.0, n_experts=4, vocab_size=40
-    )
+    cfg = tiny_model()
     torch.manual_seed(1)
     baseline = TransformerXL(cfg, Arch.baseline(2, 4)).eval()
     net = SuperNet(cfg, SPACE, 4).eval()
@@ -208,7 +204,7 @@ def test_an_argmax_under_the_window_is_filled_with_the_most_probable_arch_in_it(
     """The Gumbel search spends its budget: an argmax under 0.95 x the target becomes the arch of largest summed
     log-probability whose estimate lies in [0.95, 1] x the target (checked against every arch), and an argmax
     already in the window is kept."""
-    cfg = ModelConfig(d_model=32, n_head=4, d_inner=64, n_layer=2, tgt_len=8, mem_len=8, dropout=0.0, vocab_size=40)
+    cfg = tiny_model()
     space = ["skip", "attn:1", "attn:4", "ffl"]
     net = SuperNet(cfg, space, 4)
     with torch.no_grad():

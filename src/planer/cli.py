@@ -356,17 +356,7 @@ def _version() -> str:
     return f"planer {__version__} (torch {torch}, Python {platform.python_version()})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Latency-aware sparsely activated Transformers.")
-    parser.add_argument("--version", action="version", version=_version(), help="print the versions and exit")
-    sub = parser.add_subparsers(
-        dest="command",
-        required=True,
-        parser_class=_Parser,
-        metavar="COMMAND",
-        help="planer COMMAND --help: its options",
-    )
-
+def _add_train(sub) -> None:
     p = _config_command(sub, "train", "train an architecture (default: the baseline, from scratch)", cmd_train)
     p.add_argument("--arch", help="baseline (default), sandwich:K, par, a list of block specs, or an arch.json file")
     p.add_argument("--teacher", help="trained model directory to distil from (distill.weight, distill.temperature)")
@@ -377,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split or a text file")
     p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="split (default valid)")
@@ -385,11 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_profile(sub) -> None:
     p = _config_command(sub, "profile", "measure every candidate block on this device into DIR/lut.json", cmd_profile,
                         "directory for lut.json (a run directory)", "profile again even if DIR/lut.json exists")  # fmt: skip
     p.add_argument("--batch", help="batch size to profile at (default: latency.batch_size)")
     p.add_argument("--device", help="cpu, cuda or auto (default: latency.device)")
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="end-to-end latency of a checkpoint beside the baseline")
     p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
     p.add_argument("--baseline", help="baseline checkpoint directory (default: the baseline arch, random weights)")
@@ -399,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed rounds per batch size (default: the run's latency.repeats)")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_search(sub) -> None:
     p = _config_command(sub, "search", "phase 1: search an architecture for a latency target", cmd_search,
                         "output directory (arch.json; the gumbel search also search.jsonl)")  # fmt: skip
     p.add_argument("--target", required=True, type=float, help="latency target, a fraction of the baseline's in (0, 1]")
@@ -418,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="iso: the config's space with every MoE option replaced by an FFL of as many parameters",
     )
 
+
+def _add_run(sub) -> None:
     p = _config_command(sub, "run", "the whole pipeline into one run directory (resumable)", cmd_run, "run directory",
                         "redo every stage")  # fmt: skip
     p.add_argument("--targets", default="0.5", help="comma-separated latency targets (default 0.5)")
@@ -445,15 +445,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_limits(p)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="write report.md for a run directory")
     p.add_argument("--run", required=True, help="run directory")
     p.set_defaults(func=cmd_report)
 
+
+def _add_import(sub) -> None:
     p = sub.add_parser("import", help="a planer checkpoint from a local Hugging Face folder (GPT-2, Llama)")
     p.add_argument("--hf", required=True, help="folder with config.json, model.safetensors and tokenizer.json")
     p.add_argument("--out", required=True, help="new checkpoint directory (must not exist or be empty)")
     p.set_defaults(func=cmd_import)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="sample text or token ids from a checkpoint")
     p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
     prompt = p.add_mutually_exclusive_group(required=True)
@@ -467,11 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_config(sub) -> None:
     p = sub.add_parser("config", help="print the resolved config: every key with its type, default and value")
     p.add_argument("--config", help="YAML config (default: none, the defaults alone)")
     _set_option(p)
     p.set_defaults(func=cmd_config)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a trained model in a form other runtimes load")
     p.add_argument("--run", required=True, help="directory holding model.safetensors and config.json")
     form = p.add_mutually_exclusive_group(required=True)
@@ -483,6 +493,25 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--hf", metavar="OUT", help="a Hugging Face model folder")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=cmd_export)
+
+
+# Each adds one sub-command's parser; in this order `planer --help` lists them.
+COMMANDS = (_add_train, _add_evaluate, _add_profile, _add_bench, _add_search, _add_run, _add_report, _add_import,
+            _add_generate, _add_config, _add_export)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Latency-aware sparsely activated Transformers.")
+    parser.add_argument("--version", action="version", version=_version(), help="print the versions and exit")
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=_Parser,
+        metavar="COMMAND",
+        help="planer COMMAND --help: its options",
+    )
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

@@ -337,44 +337,71 @@ def config_from_dict(values: dict) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    m, t, s, lat = cfg.model, cfg.train, cfg.search, cfg.latency
+    """Every check of a config, section by section; the order is kept, as the first check a config fails is the
+    one line its user sees."""
+    _validate_sizes(cfg)
+    _validate_model(cfg.model)
+    validate_workload(cfg.latency)
+    _validate_data(cfg)
+    _validate_devices(cfg)
+    _validate_search_schedule(cfg.search)
+    _validate_phase2(cfg)
+    _validate_search_picks(cfg)
+    _validate_distill(cfg)
+    _validate_space(cfg)
 
-    def positive(section, names):
-        for name in names:
-            if getattr(section, name) <= 0:
-                owner = next(k for k, v in vars(cfg).items() if v is section)
-                raise PlanerError(f"config {owner}.{name} must be positive, got {getattr(section, name)}")
 
-    def non_negative(section, names):
-        for name in names:
-            if getattr(section, name) < 0:
-                owner = next(k for k, v in vars(cfg).items() if v is section)
-                raise PlanerError(f"config {owner}.{name} must not be negative, got {getattr(section, name)}")
+def _positive(cfg: Config, section: str, names: list[str]) -> None:
+    values = getattr(cfg, section)
+    for name in names:
+        if getattr(values, name) <= 0:
+            raise PlanerError(f"config {section}.{name} must be positive, got {getattr(values, name)}")
 
-    positive(m, ["d_model", "n_head", "d_inner", "n_layer", "tgt_len", "n_experts", "init_std"])
-    non_negative(m, ["mem_len", "vocab_size", "n_kv_head", "n_positions"])
-    positive(m, ["rope_theta", "norm_eps"])
-    positive(t, ["steps", "batch_size", "lr", "eval_every"])
-    non_negative(t, ["warmup", "eta_min", "weight_decay", "clip", "balance_coef", "eval_batches", "ckpt_every"])
-    positive(cfg.eval, ["batch_size"])
-    non_negative(cfg.eval, ["tgt_len", "mem_len", "stride"])
-    positive(s, ["epochs", "steps_per_epoch", "arch_fraction", "tau0", "tau_decay", "alpha_lr"])
-    positive(lat, ["batch_size", "repeats", "threads"])
-    non_negative(lat, ["warmup"])
+
+def _non_negative(cfg: Config, section: str, names: list[str]) -> None:
+    values = getattr(cfg, section)
+    for name in names:
+        if getattr(values, name) < 0:
+            raise PlanerError(f"config {section}.{name} must not be negative, got {getattr(values, name)}")
+
+
+def _validate_sizes(cfg: Config) -> None:
+    """The sizes, rates and counts of the model, training, evaluation, search and latency sections."""
+    _positive(cfg, "model", ["d_model", "n_head", "d_inner", "n_layer", "tgt_len", "n_experts", "init_std"])
+    _non_negative(cfg, "model", ["mem_len", "vocab_size", "n_kv_head", "n_positions"])
+    _positive(cfg, "model", ["rope_theta", "norm_eps"])
+    _positive(cfg, "train", ["steps", "batch_size", "lr", "eval_every"])
+    _non_negative(cfg, "train", ["warmup", "eta_min", "weight_decay", "clip", "balance_coef", "eval_batches",
+                                 "ckpt_every"])  # fmt: skip
+    _positive(cfg, "eval", ["batch_size"])
+    _non_negative(cfg, "eval", ["tgt_len", "mem_len", "stride"])
+    _positive(cfg, "search", ["epochs", "steps_per_epoch", "arch_fraction", "tau0", "tau_decay", "alpha_lr"])
+    _positive(cfg, "latency", ["batch_size", "repeats", "threads"])
+    _non_negative(cfg, "latency", ["warmup"])
+
+
+def _validate_model(m: ModelConfig) -> None:
     for name in ("dropout", "dropatt", "moe_dropout"):
         if not 0.0 <= getattr(m, name) < 1.0:
             raise PlanerError(f"config model.{name} must be in [0, 1), got {getattr(m, name)}")
     if m.d_model % m.n_head:
         raise PlanerError(f"config model.n_head ({m.n_head}) must divide model.d_model ({m.d_model})")
     validate_backbone(m)
-    validate_workload(cfg.latency)
     if m.n_experts < 2:
         raise PlanerError(f"config model.n_experts must be at least 2, got {m.n_experts}")
-    positive(cfg.data, ["min_count"])
+
+
+def _validate_data(cfg: Config) -> None:
+    _positive(cfg, "data", ["min_count"])
     if cfg.data.tokenizer and cfg.data.min_count != 1:
         raise PlanerError("config data.min_count cuts planer's own vocabulary; a tokenizer's vocabulary is the model's")
     if cfg.data.level not in ("char", "word"):
         raise PlanerError(f"config data.level must be 'char' or 'word', got '{cfg.data.level}'")
+
+
+def _validate_devices(cfg: Config) -> None:
+    """Where and in which precision training runs and latency is measured."""
+    t, lat = cfg.train, cfg.latency
     if t.device not in ("auto", "cpu", "cuda"):
         raise PlanerError(f"config train.device must be auto, cpu or cuda, got '{t.device}'")
     if t.precision not in ("fp32", "bf16", "fp16"):
@@ -383,26 +410,46 @@ def validate(cfg: Config) -> None:
         raise PlanerError(f"config latency.dtype must be fp32, bf16 or fp16, got '{lat.dtype}'")
     if lat.device not in ("auto", "cpu", "cuda"):
         raise PlanerError(f"config latency.device must be auto, cpu or cuda, got '{lat.device}'")
+
+
+def _validate_search_schedule(s: SearchConfig) -> None:
+    """The Gumbel search's fractions and temperature decay."""
     if not 0.0 < s.arch_fraction <= 1.0:
         raise PlanerError(f"config search.arch_fraction must be in (0, 1], got {s.arch_fraction}")
     if not 0.0 <= s.freeze_fraction < 1.0:
         raise PlanerError(f"config search.freeze_fraction must be in [0, 1), got {s.freeze_fraction}")
     if s.tau_decay > 1.0:
         raise PlanerError(f"config search.tau_decay must be in (0, 1], got {s.tau_decay}")
+
+
+def _validate_phase2(cfg: Config) -> None:
     if cfg.phase2.init not in ("scratch", "baseline"):
         raise PlanerError(f"config phase2.init must be scratch or baseline, got '{cfg.phase2.init}'")
-    non_negative(cfg.phase2, ["steps"])
-    non_negative(s, ["rerank"])
-    positive(s, ["rerank_steps", "rerank_per_shape"])
+    _non_negative(cfg, "phase2", ["steps"])
+
+
+def _validate_search_picks(cfg: Config) -> None:
+    """The knapsack's reranking and its limits at other batch sizes (the method is checked with the search)."""
+    s = cfg.search
+    _non_negative(cfg, "search", ["rerank"])
+    _positive(cfg, "search", ["rerank_steps", "rerank_per_shape"])
     for batch, fraction in s.limits.items():
         if batch <= 0 or not 0.0 < fraction <= 1.0:
             raise PlanerError(
                 f"config search.limits: each is batch: fraction, a positive batch size and a fraction of the "
                 f"baseline's latency in (0, 1], got {batch}: {fraction}"
             )
+
+
+def _validate_distill(cfg: Config) -> None:
     if not 0.0 <= cfg.distill.weight <= 1.0:
         raise PlanerError(f"config distill.weight must be in [0, 1], got {cfg.distill.weight}")
-    positive(cfg.distill, ["temperature"])
+    _positive(cfg, "distill", ["temperature"])
+
+
+def _validate_space(cfg: Config) -> None:
+    """The search space: at least one option, and no MoE option routing to more experts than it has."""
+    s, m = cfg.search, cfg.model
     if not s.space:
         raise PlanerError("config search.space must list at least one block option")
     for spec in s.space:

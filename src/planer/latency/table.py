@@ -442,6 +442,16 @@ def _bench_settings(cfg: Config, device: str | None, threads: int | None, repeat
     return cfg.latency
 
 
+def check_comparable(base: Config, cfg: Config, base_name: str, name: str) -> None:
+    """Refuse to time side by side two models whose inputs differ in size: their latencies would not compare."""
+    for key in ("vocab_size", "tgt_len", "mem_len"):
+        if getattr(base.model, key) != getattr(cfg.model, key):
+            raise PlanerError(
+                f"{base_name} has model.{key}={getattr(base.model, key)}, "
+                f"but {name} has {getattr(cfg.model, key)}; their latencies do not compare"
+            )
+
+
 def bench(
     run_dir: str | Path,
     baseline_dir: str | Path | None = None,
@@ -464,12 +474,7 @@ def bench(
     lc = _bench_settings(cfg, device, threads, repeats)
     if baseline_dir is not None:
         base, base_cfg, _ = load_checkpoint(baseline_dir)
-        for key in ("vocab_size", "tgt_len", "mem_len"):
-            if getattr(base_cfg.model, key) != getattr(cfg.model, key):
-                raise PlanerError(
-                    f"baseline {baseline_dir} has model.{key}={getattr(base_cfg.model, key)}, "
-                    f"but {run_dir} has {getattr(cfg.model, key)}; their latencies do not compare"
-                )
+        check_comparable(base_cfg, cfg, f"baseline {baseline_dir}", str(run_dir))
         source = str(baseline_dir)
     else:
         with private_rng(torch.device("cpu")):

@@ -23,6 +23,7 @@ exporter can trace it (``planer export --onnx``, models/txl/onnx.py). It equals 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +199,35 @@ def _grouped_mm_ok(xs: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class MoEConfig:
+    """An MoE block's experts and how they run: E experts of ``d_model -> d_inner -> d_model``, each token routed to
+    ``top_k`` of them; see ``MoEFeedForward`` for the meaning of each field. Checked when made, so a bad value
+    stops before any weight is drawn."""
+
+    d_model: int
+    d_inner: int
+    n_experts: int = 8
+    top_k: int = 1
+    dropout: float = 0.2  # expert dropout
+    capacity_factor: float | None = None  # None: every token is processed
+    impl: str = "grouped"  # grouped | sequential | dense (see the module's notes)
+    activation: str = "relu"  # one of ACTIVATIONS
+    bias: bool = True
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k must be between 1 and n_experts ({self.n_experts}), got {self.top_k}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
+        if self.impl not in ("grouped", "sequential", "dense"):
+            raise ValueError(f"impl must be 'grouped', 'sequential' or 'dense', got {self.impl!r}")
+        if self.impl == "dense" and self.capacity_factor is not None:
+            raise ValueError("impl 'dense' runs every assignment; it has no capacity limit")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+
+
 class MoEFeedForward(Block):
     """E feed-forward experts behind a linear router; each token goes to its top-1 or top-2 experts.
 
@@ -218,44 +248,22 @@ class MoEFeedForward(Block):
     its pre-norm block, x + moe(norm(x)), with the ``norm`` it is given.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_inner: int,
-        n_experts: int = 8,
-        top_k: int = 1,
-        dropout: float = 0.2,
-        capacity_factor: float | None = None,
-        impl: str = "grouped",
-        activation: str = "relu",
-        bias: bool = True,
-        norm: nn.Module | None = None,
-        pre_norm: bool = False,
-    ):
+    def __init__(self, cfg: MoEConfig, norm: nn.Module | None = None, pre_norm: bool = False):
         super().__init__()
-        if not 1 <= top_k <= n_experts:
-            raise ValueError(f"top_k must be between 1 and n_experts ({n_experts}), got {top_k}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
-        if impl not in ("grouped", "sequential", "dense"):
-            raise ValueError(f"impl must be 'grouped', 'sequential' or 'dense', got {impl!r}")
-        if impl == "dense" and capacity_factor is not None:
-            raise ValueError("impl 'dense' runs every assignment; it has no capacity limit")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        self.n_experts, self.top_k, self.capacity_factor, self.impl = n_experts, top_k, capacity_factor, impl
-        self.activation, self.pre_norm = activation, pre_norm
-        rows = 2 * d_inner if activation == "swiglu" else d_inner
+        d_model, d_inner, n_experts = cfg.d_model, cfg.d_inner, cfg.n_experts
+        self.n_experts, self.top_k, self.capacity_factor = n_experts, cfg.top_k, cfg.capacity_factor
+        self.impl, self.activation, self.pre_norm = cfg.impl, cfg.activation, pre_norm
+        rows = 2 * d_inner if cfg.activation == "swiglu" else d_inner
         self.router = nn.Linear(d_model, n_experts, bias=False)
         # Registered w1, b1, w2, b2: the parameters' order sets the order of sums over them (the gradient norm).
         shapes = {"w1": (n_experts, rows, d_model), "b1": (n_experts, rows), "w2": (n_experts, d_model, d_inner),
                   "b2": (n_experts, d_model)}  # fmt: skip
         for name, shape in shapes.items():
-            if bias or name.startswith("w"):
+            if cfg.bias or name.startswith("w"):
                 self.register_parameter(name, nn.Parameter(torch.empty(shape)))
             else:
                 self.register_buffer(name, torch.zeros(shape), persistent=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(cfg.dropout)
         self.norm = norm if norm is not None else nn.LayerNorm(d_model)
         self.balance_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None

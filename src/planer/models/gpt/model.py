@@ -25,7 +25,7 @@ from planer.models.arch import Arch, BlockSpec
 from planer.models.blocks import Block, FeedForwardParts, HeadOrder, Skip
 from planer.models.gpt.cache import CacheDecoder, KVCache, LayerCache, cached_attention
 from planer.models.language_model import LanguageModel, init_weights
-from planer.models.moe import MoEFeedForward, activate
+from planer.models.moe import MoEConfig, MoEFeedForward, activate
 
 
 def kv_heads(cfg: ModelConfig, heads: int) -> int:
@@ -189,17 +189,9 @@ def build_block(spec: BlockSpec, cfg: ModelConfig) -> Block:
     if spec.kind == "ffl":
         return MLP(cfg, cfg.d_inner * spec.width)
     if spec.kind == "moe":
-        return MoEFeedForward(
-            cfg.d_model,
-            cfg.d_inner,
-            spec.experts or cfg.n_experts,
-            spec.top_k,
-            cfg.moe_dropout,
-            activation=activation(cfg),
-            bias=cfg.flavour == "gpt2",
-            norm=make_norm(cfg),
-            pre_norm=True,
-        )
+        experts = MoEConfig(cfg.d_model, cfg.d_inner, spec.experts or cfg.n_experts, spec.top_k, cfg.moe_dropout,
+                            activation=activation(cfg), bias=cfg.flavour == "gpt2")  # fmt: skip
+        return MoEFeedForward(experts, norm=make_norm(cfg), pre_norm=True)
     raise ValueError(f"no block of kind {spec.kind}")
 
 

@@ -30,9 +30,11 @@ def build_block(spec: BlockSpec, cfg: ModelConfig) -> nn.Module:
     if spec.kind == "ffl":
         return FeedForward(cfg.d_model, cfg.d_inner * spec.width, cfg.dropout)
     if spec.kind == "moe":
-        from planer.models.moe import MoEFeedForward
+        from planer.models.moe import MoEConfig, MoEFeedForward
 
-        return MoEFeedForward(cfg.d_model, cfg.d_inner, spec.experts or cfg.n_experts, spec.top_k, cfg.moe_dropout)
+        return MoEFeedForward(
+            MoEConfig(cfg.d_model, cfg.d_inner, spec.experts or cfg.n_experts, spec.top_k, cfg.moe_dropout)
+        )
     raise ValueError(f"no block of kind {spec.kind}")
 
 
