@@ -172,8 +172,8 @@ def hf_tensors(tensors: dict, layout: Layout, path: Path) -> dict[str, torch.Ten
 
 def pre_tokenizer(pre: str):
     """How text is cut into words, then into byte symbols, before the merges apply: GPT-2's split regex, after
-    SmolLM's files first make every digit a word of its own (as llama.cpp does for "smollm", and SmolLM's own
-    tokenizer.json; transformers' GGUF loader leaves that step out)."""
+    SmolLM's files first make every digit a word of its own (llama.cpp's llama-vocab.cpp splits "smollm" text on
+    digits first; transformers' GGUF loader leaves that step out)."""
     from tokenizers import pre_tokenizers
 
     words = pre_tokenizers.ByteLevel(add_prefix_space=False)
