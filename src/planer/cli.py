@@ -235,11 +235,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_import(args) -> None:
+    from planer.models.gpt.gguf import import_gguf
     from planer.models.gpt.hf import import_hf
 
-    result = import_hf(args.hf, args.out)
+    source = args.hf or args.gguf
+    result = import_hf(args.hf, args.out) if args.hf else import_gguf(args.gguf, args.out)
     print(
-        f"imported {args.hf} ({result['flavour']}, {result['params']:,} parameters, {result['arch']}) "
+        f"imported {source} ({result['flavour']}, {result['params']:,} parameters, {result['arch']}) "
         f"-> {result['path']}"
     )
 
@@ -453,8 +455,10 @@ def _add_report(sub) -> None:
 
 
 def _add_import(sub) -> None:
-    p = sub.add_parser("import", help="a planer checkpoint from a local Hugging Face folder (GPT-2, Llama)")
-    p.add_argument("--hf", required=True, help="folder with config.json, model.safetensors and tokenizer.json")
+    p = sub.add_parser("import", help="a planer checkpoint from a Hugging Face folder (GPT-2, Llama) or GGUF (Llama)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="folder with config.json, model.safetensors and tokenizer.json")
+    source.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file of a Llama, quantized or not")
     p.add_argument("--out", required=True, help="new checkpoint directory (must not exist or be empty)")
     p.set_defaults(func=cmd_import)
 

@@ -76,19 +76,19 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _require(ok: bool, what: str) -> None:
+def require(ok: bool, what: str) -> None:
     if not ok:
         raise PlanerError(f"unsupported model: {what}")
 
 
 def _gpt2_layout(hf: dict) -> tuple[Layout, dict]:
-    _require(hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"), "GPT-2 needs gelu_new")
-    _require(hf.get("scale_attn_weights", True), "GPT-2 without scale_attn_weights")
-    _require(not hf.get("scale_attn_by_inverse_layer_idx", False), "GPT-2 with scale_attn_by_inverse_layer_idx")
-    _require(not hf.get("add_cross_attention", False), "GPT-2 with cross-attention")
-    _require(hf.get("tie_word_embeddings", True), "GPT-2 with an untied output layer")
+    require(hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"), "GPT-2 needs gelu_new")
+    require(hf.get("scale_attn_weights", True), "GPT-2 without scale_attn_weights")
+    require(not hf.get("scale_attn_by_inverse_layer_idx", False), "GPT-2 with scale_attn_by_inverse_layer_idx")
+    require(not hf.get("add_cross_attention", False), "GPT-2 with cross-attention")
+    require(hf.get("tie_word_embeddings", True), "GPT-2 with an untied output layer")
     d, heads = hf["n_embd"], hf["n_head"]
-    _require(d % heads == 0, f"n_head {heads} does not divide n_embd {d}")
+    require(d % heads == 0, f"n_head {heads} does not divide n_embd {d}")
     inner = hf.get("n_inner") or 4 * d
     layout = Layout(
         "gpt2", hf["n_layer"], d, heads, heads, d // heads, inner, hf["vocab_size"], hf["n_positions"], True
@@ -103,18 +103,18 @@ def _gpt2_layout(hf: dict) -> tuple[Layout, dict]:
 
 def _rope_theta(hf: dict) -> float:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    _require(rope.get("rope_type", rope.get("type", "default")) == "default", "Llama with scaled rotary positions")
+    require(rope.get("rope_type", rope.get("type", "default")) == "default", "Llama with scaled rotary positions")
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def _llama_layout(hf: dict) -> tuple[Layout, dict]:
-    _require(hf.get("hidden_act", "silu") == "silu", "Llama needs hidden_act silu")
-    _require(not hf.get("attention_bias", False) and not hf.get("mlp_bias", False), "Llama with biases")
+    require(hf.get("hidden_act", "silu") == "silu", "Llama needs hidden_act silu")
+    require(not hf.get("attention_bias", False) and not hf.get("mlp_bias", False), "Llama with biases")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     kv = hf.get("num_key_value_heads") or heads
     d_head = hf.get("head_dim") or d // heads
-    _require(heads % kv == 0, f"{heads} query heads over {kv} key/value heads")
-    _require(heads * d_head == d, f"head_dim {d_head} x {heads} heads != hidden_size {d}")
+    require(heads % kv == 0, f"{heads} query heads over {kv} key/value heads")
+    require(heads * d_head == d, f"head_dim {d_head} x {heads} heads != hidden_size {d}")
     layout = Layout(
         "llama",
         hf["num_hidden_layers"],
@@ -299,6 +299,27 @@ def baseline_arch(layout: Layout) -> Arch:
     return Arch((BlockSpec("attn", heads=layout.heads), BlockSpec("ffl")) * layout.layers)
 
 
+def check_new_out(out: Path) -> None:
+    """An import writes into a new or empty folder only, so it never mixes with another model's files."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PlanerError(f"{out} exists and is not an empty folder; choose another --out")
+
+
+def imported_model(layout: Layout, extra: dict, tensors: dict[str, torch.Tensor], source: Path, out: Path):
+    """The baseline model of a layout filled from Hugging Face-named tensors, and the Config saved with it
+    (its data.tokenizer the checkpoint folder ``out``, where the tokenizer.json goes)."""
+    cfg = Config(model=model_config(layout, extra))
+    cfg.data.tokenizer = str(out.resolve())
+    validate(cfg)
+    model = build_model(cfg.model, baseline_arch(layout))
+    model.load_state_dict(to_planer(tensors, layout, source))
+    return model, cfg
+
+
+def import_summary(out: Path, layout: Layout, model) -> dict:
+    return {"path": str(out), "flavour": layout.flavour, "arch": model.arch.short(), "params": model.num_params()}
+
+
 def import_hf(folder: str | Path, out: str | Path) -> dict:
     """A planer checkpoint in ``out`` from a local Hugging Face folder; nothing is written unless all of it fits.
 
@@ -307,20 +328,15 @@ def import_hf(folder: str | Path, out: str | Path) -> dict:
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise PlanerError(f"Hugging Face folder not found: {folder}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PlanerError(f"{out} exists and is not an empty folder; choose another --out")
+    check_new_out(out)
     layout, extra = read_layout(read_json(folder / "config.json"), folder / "config.json")
     vocab = TokenizerVocab(folder)
     if len(vocab) != layout.vocab:
         raise PlanerError(f"{vocab.path} has {len(vocab)} tokens, but the model's vocabulary has {layout.vocab}")
-    cfg = Config(model=model_config(layout, extra))
-    cfg.data.tokenizer = str(out.resolve())
-    validate(cfg)
-    model = build_model(cfg.model, baseline_arch(layout))
-    model.load_state_dict(to_planer(read_weights(folder), layout, folder))
+    model, cfg = imported_model(layout, extra, read_weights(folder), folder, out)
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, model, cfg, vocab, source=str(folder.resolve()))
-    return {"path": str(out), "flavour": layout.flavour, "arch": model.arch.short(), "params": model.num_params()}
+    return import_summary(out, layout, model)
 
 
 def export_layout(cfg: ModelConfig, arch: Arch) -> Layout:
