@@ -63,10 +63,14 @@ def bench(run, name: str) -> dict:
 @pytest.mark.slow
 def test_report_gives_every_models_milliseconds_beside_the_ratios(tiny_run):
     lines = report_lines(tiny_run)
-    table = table_after(lines, "| model | ms b1 | ms b2 |")
-    found = bench(tiny_run, "planer-t0.50")["batches"]
-    assert table["planer-t0.50"] == [f"{row['model']['median']:.2f}" for row in found]
-    assert table["baseline"] == [f"{row['baseline']['median']:.2f}" for row in found]  # timed beside it, once
+    table = table_after(lines, "| model | ms b1 | ms b2 | tok/s b1 | tok/s b2 |")
+    result = bench(tiny_run, "planer-t0.50")
+    found, tokens = result["batches"], result["tokens_per_call"]  # a segment's tokens at the default workload
+    ms = [row["model"]["median"] for row in found]
+    speed = [f"{1000 * row['batch'] * tokens / m:.0f}" for row, m in zip(found, ms)]
+    assert table["planer-t0.50"] == [f"{m:.2f}" for m in ms] + speed
+    assert table["baseline"][:2] == [f"{row['baseline']['median']:.2f}" for row in found]  # timed beside it, once
+    assert any("the median of the forward of one segment with full memory" in line for line in lines)
     assert any("speed-up b1" in line for line in lines)
 
 

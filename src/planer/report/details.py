@@ -27,6 +27,24 @@ def table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+WORKLOAD_WORDS = {
+    "segment": "the forward of one segment with full memory",
+    "prefill": "the prefill of a {tokens}-token prompt",
+    "decode": "one new token with a key/value cache (ms per token)",
+}
+
+
+def workload_words(bench: dict) -> str:
+    """What the timed call was, from bench.json (one written before workloads timed segments)."""
+    return WORKLOAD_WORDS[bench.get("workload", "segment")].format(tokens=bench.get("tokens_per_call"))
+
+
+def tokens_per_second(bench: dict, batch: int, ms: float) -> float:
+    """The new tokens a model reads per second in ``ms`` per call at ``batch`` (decode: tokens generated); a
+    bench.json from before workloads timed segments of its ``tgt_len``."""
+    return 1000.0 * batch * (bench.get("tokens_per_call") or bench["tgt_len"]) / ms
+
+
 def latency_ms(rows: list[ModelRow]) -> list[str]:
     """Each model's median ms per segment at each batch size (bench.json), and the baseline's beside them."""
     batches = bench_batches(rows)
@@ -45,20 +63,22 @@ def latency_ms(rows: list[ModelRow]) -> list[str]:
         if times == 1
         else f"each model in the same rounds; its row is the median of those {times} timings, with their range"
     )
+    bench = next(r.bench for r in rows if r.bench)
     lines = [
-        "Latency in milliseconds: the median forward of one segment with full memory at each batch size. The "
-        f"baseline was timed beside {beside}.",
+        f"Latency in milliseconds: the median of {workload_words(bench)} at each batch size, and the tokens per "
+        f"second that makes. The baseline was timed beside {beside}.",
         "",
-        table_row(["model", *[f"ms b{b}" for b in batches]]),
-        "|" + "---|" * (len(batches) + 1),
-        table_row([name, *[base_cell(base[b]) for b in batches]]),
-    ]
+        table_row(["model", *[f"ms b{b}" for b in batches], *[f"tok/s b{b}" for b in batches]]),
+        "|" + "---|" * (2 * len(batches) + 1),
+        table_row([name, *[base_cell(base[b]) for b in batches],
+                   *[f"{tokens_per_second(bench, b, statistics.median(base[b])):.0f}" for b in batches]]),
+    ]  # fmt: skip
     for r in rows:
         per = r.by_batch
         if per:
-            lines.append(
-                table_row([r.name, *[f"{per[b]['model']['median']:.2f}" if b in per else "–" for b in batches]])
-            )
+            ms = [per[b]["model"]["median"] if b in per else None for b in batches]
+            speed = [f"{tokens_per_second(bench, b, m):.0f}" if m else "–" for b, m in zip(batches, ms)]
+            lines.append(table_row([r.name, *[f"{m:.2f}" if m else "–" for m in ms], *speed]))
     return lines
 
 

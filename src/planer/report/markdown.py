@@ -24,6 +24,7 @@ from planer.report.details import (
     searches,
     table_row,
     wall_times,
+    workload_words,
 )
 from planer.report.rows import ModelRow, bench_batches, collect
 from planer.report.samples import model_sample, prompt_text
@@ -174,7 +175,7 @@ def _settings(lut: dict, rows: list[ModelRow]) -> str:
     if env:
         e, st = env["environment"], env["settings"]
         timing = (
-            f" Speed-ups are end-to-end forward passes over one segment with memory, timed side by side with "
+            f" Speed-ups are end-to-end: {workload_words(env)}, timed side by side with "
             f"the baseline ({st['repeats']} interleaved rounds after {st['warmup']} warm-up, median) on "
             f"{e['device']}, {e['dtype']}, {e['threads']} thread(s)."
         )
