@@ -39,7 +39,7 @@ from tqdm import tqdm
 from planer.config import Config, LatencyConfig, validate, with_vocab_size
 from planer.errors import PlanerError
 from planer.io.checkpoint import atomic_write_text, load_checkpoint
-from planer.latency.workload import workload_call
+from planer.latency.workload import cached_and_new, workload_call
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import backbone, build_block, build_model
 from planer.training.distributed import resolve_device
@@ -219,7 +219,7 @@ def fingerprint(cfg: Config) -> dict:
 
 def tokens_per_call(cfg: Config) -> int:
     """The new tokens one timed call reads per sequence: a segment, the prompt, or the one decoded token."""
-    return {"segment": cfg.model.tgt_len, "prefill": cfg.latency.prompt, "decode": 1}[cfg.latency.workload]
+    return cached_and_new(cfg.latency, cfg.model.tgt_len)[1]
 
 
 def workload_fingerprint(lc: LatencyConfig) -> dict:

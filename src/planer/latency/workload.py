@@ -37,7 +37,13 @@ def full_memories(model: torch.nn.Module, batch: int, gen: torch.Generator) -> l
     ]
 
 
-def segment_call(model: torch.nn.Module, batch: int, lc: LatencyConfig, device: torch.device) -> Callable:
+def cached_and_new(lc: LatencyConfig, tgt_len: int) -> tuple[int, int]:
+    """The positions a call of ``lc.workload`` finds cached before it, and the new ones it reads per sequence (a
+    segment's cached positions are its memory, which the model's own ``mem_len`` sizes)."""
+    return {"segment": (0, tgt_len), "prefill": (0, lc.prompt), "decode": (lc.context, 1)}[lc.workload]
+
+
+def segment_call(model: torch.nn.Module, batch: int, device: torch.device) -> Callable:
     gen = torch.Generator(device=device).manual_seed(0)
     idx = random_ids(model, batch, model.cfg.tgt_len, gen)
     mems = full_memories(model, batch, gen)
@@ -64,8 +70,8 @@ def workload_call(model: torch.nn.Module, batch: int, lc: LatencyConfig, device:
     """The call to time for ``model`` at ``batch`` under ``lc.workload``; a PlanerError when the model cannot hold
     the workload's positions."""
     if lc.workload == "segment":
-        return segment_call(model, batch, lc, device)
-    cached, new = (0, lc.prompt) if lc.workload == "prefill" else (lc.context, 1)
+        return segment_call(model, batch, device)
+    cached, new = cached_and_new(lc, model.cfg.tgt_len)
     try:
         return cached_call(model, batch, cached, new, device)
     except PlanerError as e:
