@@ -33,16 +33,21 @@ from planer.config import load_config  # noqa: E402
 from planer.errors import PlanerError  # noqa: E402
 from planer.latency.table import (  # noqa: E402
     DTYPES,
+    FIXED,
     LatencyTable,
     known_vocab_size,
     latency_device,
+    measuring,
     private_rng,
+    probe_calls,
     probe_models,
     profiled_specs,
     sample_models,
     summarize,
     table_from_samples,
+    time_interleaved,
 )
+from planer.latency.workload import workload_call  # noqa: E402
 from planer.models.arch import Arch, BlockSpec  # noqa: E402
 from planer.models.backbone import build_model  # noqa: E402
 
@@ -78,9 +83,13 @@ def measure(cfg, archs: dict[str, Arch], lut: Path | None) -> tuple[LatencyTable
         table = LatencyTable.load(lut)
         table.check(cfg, where=str(lut))
         return table, sample_models(models, lc.batch_size, lc, device)
-    probes = probe_models(cfg, profiled_specs(cfg))
-    samples = sample_models({**probes, **{f"arch {name}": m for name, m in models.items()}}, lc.batch_size, lc, device)
-    table = table_from_samples(cfg, {name: samples[name] for name in probes}, seconds=0.0)
+    specs = profiled_specs(cfg)
+    fixed, blocks = probe_models(cfg, specs)
+    with measuring([fixed, blocks, *models.values()], lc.threads):
+        calls = probe_calls(cfg, specs, fixed, blocks)
+        calls |= {f"arch {name}": workload_call(m, lc.batch_size, lc, device) for name, m in models.items()}
+        samples = time_interleaved(calls, lc.warmup, lc.repeats, device, progress="timing probes and architectures")
+    table = table_from_samples(cfg, {name: samples[name] for name in (FIXED, *specs)}, seconds=0.0)
     return table, {name: samples[f"arch {name}"] for name in models}
 
 

@@ -8,8 +8,8 @@ from conftest import LLAMA_SETTINGS
 
 from planer.cli import main
 from planer.errors import PlanerError
-from planer.latency.table import load_or_profile, measure_models, profile
-from planer.latency.workload import workload_call
+from planer.latency.table import FIXED, load_or_profile, measure_models, probe_calls, probe_models, profile
+from planer.latency.workload import block_call, workload_call
 from planer.models.arch import Arch
 from planer.models.backbone import build_model
 from planer.models.gpt.cache import KVCache
@@ -55,6 +55,39 @@ def test_a_transformer_xl_decodes_one_token_with_its_memory_full(tiny_cfg):
     model = model_of(cfg)
     logits, mems = workload_call(model, 2, cfg.latency, torch.device("cpu"))()
     assert logits.shape == (2, 1, 65) and mems[0].shape == (2, cfg.model.mem_len, cfg.model.d_model)
+
+
+@torch.no_grad()
+def test_a_probed_block_reads_its_cache_layer_at_the_context_every_call(tiny_cfg):
+    cfg = tiny_cfg(*LLAMA, "latency.workload=decode")
+    model = model_of(cfg)
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append((args[0].shape, args[1].start)))
+    call = block_call(model, 0, 3, cfg.latency, torch.device("cpu"))
+    outputs = [call() for _ in range(3)]
+    assert seen == [((3, 1, cfg.model.d_model), 40)] * 3 and torch.equal(outputs[0], outputs[2])
+
+
+@pytest.mark.parametrize("workload", ["segment", "prefill", "decode"])
+@pytest.mark.parametrize("family", [LLAMA, ["latency.prompt=24", "latency.context=40"]], ids=["llama", "txl"])
+def test_the_table_times_the_output_layer_once_and_each_block_alone(tiny_cfg, workload, family):
+    """The fixed part is the one call that runs a model's forward (embedding and output layer); every block's call
+    runs that block only, on hidden states of the workload's new positions."""
+    cfg = tiny_cfg(*family, f"latency.workload={workload}", "latency.batch_size=2")
+    cfg.model.vocab_size = 65
+    specs = ["attn:2", "ffl", "moe:top1", "skip"]
+    fixed, blocks = probe_models(cfg, specs)
+    forwards, ran = [], []
+    for model in (fixed, blocks):
+        model.register_forward_pre_hook(lambda m, _args: forwards.append(m))
+    for spec, block in zip(specs, blocks.blocks):
+        block.register_forward_pre_hook(lambda _m, args, spec=spec: ran.append((spec, args[0].shape[:2])))
+    with torch.inference_mode():
+        calls = probe_calls(cfg, specs, fixed, blocks)
+        for name in [FIXED, *specs]:
+            calls[name]()
+    new = {"segment": cfg.model.tgt_len, "prefill": 24, "decode": 1}[workload]
+    assert forwards == [fixed] and ran == [(spec, (2, new)) for spec in specs]
 
 
 def test_decode_table_records_its_workload_and_refuses_another(tiny_cfg, tmp_path):

@@ -6,14 +6,16 @@ memories, a prompt's prefill, or one decoded token after a cached context), in e
 each round calling every candidate once in a fresh random order, so load from other processes and clock drift
 fall on all of them alike; the medians of the rounds are what we report.
 
-A block's table entry is not its forward alone but what it adds to a model: the time of a one-block model minus
-that of the model without blocks, paired round by round. That charges each block with exactly what it costs
-inside ``TransformerXL.forward`` (its memory update, residual and LayerNorm, the loop's Python overhead), and the
-model without blocks is the fixed part (embedding and output layer). An architecture's estimate is then the fixed
-part plus the sum of its blocks' entries, and the same sum weighted by the architecture probabilities during the
-search. One block per probe, timed between other probes, matches a block that follows a different one, the
-common case; a block right after an identical one runs faster on a CPU (warm code paths), by up to ~20% for the
-small attention blocks, which a table of independent entries cannot express.
+The table holds two kinds of entry. The fixed part is the model without blocks (embedding, positions, final norm
+and output layer), timed whole under the workload. A block's entry is the block alone on hidden states of the
+workload's shape, reading what the model's forward would hand it (its layer of a key/value cache filled to the
+workload's context, or its full memory). Each is timed once, directly: a block is never the difference of two
+timings that hold the fixed part, which for a large vocabulary (SmolLM2: a 49,152-way output layer, 20x the cost of
+a block at decode) would bury the block in the noise of the output layer. An architecture's estimate is then
+the fixed part plus the sum of its blocks' entries, and the same sum weighted by the architecture probabilities
+during the search. One block per call, timed between other probes, matches a block that follows a different one,
+the common case; a block right after an identical one runs faster on a CPU (warm code paths), by up to ~20% for
+the small attention blocks, which a table of independent entries cannot express.
 
 Precision is the weights' own: models are cast to ``latency.dtype`` as they would be deployed, not autocast.
 """
@@ -39,7 +41,7 @@ from tqdm import tqdm
 from planer.config import Config, LatencyConfig, validate, with_vocab_size
 from planer.errors import PlanerError
 from planer.io.checkpoint import atomic_write_text, load_checkpoint
-from planer.latency.workload import cached_and_new, workload_call
+from planer.latency.workload import block_call, cached_and_new, workload_call
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import backbone, build_block, build_model
 from planer.training.distributed import resolve_device
@@ -243,45 +245,52 @@ def known_vocab_size(cfg: Config) -> Config:
     return with_vocab_size(cfg, len(load_corpus(cfg.data).vocab))
 
 
-def probe_models(cfg: Config, specs: list[str]) -> dict[str, torch.nn.Module]:
-    """The model without blocks (FIXED) and a one-block model per spec, random weights, on the latency device."""
+def probe_models(cfg: Config, specs: list[str]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model without blocks, and one model holding a block per spec (called one block at a time, see
+    ``probe_calls``); random weights, on the latency device in the latency precision."""
     lc = cfg.latency
     device = latency_device(lc)
     with private_rng(device):
-        probes = {FIXED: build_model(cfg.model, blocks=[])}
-        for spec in specs:
-            probes[spec] = build_model(cfg.model, blocks=[build_block(BlockSpec.parse(spec), cfg.model)])
-    return {name: model.to(device=device, dtype=DTYPES[lc.dtype]) for name, model in probes.items()}
+        fixed = build_model(cfg.model, blocks=[])
+        blocks = build_model(cfg.model, blocks=[build_block(BlockSpec.parse(spec), cfg.model) for spec in specs])
+    return tuple(model.to(device=device, dtype=DTYPES[lc.dtype]) for model in (fixed, blocks))
+
+
+def probe_calls(cfg: Config, specs: list[str], fixed: torch.nn.Module, blocks: torch.nn.Module) -> dict[str, Callable]:
+    """The calls the table times: the model without blocks whole (FIXED), and each spec's block alone."""
+    lc = cfg.latency
+    device = latency_device(lc)
+    calls = {FIXED: workload_call(fixed, lc.batch_size, lc, device)}
+    return calls | {spec: block_call(blocks, i, lc.batch_size, lc, device) for i, spec in enumerate(specs)}
 
 
 def table_from_samples(cfg: Config, samples: dict[str, np.ndarray], seconds: float) -> LatencyTable:
-    """Block entries from rounds that timed the probes: each block's model minus the empty model, per round.
-
-    Pairing by round cancels what the round shared (load, clock); a negative difference can only be noise
-    around a block that costs next to nothing, so it counts as zero.
-    """
-    fixed = samples[FIXED]
-    blocks = {spec: summarize(np.maximum(ms - fixed, 0.0)) for spec, ms in samples.items() if spec != FIXED}
+    """The table of the rounds that timed the probes (FIXED: the model without blocks; every other key a block)."""
+    blocks = {spec: summarize(ms) for spec, ms in samples.items() if spec != FIXED}
     settings = {
         "warmup": cfg.latency.warmup,
         "repeats": cfg.latency.repeats,
+        "probes": "blocks on hidden states",
         "seconds": round(seconds, 1),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    return LatencyTable(fingerprint(cfg), summarize(fixed), blocks, settings)
+    return LatencyTable(fingerprint(cfg), summarize(samples[FIXED]), blocks, settings)
 
 
 def profile(cfg: Config, progress: bool = False) -> LatencyTable:
-    """Measure every block that ``cfg`` may need, each in a one-block model, all probes interleaved.
+    """Measure the fixed part and every block that ``cfg`` may need, all probes interleaved in the same rounds.
 
     ``progress`` shows a bar over the timing rounds on stderr.
     """
     cfg = known_vocab_size(cfg)
     started = time.perf_counter()
     specs = profiled_specs(cfg)
-    probes = probe_models(cfg, specs)
+    lc = cfg.latency
+    fixed, blocks = probe_models(cfg, specs)
     label = f"profiling {len(specs)} blocks" if progress else None
-    samples = sample_models(probes, cfg.latency.batch_size, cfg.latency, latency_device(cfg.latency), label)
+    with measuring([fixed, blocks], lc.threads):
+        calls = probe_calls(cfg, specs, fixed, blocks)
+        samples = time_interleaved(calls, lc.warmup, lc.repeats, latency_device(lc), progress=label)
     return table_from_samples(cfg, samples, time.perf_counter() - started)
 
 

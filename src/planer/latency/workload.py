@@ -43,36 +43,54 @@ def cached_and_new(lc: LatencyConfig, tgt_len: int) -> tuple[int, int]:
     return {"segment": (0, tgt_len), "prefill": (0, lc.prompt), "decode": (lc.context, 1)}[lc.workload]
 
 
-def segment_call(model: torch.nn.Module, batch: int, device: torch.device) -> Callable:
-    gen = torch.Generator(device=device).manual_seed(0)
-    idx = random_ids(model, batch, model.cfg.tgt_len, gen)
-    mems = full_memories(model, batch, gen)
-    return lambda: model(idx, mems)
+def workload_state(model: torch.nn.Module, batch: int, lc: LatencyConfig, gen: torch.Generator):
+    """(state, reset, new) of a call under ``lc.workload``: what the model's forward reads (its decoding state; for
+    a model with memory, full memories standing for the cache, or None before a prefill), the reset that puts the
+    state back before every call (None: nothing to put back), and the new positions each sequence reads."""
+    cached, new = cached_and_new(lc, model.cfg.tgt_len)
+    if lc.workload == "segment":
+        return full_memories(model, batch, gen), None, new
+    try:
+        state = model.decoding_state(batch, cached + new)
+    except PlanerError as e:
+        raise PlanerError(f"latency.workload {lc.workload} ({cached} cached, {new} new positions): {e}") from None
+    if state is None:
+        return (full_memories(model, batch, gen) if cached else None), None, new
 
-
-def cached_call(model: torch.nn.Module, batch: int, cached: int, new: int, device: torch.device) -> Callable:
-    """``new`` tokens read after ``cached`` positions of the model's decoding state, reset before every call."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    state = model.decoding_state(batch, cached + new)
-    idx = random_ids(model, batch, new, gen)
-    if state is None:  # a model with memory: full memories stand for the cache
-        mems = full_memories(model, batch, gen) if cached else None
-        return lambda: model(idx, mems)
-
-    def call():
+    def reset():
         state.length = cached
-        return model(idx, state, last_only=True)
 
-    return call
+    return state, reset, new
 
 
 def workload_call(model: torch.nn.Module, batch: int, lc: LatencyConfig, device: torch.device) -> Callable:
     """The call to time for ``model`` at ``batch`` under ``lc.workload``; a PlanerError when the model cannot hold
     the workload's positions."""
-    if lc.workload == "segment":
-        return segment_call(model, batch, device)
-    cached, new = cached_and_new(lc, model.cfg.tgt_len)
-    try:
-        return cached_call(model, batch, cached, new, device)
-    except PlanerError as e:
-        raise PlanerError(f"latency.workload {lc.workload} ({cached} cached, {new} new positions): {e}") from None
+    gen = torch.Generator(device=device).manual_seed(0)
+    state, reset, new = workload_state(model, batch, lc, gen)
+    idx = random_ids(model, batch, new, gen)
+    if reset is None:
+        return lambda: model(idx, state)
+
+    def call():
+        reset()
+        return model(idx, state, last_only=True)
+
+    return call
+
+
+def block_call(model: torch.nn.Module, position: int, batch: int, lc: LatencyConfig, device: torch.device) -> Callable:
+    """The call of ``model``'s block at ``position`` alone under ``lc.workload``: random hidden states of the new
+    positions' shape, and what the model's forward would hand the block of its state (its layer of the key/value
+    cache, reset before every call, or its full memory), so that nothing but the block is timed."""
+    gen = torch.Generator(device=device).manual_seed(position)
+    state, reset, new = workload_state(model, batch, lc, gen)
+    h = torch.randn(batch, new, model.cfg.d_model, device=device, generator=gen).to(model.embed.weight.dtype)
+    block, read = model.blocks[position], None if state is None else state[position]
+
+    def call():
+        if reset is not None:
+            reset()
+        return block(h, read)
+
+    return call

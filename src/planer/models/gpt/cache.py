@@ -55,6 +55,10 @@ class KVCache:
         like = model.embed.weight
         self.layers = [LayerCache(self, b, batch, like) if b.n_head else None for b in model.blocks]
 
+    def __getitem__(self, position: int) -> LayerCache | None:
+        """What the block at ``position`` reads, as a list of memories is indexed: its layer's cache, or None."""
+        return self.layers[position]
+
     def check_room(self, new: int) -> None:
         if self.length + new > self.capacity:
             raise PlanerError(
