@@ -342,6 +342,11 @@ CASES = [
         train("--set", "model.mem_len=-1"), "model.mem_len must not be negative", id="config-negative-mem_len"
     ),
     pytest.param(
+        train("--set", "search.sample_segments=0"),
+        "search.sample_segments must be positive, got 0",
+        id="config-empty-calibration-sample",
+    ),  # fmt: skip
+    pytest.param(
         train("--set", "model.dropout=1.0"), "model.dropout must be in [0, 1), got 1.0", id="config-dropout-one"
     ),
     pytest.param(train("--set", "search.target=0.5"), "unknown config key 'search.target'", id="config-target-key"),

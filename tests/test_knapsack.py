@@ -9,8 +9,10 @@ import random
 import pytest
 
 from planer.errors import PlanerError
-from planer.evaluation.importance import Sample
+from planer.evaluation.importance import Sample, head_increases, sample_loss
 from planer.latency.table import LatencyTable
+from planer.models.arch import Arch, BlockSpec
+from planer.models.backbone import build_model
 from planer.search.knapsack import (
     Budget,
     Fill,
@@ -20,8 +22,11 @@ from planer.search.knapsack import (
     cheapest,
     cut_picks,
     knapsack_search,
+    measure,
+    option_block,
     pick,
     select,
+    swapped_loss,
 )
 from planer.search.option_cache import cached_measure
 
@@ -228,3 +233,60 @@ def test_the_measured_losses_are_kept_per_baseline_space_and_sample(trained_tiny
     (tmp_path / "model.safetensors").write_bytes(b"other weights")
     cached_measure(cache, tmp_path, model, space, sample, None)
     assert len(measured) == 5 and len(json.loads(cache.read_text())) == 4
+
+
+def full_runs(model, measured, sample) -> tuple[list, dict]:
+    """What ``measure`` reports, each number from a whole forward of the model as it is swapped."""
+    base = sample_loss(model, sample)
+    ranking = {int(p): [(h, inc) for h, inc in order] for p, order in measured.heads.items()}
+    rows = []
+    for position, src in enumerate(model.arch):
+        row = []
+        for spec in map(BlockSpec.parse, measured.options):
+            block = None if spec == src else option_block(spec, model, position, ranking, random_ok=False)
+            row.append(
+                0.0 if spec == src else None if block is None else swapped_loss(model, position, block, sample) - base
+            )
+        rows.append(row)
+    heads = {p: head_increases(model, p, sample, base) for p in ranking}
+    return rows, heads
+
+
+def llama_baseline(tiny_cfg):
+    """A tiny random Llama (grouped key/value heads, no memory): its blocks matter without training."""
+    import torch
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg("model.backbone=gpt", "model.flavour=llama", "model.n_kv_head=2", "model.mem_len=0")
+    return build_model(dataclasses.replace(cfg.model, vocab_size=65), Arch.baseline(2, cfg.model.n_head)).eval()
+
+
+@pytest.mark.parametrize("family", ["txl", "llama"])
+def test_replaying_the_blocks_before_a_position_measures_what_running_them_does(trained_tiny, tiny_cfg, family):
+    """The measurement replays what entered each position instead of running the blocks before it again: every
+    option's increase and every head's equal those of whole forwards of the swapped model, bit for bit."""
+    model, corpus = trained_tiny
+    if family == "llama":
+        model = llama_baseline(tiny_cfg)
+    sample = Sample(corpus.train, batch_size=4, tgt_len=16, mem_len=model.mem_len, segments=3)
+    measured = measure(model, ["skip", "attn:1", "attn:2", "ffl", "moe:top1"], sample)
+    rows, heads = full_runs(model, measured, sample)
+    assert measured.baseline_loss == sample_loss(model, sample)
+    assert measured.increases == rows and any(inc for row in rows for inc in row if inc)
+    assert {int(p): sorted(inc for _, inc in order) for p, order in measured.heads.items()} == {
+        p: sorted(incs) for p, incs in heads.items()
+    }
+
+
+def test_the_calibration_sample_is_sized_by_the_config(tiny_cfg):
+    """search.sample_segments segments of eval.batch_size streams: what the knapsack and head ranking read."""
+    import torch
+
+    from planer.evaluation.importance import calibration_sample, record_blocks
+
+    cfg = tiny_cfg("search.sample_segments=3", "eval.batch_size=2")
+    sample = calibration_sample(cfg, torch.arange(4000) % 65)
+    model = build_model(dataclasses.replace(cfg.model, vocab_size=65), Arch.parse("attn:4 ffl")).eval()
+    _, recorded = record_blocks(model, sample)
+    warm = 1  # the memory's warm-up call
+    assert len(recorded[0]) == warm + 3 and recorded[0][-1][0].shape[:2] == (2, cfg.model.tgt_len)

@@ -114,6 +114,9 @@ class SearchConfig:
     rerank_steps: int = 150  # knapsack: phase-2 steps of each reranked pick
     rerank_per_shape: int = 1  # knapsack: reranked picks of each shape (the best, then the runner-ups)
     limits: dict[int, float] = field(default_factory=dict)  # knapsack: {B: F}, also within F of the baseline at batch B
+    # knapsack and head ranking: the calibration sample, this many segments (model.tgt_len tokens each) of every one of
+    # eval.batch_size streams over the training split
+    sample_segments: int = 8
 
 
 @dataclass
@@ -432,7 +435,7 @@ def _validate_search_picks(cfg: Config) -> None:
     """The knapsack's reranking and its limits at other batch sizes (the method is checked with the search)."""
     s = cfg.search
     _non_negative(cfg, "search", ["rerank"])
-    _positive(cfg, "search", ["rerank_steps", "rerank_per_shape"])
+    _positive(cfg, "search", ["rerank_steps", "rerank_per_shape", "sample_segments"])
     for batch, fraction in s.limits.items():
         if batch <= 0 or not 0.0 < fraction <= 1.0:
             raise PlanerError(

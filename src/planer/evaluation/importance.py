@@ -6,20 +6,31 @@ heads instead. Importance is measured, not read off weight norms: a head is remo
 block's output projection (its output then adds nothing to the residual), the language-model loss is measured on a
 fixed sample of training segments, in order, with memory, and the weights are restored. The sample is the same for
 every head and every option (see search/knapsack.py), so the numbers compare with each other and are deterministic.
+A change at one position leaves every block before it as it was, so those blocks are not run again: their output
+on the sample is recorded once (``record_blocks``) and replayed (``replaying``), which halves the cost of a
+measurement on average and gives the same numbers, bit for bit.
 Both backbones' attention blocks are ranked alike: a gpt block's query head writes through its own columns of
 the output projection too (its key/value heads are shared within a group; inheritance keeps whole groups).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from planer.config import Config
 from planer.evaluation.evaluate import evaluate_ids
+from planer.models.blocks import Block, Skip
 
-Ranking = dict[int, list[tuple[int, float]]]  # block position -> (head, loss increase in nats), most important first
+Ranking = dict[int, list[tuple[int, float]]]
+Recorded = list[
+    list[tuple[torch.Tensor, torch.Tensor]]
+]  # per position, (input, output) of each call of its block  # block position -> (head, loss increase in nats), most important first
 
 
 @dataclass(frozen=True)
@@ -37,9 +48,63 @@ class Sample:
     segments: int = 8
 
 
+def calibration_sample(cfg: Config, ids: torch.Tensor) -> Sample:
+    """The sample of ``ids`` that heads and the knapsack's options are measured on, ``search.sample_segments`` long."""
+    m = cfg.model
+    return Sample(ids, cfg.eval.batch_size, m.tgt_len, m.mem_len, cfg.search.sample_segments)
+
+
 def sample_loss(model: nn.Module, sample: Sample) -> float:
     """Mean loss (nats per token) of ``model`` on ``sample``, in eval mode without gradients."""
     return evaluate_ids(model, sample.ids, sample.batch_size, sample.tgt_len, sample.mem_len, sample.segments)["loss"]
+
+
+@torch.no_grad()
+def record_blocks(model: nn.Module, sample: Sample) -> tuple[float, Recorded]:
+    """The model's sample loss, and per position the (input, output) of its block in every call on the sample."""
+    recorded: Recorded = [[] for _ in model.blocks]
+    hooks = [
+        block.register_forward_hook(lambda _m, args, out, p=p: recorded[p].append((args[0], out)))
+        for p, block in enumerate(model.blocks)
+    ]
+    try:
+        loss = sample_loss(model, sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return loss, recorded
+
+
+class Replay(Block):
+    """Stands for the blocks before a position: it returns, call by call, what entered that position when the
+    whole model ran the sample. A sample's calls come in the same order every time, so after the last call of one
+    run on the sample it starts again with the first."""
+
+    def __init__(self, outputs: list[torch.Tensor]):
+        super().__init__()
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.outputs[self.calls]
+        if out.shape != x.shape:
+            raise RuntimeError(f"replayed call {self.calls} has shape {tuple(out.shape)}, the model's {tuple(x.shape)}")
+        self.calls = (self.calls + 1) % len(self.outputs)
+        return out
+
+
+@contextmanager
+def replaying(model: nn.Module, position: int, recorded: Recorded) -> Iterator[None]:
+    """Within it, the model's blocks before ``position`` replay what ``record_blocks`` recorded instead of running."""
+    saved = list(model.blocks[:position])
+    for p in range(position - 1):
+        model.blocks[p] = Skip()
+    if position:
+        model.blocks[position - 1] = Replay([out for _, out in recorded[position - 1]])
+    try:
+        yield
+    finally:
+        for p, block in enumerate(saved):
+            model.blocks[p] = block
 
 
 @torch.no_grad()
@@ -59,16 +124,22 @@ def head_increases(model: nn.Module, position: int, sample: Sample, base: float)
     return increases
 
 
-def rank_heads(model: nn.Module, sample: Sample) -> Ranking:
+def rank_heads(
+    model: nn.Module, sample: Sample, recorded: tuple[float, Recorded] | None = None, bar: tqdm | None = None
+) -> Ranking:
     """Every attention block's heads, most important (largest loss increase when removed) first.
 
-    Ties keep the lower head first, so a ranking is a pure function of the weights and the sample.
+    Ties keep the lower head first, so a ranking is a pure function of the weights and the sample. ``recorded``:
+    ``record_blocks`` of the model on the sample, when the caller has it; ``bar`` advances by one per head.
     """
-    base = sample_loss(model, sample)
+    base, blocks = recorded or record_blocks(model, sample)
     ranking: Ranking = {}
     for position, block in enumerate(model.blocks):
         if block.n_head:  # an attention block (see Block)
-            increases = head_increases(model, position, sample, base)
+            with replaying(model, position, blocks):
+                increases = head_increases(model, position, sample, base)
             order = sorted(range(len(increases)), key=lambda h: (-increases[h], h))
             ranking[position] = [(h, increases[h]) for h in order]
+            if bar is not None:
+                bar.update(len(increases))
     return ranking

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from planer.errors import PlanerError
-from planer.evaluation.importance import Ranking, Sample, rank_heads, sample_loss
+from planer.evaluation.importance import Ranking, Recorded, Sample, rank_heads, record_blocks, replaying, sample_loss
 from planer.io.records import Estimate, KnapsackDetails, LimitEstimate, Position, Record, SearchRecord
 from planer.latency.table import LatencyTable
 from planer.models.arch import Arch, BlockSpec
@@ -78,20 +79,10 @@ def capture_io(model: nn.Module, sample: Sample) -> list[list[tuple[torch.Tensor
     The memory is what an attention option at that position would hold (the hidden states that entered the
     position in earlier segments), whether or not the baseline block there keeps one.
     """
-    inputs = [[] for _ in model.blocks]
-    hooks = [
-        block.register_forward_hook(lambda _m, args, out, p=p: inputs[p].append((args[0], out)))
-        for p, block in enumerate(model.blocks)
-    ]
-    try:
-        sample_loss(model, sample)
-    finally:
-        for hook in hooks:
-            hook.remove()
     io = []
-    for triples in inputs:
+    for calls in record_blocks(model, sample)[1]:
         mem, rows = None, []
-        for x, y in triples:
+        for x, y in calls:
             rows.append((x, mem, y))
             if sample.mem_len:
                 mem = (x if mem is None else torch.cat([mem, x], dim=1))[:, -sample.mem_len :]
@@ -139,26 +130,56 @@ def swapped_loss(model: nn.Module, position: int, block: nn.Module, sample: Samp
 
 
 def option_increases(
-    baseline: nn.Module, space: list[str], sample: Sample, ranking: Ranking, distill: LocalDistill | None = None
+    baseline: nn.Module,
+    space: list[str],
+    sample: Sample,
+    ranking: Ranking,
+    distill: LocalDistill | None = None,
+    recorded: tuple[float, Recorded] | None = None,
+    bar: tqdm | None = None,
 ) -> tuple[float, list[list[float | None]]]:
     """The baseline's sample loss, and per position the loss increase of each option of ``space`` swapped in
-    alone (None for one that cannot start from the baseline block there). The baseline's own block costs 0."""
+    alone (None for one that cannot start from the baseline block there). The baseline's own block costs 0.
+
+    ``recorded``: ``record_blocks`` of the baseline on the sample, when the caller has it (the blocks before a
+    position are replayed from it, not run); ``bar`` advances by one per option and position."""
     options = [BlockSpec.parse(s) for s in space]
-    base = sample_loss(baseline, sample)
+    base, blocks = recorded or record_blocks(baseline, sample)
     io = capture_io(baseline, distill.sample) if distill else None
     rows = []
     for position, src_spec in enumerate(baseline.arch):
         row: list[float | None] = []
-        for spec in options:
-            if spec == src_spec:
-                row.append(0.0)
-                continue
-            block = option_block(spec, baseline, position, ranking, random_ok=distill is not None)
-            if block is not None and io is not None:
-                distill_block(block, io[position], distill)
-            row.append(None if block is None else swapped_loss(baseline, position, block, sample) - base)
+        with replaying(baseline, position, blocks):
+            for spec in options:
+                row.append(
+                    0.0
+                    if spec == src_spec
+                    else swap_increase(baseline, position, spec, sample, ranking, base, io, distill)
+                )
+                if bar is not None:
+                    bar.update()
         rows.append(row)
     return base, rows
+
+
+def swap_increase(
+    baseline: nn.Module,
+    position: int,
+    spec: BlockSpec,
+    sample: Sample,
+    ranking: Ranking,
+    base: float,
+    io: list | None,
+    distill: LocalDistill | None,
+) -> float | None:
+    """The loss increase of ``spec`` swapped alone into the baseline at ``position``, or None where it cannot start
+    from the baseline block there (see ``option_block``)."""
+    block = option_block(spec, baseline, position, ranking, random_ok=distill is not None)
+    if block is None:
+        return None
+    if io is not None:
+        distill_block(block, io[position], distill)
+    return swapped_loss(baseline, position, block, sample) - base
 
 
 def lower_hull(costs: list[float], losses: list[float]) -> list[tuple[float, float]]:
@@ -420,11 +441,17 @@ class Measured(Record):
     distill: dict | None
 
 
-def measure(baseline: nn.Module, space: list[str], sample: Sample, distill: LocalDistill | None = None) -> Measured:
-    """Rank the baseline's heads on ``sample``, then measure every option of ``space`` swapped in alone."""
+def measure(
+    baseline: nn.Module, space: list[str], sample: Sample, distill: LocalDistill | None = None, progress: bool = False
+) -> Measured:
+    """Rank the baseline's heads on ``sample``, then measure every option of ``space`` swapped in alone; with
+    ``progress``, a bar over the swaps (every head, then every option at every position) with its ETA."""
     options = [str(BlockSpec.parse(s)) for s in space]
-    ranking = rank_heads(baseline, sample)
-    base, increases = option_increases(baseline, options, sample, ranking, distill)
+    recorded = record_blocks(baseline, sample)
+    swaps = sum(block.n_head for block in baseline.blocks) + len(baseline.blocks) * len(options)
+    with tqdm(total=swaps, desc="knapsack: heads and options", unit="swap", disable=not progress, leave=False) as bar:
+        ranking = rank_heads(baseline, sample, recorded, bar)
+        base, increases = option_increases(baseline, options, sample, ranking, distill, recorded, bar)
     return Measured(
         options=options,
         baseline_loss=base,

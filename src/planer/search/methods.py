@@ -19,7 +19,7 @@ from typing import Protocol
 
 from planer.config import Config
 from planer.errors import PlanerError
-from planer.evaluation.importance import Sample
+from planer.evaluation.importance import Sample, calibration_sample
 from planer.io.checkpoint import load_checkpoint
 from planer.io.data import check_same_vocab
 from planer.io.records import Estimate, RerankScore, SearchRecord, arch_of
@@ -31,7 +31,6 @@ from planer.search.option_cache import cached_measure
 from planer.training.loop import Loop, RunOptions
 from planer.training.train import phase2_recipe, train
 
-SAMPLE_SEGMENTS = 8  # training segments of every stream the knapsack's losses are measured on
 DISTILL_STEPS = 50  # local distillation steps per option with --distill-blocks
 
 
@@ -138,7 +137,7 @@ def knapsack_into(job: SearchJob) -> Arch:
     sample, distill = knapsack_samples(loop)
     started = time.perf_counter()
     baseline = baseline.to(loop.device)
-    measured = cached_measure(job.cache, job.baseline, baseline, cfg.search.space, sample, distill)
+    measured = cached_measure(job.cache, job.baseline, baseline, cfg.search.space, sample, distill, not options.quiet)
     settings = KnapsackSettings(candidates=cfg.search.rerank, per_shape=cfg.search.rerank_per_shape, limits=limits)
     record = knapsack_pick(measured, baseline.arch, table, job.target, settings)
     if len(record.knapsack.candidates) > 1:
@@ -171,14 +170,11 @@ def knapsack_tables(loop: Loop, job: SearchJob) -> tuple[LatencyTable, list[Late
 def knapsack_samples(loop: Loop) -> tuple[Sample, LocalDistill | None]:
     """The training segments the option losses are measured on, and the local distillation's (other segments)."""
     cfg, train_ids = loop.cfg, loop.corpus.train
-    m = cfg.model
-    sample = Sample(train_ids, cfg.eval.batch_size, m.tgt_len, m.mem_len, SAMPLE_SEGMENTS)
+    sample = calibration_sample(cfg, train_ids)
     if not cfg.search.distill_blocks:
         return sample, None
     later = train_ids[len(train_ids) // 2 :]  # other segments than the losses are measured on
-    return sample, LocalDistill(
-        Sample(later, cfg.eval.batch_size, m.tgt_len, m.mem_len, SAMPLE_SEGMENTS), DISTILL_STEPS
-    )
+    return sample, LocalDistill(calibration_sample(cfg, later), DISTILL_STEPS)
 
 
 def rerank(

@@ -53,15 +53,16 @@ def cached_measure(
     space: list[str],
     sample: Sample,
     distill: LocalDistill | None,
+    progress: bool = False,
 ) -> Measured:
     """``measure``'s result for ``baseline`` (loaded from ``checkpoint``), from ``cache`` when it holds one for the
-    same inputs, else measured and added to it (no cache: ``None``)."""
+    same inputs, else measured and added to it (no cache: ``None``; ``progress``: see ``measure``)."""
     if cache is None:
-        return measure(baseline, space, sample, distill)
+        return measure(baseline, space, sample, distill, progress)
     key = measurement_key(checkpoint, baseline, space, sample, distill)
     held = read_json_object(cache)
     if key in held:
         return Measured.from_dict(held[key], f"{cache} (entry {key[:12]})")
-    measured = measure(baseline, space, sample, distill)
+    measured = measure(baseline, space, sample, distill, progress)
     atomic_write_text(cache, json.dumps({**held, key: measured.to_dict()}, indent=1) + "\n")
     return measured

@@ -14,7 +14,7 @@ import torch
 
 from planer.config import Config, Phase2Config
 from planer.errors import PlanerError
-from planer.evaluation.importance import Sample, rank_heads
+from planer.evaluation.importance import calibration_sample, rank_heads
 from planer.io.checkpoint import SUPERNET, load_checkpoint, load_weights
 from planer.io.data import Corpus, Vocab, check_same_vocab
 from planer.io.records import SearchRecord, TrainingSummary
@@ -24,8 +24,6 @@ from planer.search.supernet import SuperNet
 from planer.training.inherit import can_inherit, from_supernet, inherit
 from planer.training.loop import Fit, Loop, RunOptions
 from planer.training.step import Teacher
-
-HEAD_SAMPLE_SEGMENTS = 8  # training segments of every stream that rank the source's heads
 
 
 @dataclass(frozen=True)
@@ -65,9 +63,7 @@ def inherited_weights(source: Path, cfg: Config, arch: Arch, corpus: Corpus) -> 
         return from_supernet(net, arch, cfg.model).state_dict()
     model, _, vocab = load_checkpoint(source)
     check_same_vocab(vocab, corpus.vocab, str(source))
-    m = cfg.model
-    sample = Sample(corpus.train, cfg.eval.batch_size, m.tgt_len, m.mem_len, HEAD_SAMPLE_SEGMENTS)
-    return inherit(model, arch, rank_heads(model, sample), cfg.model).state_dict()
+    return inherit(model, arch, rank_heads(model, calibration_sample(cfg, corpus.train)), cfg.model).state_dict()
 
 
 def check_teacher(teacher: Teacher, vocab: Vocab, where: Path) -> None:
