@@ -1,12 +1,14 @@
 """Every stage over the gpt backbone: the supernet, warm start, inheritance of grouped-query heads, the knapsack
 search and a whole tiny ``planer run`` from an imported Hugging Face Llama."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from conftest import LLAMA_SETTINGS, ROOT, tiny_gpt, tiny_model, tiny_overrides
 
+from planer.cli import main
 from planer.config import ModelConfig
 from planer.models.arch import Arch
 from planer.models.backbone import build_model
@@ -101,17 +103,15 @@ def test_can_inherit_follows_the_backbone():
     assert not can_inherit(llama, llama.arch, txl)  # another backbone
 
 
-def llama_run_cfg(root, imported, *overrides):
-    """A run config that matches the imported tiny Llama of test_hf (its model section) on a small corpus."""
+def llama_run_cfg(root, *overrides):
+    """A run config on a small corpus with no model section or tokenizer: ``--baseline`` (the imported tiny Llama
+    of test_hf) brings both."""
     from planer.config import load_config
 
-    model = ["backbone=gpt", "flavour=llama", "d_model=32", "n_head=4", "n_kv_head=2", "d_inner=48", "n_layer=2",
-             "tgt_len=64", "mem_len=0", "n_positions=64", "tie_embeddings=false", "rope_theta=500.0",
-             "norm_eps=1e-6", "dropout=0.0", "n_experts=4"]  # fmt: skip
-    run = ["train.steps=4", "train.eval_every=4", "train.batch_size=4", "train.eval_batches=1", "latency.batch_size=2",
-           "search.method=knapsack", "phase2.init=baseline", "search.space=[skip, attn:1, attn:2, attn:4, ffl]"]  # fmt: skip
-    sets = [f"data.tokenizer={imported}", *(f"model.{m}" for m in model), *run, *overrides]
-    return load_config(None, tiny_overrides(*sets, text=root / "tiny.txt"))
+    run = ["model.n_experts=4", "train.steps=4", "train.eval_every=4", "train.batch_size=4", "train.eval_batches=1",
+           "latency.batch_size=2", "search.method=knapsack", "phase2.init=baseline",
+           "search.space=[skip, attn:1, attn:2, attn:4, ffl]"]  # fmt: skip
+    return load_config(None, tiny_overrides(*run, *overrides, text=root / "tiny.txt"))
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def imported_llama(tmp_path):
 def test_planer_run_from_an_imported_llama(imported_llama, tmp_path):
     from planer.pipeline import Plan, run_pipeline
 
-    cfg = llama_run_cfg(tmp_path, imported_llama)
+    cfg = llama_run_cfg(tmp_path)
     plan = Plan(targets=(0.6,), designs=("dense",), batches=(2,), baseline=imported_llama)
     out = run_pipeline(cfg, tmp_path / "run", plan).path
     report = (out / "report.md").read_text()
@@ -146,24 +146,27 @@ def test_planer_run_from_an_imported_llama(imported_llama, tmp_path):
     assert scored["baseline"]["tokens"] == scored["planer-t0.60"]["tokens"]  # every model on the run's own splits
 
 
-def test_a_given_baseline_must_match_the_run_config(tiny_cfg, tmp_path):
-    """``planer run --baseline``: a model of another shape than the config's is refused before anything is copied."""
-    from planer.errors import PlanerError
-    from planer.io.checkpoint import save_checkpoint
-    from planer.io.data import load_corpus
-    from planer.pipeline import adopt_baseline
+def test_an_imported_model_brings_its_model_section_and_tokenizer(imported_llama, tmp_path):
+    """The run's config is the import's model, tokenizer and positions, with the config's segments and dropout."""
+    from planer.io.checkpoint import load_meta, with_checkpoint_model
 
-    cfg = tiny_cfg(*LLAMA_SETTINGS)
-    corpus = load_corpus(cfg.data)
-    cfg.model.vocab_size = len(corpus.vocab)
-    save_checkpoint(tmp_path, build_model(cfg.model, Arch.baseline(2, 4)), cfg, corpus.vocab)
-    cfg.model.n_kv_head = 4
-    with pytest.raises(PlanerError, match=r"model.n_kv_head=2; set the run's config to match"):
-        adopt_baseline(tmp_path, tmp_path / "adopted", cfg)
-    assert not (tmp_path / "adopted").exists()
-    cfg.model.n_kv_head, cfg.model.dropout = 2, 0.3  # what only training reads may differ
-    adopt_baseline(tmp_path, tmp_path / "adopted", cfg)
-    assert (tmp_path / "adopted" / "summary.json").exists()
+    cfg = with_checkpoint_model(llama_run_cfg(tmp_path, "model.dropout=0.2"), imported_llama)
+    own = load_meta(imported_llama)["config"]["model"]
+    assert cfg.data.tokenizer == str(imported_llama)
+    assert dataclasses.asdict(cfg.model) == own | {"tgt_len": 16, "dropout": 0.2, "n_experts": 4}
+
+
+@pytest.mark.parametrize("command", ["search", "run"])
+def test_segments_longer_than_the_imported_positions_are_one_line(imported_llama, tmp_path, capsys, command):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  path: {tmp_path / 'tiny.txt'}\n")
+    flag = "--init-from" if command == "search" else "--baseline"
+    argv = [command, "--config", str(config), "--out", str(tmp_path / "out"), flag, str(imported_llama)]
+    argv += ["--set", "model.tgt_len=65", *(["--target", "0.5"] if command == "search" else [])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.tgt_len (65) exceeds model.n_positions (64)" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_shipped_gpt_config_builds_a_llama_with_grouped_queries():

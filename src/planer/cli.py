@@ -405,8 +405,9 @@ def _add_search(sub) -> None:
     p.add_argument("--lut", help="latency table to use (default: OUT/lut.json, profiled if absent)")
     p.add_argument(
         "--init-from",
-        help="trained baseline checkpoint to start from (gumbel: the supernet's options; "
-        "knapsack: required, the options are swapped into it)",
+        help="trained or imported baseline checkpoint to start from (gumbel: the supernet's options; knapsack: "
+        "required, the options are swapped into it); its architecture replaces the config's model section, all but "
+        "model.tgt_len and what only training reads",
     )
     p.add_argument("--method", choices=["gumbel", "knapsack"], help="search method (default: search.method, knapsack)")
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
@@ -443,7 +444,9 @@ def _add_run(sub) -> None:
         "and the rivals' sizes hold at it (default: latency.batch_size)",
     )
     p.add_argument(
-        "--baseline", help="a trained or imported model (planer import) to start from instead of training a baseline"
+        "--baseline",
+        help="a trained or imported model (planer import) to start from instead of training a baseline; its "
+        "architecture replaces the config's model section, all but model.tgt_len and what only training reads",
     )
     _add_limits(p)
 

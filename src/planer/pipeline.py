@@ -20,12 +20,18 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from planer.config import Config, saved_config_matches, with_vocab_size
 from planer.errors import PlanerError
 from planer.evaluation.evaluate import evaluate_run
-from planer.io.checkpoint import CONFIG, WEIGHTS, atomic_write_text, load_checkpoint, load_meta, read_json_object
+from planer.io.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    atomic_write_text,
+    load_checkpoint,
+    load_meta,
+    read_json_object,
+    with_checkpoint_model,
+)
 from planer.io.data import check_same_vocab, load_corpus
 from planer.io.records import Manifest, SearchRecord, TrainingSummary
 from planer.latency.table import LatencyTable, at_batch, bench, load_or_profile
@@ -217,35 +223,25 @@ class Pipeline:
                 )
 
 
-TRAINING_ONLY = ("dropout", "dropatt", "moe_dropout", "init_std", "n_experts")  # model keys a baseline may differ in
-
-
-def check_baseline(source: Path, cfg: Config, corpus=None) -> torch.nn.Module:
-    """The given baseline, refused unless its model section is the run's (but for ``TRAINING_ONLY``) and, given the
-    run's ``corpus``, its vocabulary the corpus's."""
-    model, own, vocab = load_checkpoint(source)
-    differ = [
-        k for k, v in dataclasses.asdict(cfg.model).items() if k not in TRAINING_ONLY and getattr(own.model, k) != v
-    ]
-    if differ:
-        theirs = ", ".join(f"model.{k}={getattr(own.model, k)!r}" for k in differ)
-        raise PlanerError(f"--baseline {source} has {theirs}; set the run's config to match (see its config.json)")
-    if corpus is not None:
-        check_same_vocab(vocab, corpus.vocab, f"--baseline {source}")
-    return model
+def check_baseline(source: Path, corpus) -> None:
+    """Refuse a given baseline whose vocabulary is not the run's ``corpus``'s (its model section is the run's
+    already, see ``with_checkpoint_model``), before any work."""
+    vocab = load_checkpoint(source)[2]
+    check_same_vocab(vocab, corpus.vocab, f"--baseline {source}")
 
 
 def adopt_baseline(source: Path, path: Path, cfg: Config) -> None:
     """Copy a trained or imported checkpoint in as the run's baseline: its weights and tokenizer, its config.json
-    with the run's data and eval sections, and a summary marking it done.
+    with the run's model, data and eval sections, and a summary marking it done.
 
-    Its model section must be the run's but for what only training reads (``TRAINING_ONLY``): every later stage
-    builds, times and inherits from models of the run's config. The data sections are the run's because an
-    imported model knows no data, and every model of the run must be scored on the same splits.
+    The run's model section is the checkpoint's architecture (``with_checkpoint_model``) with the run's segment
+    length and what only training reads, so that the baseline is scored like every other model of the run. The
+    data sections are the run's because an imported model knows no data, and every model of the run must be
+    scored on the same splits.
     """
-    model = check_baseline(source, cfg)
+    model = load_checkpoint(source)[0]
     meta = load_meta(source)
-    meta["config"] |= {"data": dataclasses.asdict(cfg.data), "eval": dataclasses.asdict(cfg.eval)}
+    meta["config"] |= {k: dataclasses.asdict(getattr(cfg, k)) for k in ("model", "data", "eval")}
     path.mkdir(parents=True, exist_ok=True)
     for name in (WEIGHTS, "tokenizer.json"):
         if (source / name).exists():
@@ -256,13 +252,16 @@ def adopt_baseline(source: Path, path: Path, cfg: Config) -> None:
 
 def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool = False) -> RunResult:
     """Every stage of ``plan`` into ``out``; returns the run directory (its report is ``out/report.md``) and what
-    each stage did. ``cfg`` is left as it was given."""
+    each stage did. With ``plan.baseline`` its checkpoint decides the model (``with_checkpoint_model``) for every
+    stage. ``cfg`` is left as it was given."""
     out = Path(out)
+    if plan.baseline is not None:
+        cfg = with_checkpoint_model(cfg, plan.baseline)
     plan.check(cfg, out)
     run = Pipeline(cfg, out, plan, force)
     cfg = run.cfg
     if plan.baseline is not None:
-        check_baseline(plan.baseline, cfg, run.corpus)
+        check_baseline(plan.baseline, run.corpus)
     _claim_run_dir(out, cfg, force)
     run.baseline_stage()
     lut = out / "lut.json"

@@ -10,6 +10,7 @@ weights, so the folder is complete on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from planer.models.backbone import backbone, build_model
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 SUPERNET = "supernet.safetensors"  # a Gumbel search's trained supernet, beside its arch.json
+TRAINING_ONLY = ("dropout", "dropatt", "moe_dropout", "init_std", "n_experts")  # model keys no weight depends on
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -127,6 +129,40 @@ def load_meta(run_dir: str | Path) -> dict:
     return meta
 
 
+def saved_config(run_dir: str | Path) -> Config:
+    """The config a checkpoint was saved with; a bad value is refused naming the file that holds it."""
+    meta = load_meta(run_dir)
+    try:
+        return config_from_dict(meta["config"])
+    except PlanerError as e:
+        raise PlanerError(f"checkpoint config {Path(run_dir) / CONFIG}: {e}") from None
+
+
+def with_checkpoint_model(cfg: Config, run_dir: str | Path) -> Config:
+    """``cfg`` with the model section of the checkpoint in ``run_dir`` (and its tokenizer, when it has one): a copy.
+
+    The checkpoint's weights fix its architecture, so a config starting from it need not repeat it. What no weight
+    depends on stays the config's: the keys only training reads (``TRAINING_ONLY``) and ``tgt_len``, the segments
+    the run trains and scores on. Where that ``tgt_len`` is not the checkpoint's, the model's positions are written
+    out (``n_positions``, where 0 meant its own ``tgt_len``), so that a gpt model keeps them and a ``tgt_len``
+    beyond them is refused by the config's checks.
+    An imported model's text must be cut into its own ids, so its tokenizer.json becomes ``data.tokenizer``; a
+    planer char or word checkpoint has none and keeps the config's data, whose vocabulary is checked against it.
+    """
+    run_dir = Path(run_dir)
+    own = saved_config(run_dir).model
+    model = dataclasses.asdict(own) | {k: getattr(cfg.model, k) for k in (*TRAINING_ONLY, "tgt_len")}
+    if model["tgt_len"] != own.tgt_len:
+        model["n_positions"] = own.context
+    values = cfg.to_dict() | {"model": model}
+    if (run_dir / TokenizerVocab.FILE).exists():
+        values["data"]["tokenizer"] = os.path.abspath(run_dir)
+    try:
+        return config_from_dict(values)
+    except PlanerError as e:
+        raise PlanerError(f"with the model of {run_dir}: {e}") from None
+
+
 def read_vocab(record: dict, run_dir: Path) -> Vocab | TokenizerVocab:
     """The vocabulary that config.json's ``vocab`` record describes (a tokenizer's from the folder's own file)."""
     if record["level"] == TokenizerVocab.level:
@@ -165,8 +201,4 @@ def load_checkpoint(
 def export(run_dir: str | Path, fmt: str, out: str | Path, force: bool = False):
     """``planer export``: the checkpoint in ``run_dir`` written as ``fmt`` by its backbone's exporter; a PlanerError
     naming the formats it has where its backbone has no such exporter."""
-    try:
-        cfg = config_from_dict(load_meta(run_dir)["config"])
-    except PlanerError as e:
-        raise PlanerError(f"checkpoint config {Path(run_dir) / CONFIG}: {e}") from None
-    return backbone(cfg.model).exporter(fmt)(run_dir, out, force=force)
+    return backbone(saved_config(run_dir).model).exporter(fmt)(run_dir, out, force=force)

@@ -20,7 +20,7 @@ from typing import Protocol
 from planer.config import Config
 from planer.errors import PlanerError
 from planer.evaluation.importance import Sample, calibration_sample
-from planer.io.checkpoint import load_checkpoint
+from planer.io.checkpoint import load_checkpoint, with_checkpoint_model
 from planer.io.data import check_same_vocab
 from planer.io.records import Estimate, RerankScore, SearchRecord, arch_of
 from planer.latency.table import LatencyTable
@@ -109,8 +109,11 @@ def run_search(
     baseline: str | Path | None,
     options: RunOptions = RunOptions(),
 ) -> Arch:
-    """Search ``target`` with ``method`` into ``out_dir``; ``baseline`` is the trained model both start from."""
+    """Search ``target`` with ``method`` into ``out_dir``; ``baseline`` is the trained model both start from, and
+    its checkpoint decides the model searched (``with_checkpoint_model``)."""
     lut, base = (Path(p) if p is not None else None for p in (lut_path, baseline))
+    if base is not None:
+        cfg = with_checkpoint_model(cfg, base)
     searcher = check_search(method, cfg, (target,), base)
     return searcher.run(SearchJob(cfg, Path(out_dir), target, lut, base, options))
 
@@ -131,8 +134,6 @@ def knapsack_into(job: SearchJob) -> Arch:
     cfg = loop.cfg
     with loop.setting_up():
         check_same_vocab(vocab, loop.corpus.vocab, str(job.baseline))
-        if len(baseline.blocks) != 2 * cfg.model.n_layer or baseline.cfg.d_model != cfg.model.d_model:
-            raise PlanerError(f"{job.baseline} does not have this config's length and width")
         table, limits = knapsack_tables(loop, job)
     sample, distill = knapsack_samples(loop)
     started = time.perf_counter()
