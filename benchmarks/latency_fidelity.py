@@ -7,7 +7,7 @@ between two sessions; ``--lut`` compares against a table profiled earlier instea
 
     .venv/bin/python benchmarks/latency_fidelity.py [--config configs/shakespeare-char.yaml] [--archs 24]
         [--out benchmarks/out] [--lut runs/x/lut.json] [--seed 0] [--set latency.repeats=100 ...]
-        [--arch-json runs/x/search-*/arch.json]   (these architectures instead of random ones)
+        [--arch-json runs/x/search-*/arch.json]   (these architectures, and random ones only with --archs)
 
 Any backbone and workload (``latency.workload``): the gpt config's decode table is checked the same way.
 
@@ -224,7 +224,8 @@ def repeatability(a: LatencyTable, b: LatencyTable) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "shakespeare-char.yaml"))
-    parser.add_argument("--archs", type=int, default=24, help="random architectures besides the baseline")
+    parser.add_argument("--archs", type=int, help="random architectures besides the baseline (default: 24, none with "
+                        "--arch-json)")  # fmt: skip
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
     parser.add_argument("--lut", help="compare with this lut.json instead of profiling in the same rounds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the architecture sample")
@@ -240,7 +241,12 @@ def main(argv=None) -> int:
             print(repeatability(a, b))
             return 0
         cfg = known_vocab_size(load_config(args.config, args.set))
-        archs = given_archs(cfg, args.arch_json) if args.arch_json else random_archs(cfg, args.archs, args.seed)
+        archs = (
+            random_archs(cfg, 24 if args.archs is None else args.archs, args.seed)
+            if args.archs or not args.arch_json
+            else {}
+        )
+        archs |= given_archs(cfg, args.arch_json) if args.arch_json else {}
         table, samples = measure(cfg, archs, Path(args.lut) if args.lut else None)
     except PlanerError as e:
         print(f"latency_fidelity: error: {e}", file=sys.stderr)

@@ -9,7 +9,7 @@ from conftest import LLAMA_SETTINGS
 from planer.cli import main
 from planer.errors import PlanerError
 from planer.latency.table import FIXED, load_or_profile, measure_models, probe_calls, probe_models, profile
-from planer.latency.workload import block_call, workload_call
+from planer.latency.workload import chain_call, workload_call
 from planer.models.arch import Arch
 from planer.models.backbone import build_model
 from planer.models.gpt.cache import KVCache
@@ -63,16 +63,16 @@ def test_a_probed_block_reads_its_cache_layer_at_the_context_every_call(tiny_cfg
     model = model_of(cfg)
     seen = []
     model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append((args[0].shape, args[1].start)))
-    call = block_call(model, 0, 3, cfg.latency, torch.device("cpu"))
+    call = chain_call(model, [0], 3, cfg.latency, torch.device("cpu"))
     outputs = [call() for _ in range(3)]
     assert seen == [((3, 1, cfg.model.d_model), 40)] * 3 and torch.equal(outputs[0], outputs[2])
 
 
 @pytest.mark.parametrize("workload", ["segment", "prefill", "decode"])
 @pytest.mark.parametrize("family", [LLAMA, ["latency.prompt=24", "latency.context=40"]], ids=["llama", "txl"])
-def test_the_table_times_the_output_layer_once_and_each_block_alone(tiny_cfg, workload, family):
+def test_the_table_times_the_output_layer_once_and_each_block_in_a_chain(tiny_cfg, workload, family):
     """The fixed part is the one call that runs a model's forward (embedding and output layer); every block's call
-    runs that block only, on hidden states of the workload's new positions."""
+    runs n_layer copies of that block only, with weights of their own, on hidden states of the new positions."""
     cfg = tiny_cfg(*family, f"latency.workload={workload}", "latency.batch_size=2")
     cfg.model.vocab_size = 65
     specs = ["attn:2", "ffl", "moe:top1", "skip"]
@@ -80,14 +80,18 @@ def test_the_table_times_the_output_layer_once_and_each_block_alone(tiny_cfg, wo
     forwards, ran = [], []
     for model in (fixed, blocks):
         model.register_forward_pre_hook(lambda m, _args: forwards.append(m))
-    for spec, block in zip(specs, blocks.blocks):
-        block.register_forward_pre_hook(lambda _m, args, spec=spec: ran.append((spec, args[0].shape[:2])))
+    chain = cfg.model.n_layer
+    for k, block in enumerate(blocks.blocks):
+        block.register_forward_pre_hook(lambda _m, args, k=k: ran.append((specs[k // chain], args[0].shape[:2])))
     with torch.inference_mode():
         calls = probe_calls(cfg, specs, fixed, blocks)
         for name in [FIXED, *specs]:
             calls[name]()
     new = {"segment": cfg.model.tgt_len, "prefill": 24, "decode": 1}[workload]
-    assert forwards == [fixed] and ran == [(spec, (2, new)) for spec in specs]
+    assert forwards == [fixed] and ran == [(spec, (2, new)) for spec in specs for _ in range(chain)]
+    copies = blocks.blocks[specs.index("ffl") * chain :][:chain]
+    pairs = zip(copies[0].parameters(), copies[1].parameters())
+    assert chain > 1 and any(not torch.equal(a, b) for a, b in pairs)
 
 
 def test_decode_table_records_its_workload_and_refuses_another(tiny_cfg, tmp_path):

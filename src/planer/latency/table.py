@@ -7,15 +7,19 @@ each round calling every candidate once in a fresh random order, so load from ot
 fall on all of them alike; the medians of the rounds are what we report.
 
 The table holds two kinds of entry. The fixed part is the model without blocks (embedding, positions, final norm
-and output layer), timed whole under the workload. A block's entry is the block alone on hidden states of the
-workload's shape, reading what the model's forward would hand it (its layer of a key/value cache filled to the
-workload's context, or its full memory). Each is timed once, directly: a block is never the difference of two
-timings that hold the fixed part, which for a large vocabulary (SmolLM2: a 49,152-way output layer, 20x the cost of
-a block at decode) would bury the block in the noise of the output layer. An architecture's estimate is then
-the fixed part plus the sum of its blocks' entries, and the same sum weighted by the architecture probabilities
-during the search. One block per call, timed between other probes, matches a block that follows a different one,
-the common case; a block right after an identical one runs faster on a CPU (warm code paths), by up to ~20% for
-the small attention blocks, which a table of independent entries cannot express.
+and output layer), timed whole under the workload. A block's entry is a chain of ``n_layer`` copies of the block
+(each with weights of its own, as a model's layers have) run on hidden states of the workload's shape, each copy
+reading what the model's forward would hand it (its layer of a key/value cache filled to the workload's context,
+or its full memory), divided by ``n_layer``. So a block is never the difference of two timings that hold the
+fixed part, which for a large vocabulary (SmolLM2: a 49,152-way output layer, 10x the cost of a block at decode)
+buries the block in the noise of the output layer. And a block is priced as a model runs it: timed alone, a
+block's weights are still in the cache from its last call and it runs 3x faster than in a model; timed alone after
+a call that flushed the cache, it runs slower than in a model, whose next layer's weights stream in while the
+last computes (SmolLM2 decode, 2 threads: an MLP 0.29 ms warm alone, 1.14 ms cold alone, 0.95 ms in a chain of
+30; the table from chains of 30 matched the whole baseline within 1%). An architecture's estimate is then the
+fixed part plus the sum of its blocks' entries, and the same sum weighted by the architecture probabilities
+during the search. A chain of one kind of block does not express that a block after an identical one runs a
+little faster on a CPU (warm code paths): a table of independent entries cannot.
 
 Precision is the weights' own: models are cast to ``latency.dtype`` as they would be deployed, not autocast.
 """
@@ -41,7 +45,7 @@ from tqdm import tqdm
 from planer.config import Config, LatencyConfig, validate, with_vocab_size
 from planer.errors import PlanerError
 from planer.io.checkpoint import atomic_write_text, load_checkpoint
-from planer.latency.workload import block_call, cached_and_new, workload_call
+from planer.latency.workload import cached_and_new, chain_call, workload_call
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import backbone, build_block, build_model
 from planer.training.distributed import resolve_device
@@ -246,31 +250,35 @@ def known_vocab_size(cfg: Config) -> Config:
 
 
 def probe_models(cfg: Config, specs: list[str]) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The model without blocks, and one model holding a block per spec (called one block at a time, see
-    ``probe_calls``); random weights, on the latency device in the latency precision."""
-    lc = cfg.latency
+    """The model without blocks, and one model holding ``n_layer`` copies of each spec's block in turn (called one
+    chain at a time, see ``probe_calls``); random weights, on the latency device in the latency precision."""
+    lc, chain = cfg.latency, cfg.model.n_layer
     device = latency_device(lc)
     with private_rng(device):
         fixed = build_model(cfg.model, blocks=[])
-        blocks = build_model(cfg.model, blocks=[build_block(BlockSpec.parse(spec), cfg.model) for spec in specs])
-    return tuple(model.to(device=device, dtype=DTYPES[lc.dtype]) for model in (fixed, blocks))
+        blocks = [build_block(BlockSpec.parse(spec), cfg.model) for spec in specs for _ in range(chain)]
+        held = build_model(cfg.model, blocks=blocks)
+    return tuple(model.to(device=device, dtype=DTYPES[lc.dtype]) for model in (fixed, held))
 
 
 def probe_calls(cfg: Config, specs: list[str], fixed: torch.nn.Module, blocks: torch.nn.Module) -> dict[str, Callable]:
-    """The calls the table times: the model without blocks whole (FIXED), and each spec's block alone."""
-    lc = cfg.latency
+    """The calls the table times: the model without blocks whole (FIXED), and each spec's chain of blocks."""
+    lc, chain = cfg.latency, cfg.model.n_layer
     device = latency_device(lc)
     calls = {FIXED: workload_call(fixed, lc.batch_size, lc, device)}
-    return calls | {spec: block_call(blocks, i, lc.batch_size, lc, device) for i, spec in enumerate(specs)}
+    for i, spec in enumerate(specs):
+        calls[spec] = chain_call(blocks, range(i * chain, (i + 1) * chain), lc.batch_size, lc, device)
+    return calls
 
 
 def table_from_samples(cfg: Config, samples: dict[str, np.ndarray], seconds: float) -> LatencyTable:
-    """The table of the rounds that timed the probes (FIXED: the model without blocks; every other key a block)."""
-    blocks = {spec: summarize(ms) for spec, ms in samples.items() if spec != FIXED}
+    """The table of the rounds that timed the probes (FIXED: the model without blocks; every other key a block's
+    chain of ``n_layer``)."""
+    blocks = {spec: summarize(ms / cfg.model.n_layer) for spec, ms in samples.items() if spec != FIXED}
     settings = {
         "warmup": cfg.latency.warmup,
         "repeats": cfg.latency.repeats,
-        "probes": "blocks on hidden states",
+        "probes": "chains of n_layer blocks on hidden states",
         "seconds": round(seconds, 1),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }

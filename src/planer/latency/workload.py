@@ -13,7 +13,7 @@ The state a call reads (cache, memories) is made once and reset before every cal
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -79,18 +79,23 @@ def workload_call(model: torch.nn.Module, batch: int, lc: LatencyConfig, device:
     return call
 
 
-def block_call(model: torch.nn.Module, position: int, batch: int, lc: LatencyConfig, device: torch.device) -> Callable:
-    """The call of ``model``'s block at ``position`` alone under ``lc.workload``: random hidden states of the new
-    positions' shape, and what the model's forward would hand the block of its state (its layer of the key/value
-    cache, reset before every call, or its full memory), so that nothing but the block is timed."""
-    gen = torch.Generator(device=device).manual_seed(position)
+def chain_call(
+    model: torch.nn.Module, positions: Sequence[int], batch: int, lc: LatencyConfig, device: torch.device
+) -> Callable:
+    """The call of ``model``'s blocks at ``positions`` alone, in order, under ``lc.workload``: random hidden states of
+    the new positions' shape, each block reading what the model's forward would hand it of its state (its layer of
+    the key/value cache, reset before every call, or its full memory), so that nothing but the blocks is timed."""
+    gen = torch.Generator(device=device).manual_seed(positions[0])
     state, reset, new = workload_state(model, batch, lc, gen)
     h = torch.randn(batch, new, model.cfg.d_model, device=device, generator=gen).to(model.embed.weight.dtype)
-    block, read = model.blocks[position], None if state is None else state[position]
+    chain = [(model.blocks[p], None if state is None else state[p]) for p in positions]
 
     def call():
         if reset is not None:
             reset()
-        return block(h, read)
+        x = h
+        for block, read in chain:
+            x = block(x, read)
+        return x
 
     return call
