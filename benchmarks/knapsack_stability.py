@@ -72,10 +72,22 @@ def head_scores(m: Measured) -> list[float]:
     return [inc for p in sorted(m.heads, key=int) for _, inc in sorted(m.heads[p])]
 
 
+def predicted(m: Measured, arch: list[str]) -> float:
+    """The sum of ``m``'s single-swap increases over the choices of ``arch``: what the knapsack minimises."""
+    return sum(row[m.options.index(spec)] for row, spec in zip(m.increases, arch))
+
+
 def compare(a: Measured, b: Measured, baseline, table: LatencyTable, target: float) -> dict:
+    """How the two samples' scores and picks agree; ``regret``: on each sample's scores, how much more its
+    rival pick is predicted to lose than its own (the optimum there), in nats per token."""
     pairs = [(x, y) for x, y in zip(option_scores(a, baseline), option_scores(b, baseline)) if x is not None]
     picks = [knapsack_pick(m, baseline, table, target, KnapsackSettings()) for m in (a, b)]
+    own = [predicted(m, p.arch) for m, p in zip((a, b), picks)]
+    other = [predicted(a, picks[1].arch), predicted(b, picks[0].arch)]
     return {
+        "differing_positions": sum(x != y for x, y in zip(picks[0].arch, picks[1].arch)),
+        "predicted_increase": [round(x, 4) for x in own],
+        "regret": [round(o - x, 4) for o, x in zip(other, own)],
         "options": len(pairs),
         "spearman_options": round(spearman(*zip(*pairs)), 4),
         "spearman_heads": round(spearman(head_scores(a), head_scores(b)), 4),
@@ -98,10 +110,14 @@ def markdown(result: dict, cfg, seconds: float) -> str:
         f"| baseline loss (nats/token) | {result['baseline_loss'][0]:.4f} | {result['baseline_loss'][1]:.4f} |",
         f"| pick at the target | `{' '.join(a)}` | `{' '.join(b)}` |",
         f"| estimated ratio | {result['estimated_ratio'][0]:.3f} | {result['estimated_ratio'][1]:.3f} |",
+        f"| its predicted increase on this sample (nats/token) | {result['predicted_increase'][0]:.3f} "
+        f"| {result['predicted_increase'][1]:.3f} |",
+        f"| the other sample's pick, scored on this one | +{result['regret'][0]:.3f} | +{result['regret'][1]:.3f} |",
         "",
         f"Spearman rank correlation of the {result['options']} option scores: {result['spearman_options']:.3f}; "
         f"of the head scores: {result['spearman_heads']:.3f}. "
-        + ("Both samples give the same pick." if result["same_pick"] else "The picks differ."),
+        + ("Both samples give the same pick." if result["same_pick"]
+           else f"The picks differ at {result['differing_positions']} of {len(a)} positions."),
     ]) + "\n"  # fmt: skip
 
 
@@ -132,7 +148,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(result, cfg, seconds)
     (out / "stability.md").write_text(text)
-    (out / "stability.json").write_text(json.dumps({**result, "seconds": round(seconds, 1)}, indent=1) + "\n")
+    saved = {**result, "seconds": round(seconds, 1), "sample_b": measured.to_dict()}
+    (out / "stability.json").write_text(json.dumps(saved, indent=1) + "\n")
     print(text)
     return 0
 
