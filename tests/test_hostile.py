@@ -342,6 +342,11 @@ CASES = [
         train("--set", "model.mem_len=-1"), "model.mem_len must not be negative", id="config-negative-mem_len"
     ),
     pytest.param(
+        train("--set", "phase2.steps=10", "--set", "phase2.tokens=5000"),
+        "config phase2.steps and phase2.tokens both set a budget: set one of them",
+        id="config-two-phase2-budgets",
+    ),
+    pytest.param(
         train("--set", "search.sample_segments=0"),
         "search.sample_segments must be positive, got 0",
         id="config-empty-calibration-sample",

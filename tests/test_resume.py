@@ -167,3 +167,25 @@ def test_divergence_stops_and_keeps_the_last_good_state(tiny_cfg, tmp_path, monk
     best = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in best.values())
     assert json.loads((tmp_path / "run" / "config.json").read_text())["step"] <= 20
+
+
+@pytest.mark.slow
+def test_a_phase2_budget_in_tokens_is_honoured_after_a_resume(tiny_text, tmp_path):
+    """phase2.tokens sets every phase-2 model's steps (rounded up to whole steps); a run killed in a phase-2
+    training and resumed trains exactly that budget, and records it with the wall time of both parts."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  path: {tiny_text}\n")
+    # 4 x 16 tokens a step: 3000 tokens are 46.9 steps, so 47 (3008 tokens); the baseline trains 40
+    budget = cli_sets(["search.method=knapsack", "train.steps=40", "train.eval_every=40", "train.batch_size=4",
+                       "model.tgt_len=16", "phase2.tokens=3000"])  # fmt: skip
+    cmd = command("run", config, tmp_path / "run", *budget, "--targets", "0.6")
+    kill_after_state(cmd, tmp_path / "run" / "planer-t0.60", 20)
+    assert not (tmp_path / "run" / "planer-t0.60" / "summary.json").exists()
+    run(cmd)  # planer run resumes where it stopped
+    summary = json.loads((tmp_path / "run" / "planer-t0.60" / "summary.json").read_text())
+    assert (summary["steps"], summary["tokens"]) == (47, 47 * 4 * 16) and summary["seconds"] > 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "planer-t0.60" / "metrics.jsonl").open()]
+    steps = [r["step"] for r in records if "valid_loss" not in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 47  # logged once each: no step trained twice
+    baseline = json.loads((tmp_path / "run" / "baseline" / "summary.json").read_text())
+    assert baseline["steps"] == 40

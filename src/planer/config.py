@@ -126,6 +126,7 @@ class Phase2Config:
     teacher: bool = True  # distil from the trained baseline (distill.weight, distill.temperature)
     init: str = "baseline"  # baseline: start from its ranked heads, FFL and experts where the arch allows | scratch
     steps: int = 0  # weight steps; 0: train.steps, the baseline's budget
+    tokens: int = 0  # the budget in training tokens instead (train.batch_size x model.tgt_len a step, rounded up)
 
 
 @dataclass
@@ -327,6 +328,14 @@ def describe(cfg: Config) -> list[tuple[str, str, object, object]]:
     return rows
 
 
+def phase2_steps(cfg: Config) -> int:
+    """The weight steps every phase-2 model trains: ``phase2.tokens`` in whole steps, else ``phase2.steps``, else
+    the baseline's ``train.steps``."""
+    if cfg.phase2.tokens:
+        return -(-cfg.phase2.tokens // (cfg.train.batch_size * cfg.model.tgt_len))
+    return cfg.phase2.steps or cfg.train.steps
+
+
 def with_vocab_size(cfg: Config, size: int) -> Config:
     """``cfg`` resolved for a vocabulary of ``size`` symbols (``model.vocab_size``, which the data decides): a copy,
     so that the caller's config stays as it was given."""
@@ -428,7 +437,9 @@ def _validate_search_schedule(s: SearchConfig) -> None:
 def _validate_phase2(cfg: Config) -> None:
     if cfg.phase2.init not in ("scratch", "baseline"):
         raise PlanerError(f"config phase2.init must be scratch or baseline, got '{cfg.phase2.init}'")
-    _non_negative(cfg, "phase2", ["steps"])
+    _non_negative(cfg, "phase2", ["steps", "tokens"])
+    if cfg.phase2.steps and cfg.phase2.tokens:
+        raise PlanerError("config phase2.steps and phase2.tokens both set a budget: set one of them")
 
 
 def _validate_search_picks(cfg: Config) -> None:

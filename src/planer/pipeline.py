@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from planer.config import Config, saved_config_matches, with_vocab_size
+from planer.config import Config, phase2_steps, saved_config_matches, with_vocab_size
 from planer.errors import PlanerError
 from planer.evaluation.evaluate import evaluate_run
 from planer.io.checkpoint import (
@@ -138,11 +138,10 @@ class Pipeline:
     def phase2_cfg(self, seed: int, model: dict | None = None) -> Config:
         """The config phase-2 models train with: the phase-2 budget, ``seed``, and ``model`` changes (a rival's)."""
         cfg = self.cfg
-        steps = cfg.phase2.steps or cfg.train.steps
         return dataclasses.replace(
             cfg,
             model=dataclasses.replace(cfg.model, **(model or {})),
-            train=dataclasses.replace(cfg.train, seed=seed, steps=steps),
+            train=dataclasses.replace(cfg.train, seed=seed, steps=phase2_steps(cfg)),
         )
 
     def baseline_stage(self) -> Path:

@@ -113,6 +113,7 @@ class TrainingSummary(Record):
     best_valid_loss: float | None = optional()
     seconds: float | None = optional()
     steps: int | None = optional()
+    tokens: int | None = optional()  # the training tokens of those steps (train.batch_size x model.tgt_len each)
     ms_per_step: float | None = optional()
     expert_load_max: list[float] | None = optional()  # MoE blocks only: each block's busiest expert's share
     expert_load_min: list[float] | None = optional()

@@ -115,7 +115,8 @@ def wall_times(rows: list[ModelRow], found: dict[str, Search], lut: dict) -> lis
 
     def training(r: ModelRow) -> None:
         s = r.summary
-        note = f"{s.steps} steps, {s.ms_per_step:.1f} ms a step" if s.ms_per_step is not None else ""
+        tokens = f" ({s.tokens:,} tokens)" if s.tokens is not None else ""
+        note = f"{s.steps} steps{tokens}, {s.ms_per_step:.1f} ms a step" if s.ms_per_step is not None else ""
         stages.append((f"train {r.name}", s.seconds, note or f"copied from {s.adopted_from or '?'}"))
 
     def searched(name: str) -> tuple[str, float | None, str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from planer.config import Config
+from planer.config import Config, phase2_steps
 from planer.errors import PlanerError
 from planer.evaluation.importance import Sample, calibration_sample
 from planer.io.checkpoint import load_checkpoint, with_checkpoint_model
@@ -186,7 +186,7 @@ def rerank(
     and every candidate's score. A short training judges what single swaps into the untrained baseline cannot:
     how much of a cut the training wins back (Minitron ranks its pruned candidates after a short retraining too).
     """
-    steps, full = cfg.search.rerank_steps, cfg.phase2.steps or cfg.train.steps
+    steps, full = cfg.search.rerank_steps, phase2_steps(cfg)
     warmup = round(cfg.train.warmup * steps / full)
     short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=steps,
                                                                warmup=warmup, ckpt_every=0))  # fmt: skip

@@ -308,6 +308,7 @@ class Fit:
             log.close()
         best = distributed.all_sum(p.best if loop.env.main else 0.0, loop.env, loop.device)  # rank 0 evaluated
         return {"best_valid_loss": best, "seconds": time.perf_counter() - started, "steps": tc.steps,
+                "tokens": tc.steps * tc.batch_size * loop.cfg.model.tgt_len,
                 "ms_per_step": 1000 * p.step_seconds / tc.steps, **self.loads.last}  # fmt: skip
 
     def _step(self, seg, bar: tqdm, log) -> None:
