@@ -73,6 +73,26 @@ def test_ranking_puts_a_head_that_matters_before_a_silenced_one(trained_tiny):
     assert all(order.index(h) < order.index(2) for h, s in scores.items() if s > 0)
     assert rank_heads(model, sample) == ranking  # deterministic given the sample
     assert torch.equal(model.blocks[0].out.weight[:, 2 * d_head : 3 * d_head], torch.zeros(32, d_head))  # restored
+    assert rank_heads(model, sample, positions={2}) == {2: ranking[2]}  # one block's ranking is the same alone
+
+
+def test_inheriting_ranks_only_the_blocks_that_keep_fewer_heads(trained_tiny, tiny_cfg, tmp_path, monkeypatch):
+    """Keeping every head needs no ranking (all are kept in order): a rival that only skips blocks costs no
+    ranking run, and a reduced block is ranked alone."""
+    from planer.io.checkpoint import save_checkpoint
+    from planer.training import train
+
+    model, corpus = trained_tiny
+    cfg = tiny_cfg("model.n_experts=4")
+    cfg.model.vocab_size = len(corpus.vocab)
+    (tmp_path / "base").mkdir()
+    save_checkpoint(tmp_path / "base", model, cfg, corpus.vocab)
+    ranked = []
+    real = train.rank_heads
+    monkeypatch.setattr(train, "rank_heads", lambda *a, **k: ranked.append(k["positions"]) or real(*a, **k))
+    train.inherited_weights(tmp_path / "base", cfg, Arch.parse("attn:4 skip skip ffl"), corpus)
+    train.inherited_weights(tmp_path / "base", cfg, Arch.parse("attn:4 ffl attn:2 ffl"), corpus)
+    assert ranked == [{2}]
 
 
 def test_what_cannot_be_inherited_is_refused():

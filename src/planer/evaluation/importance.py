@@ -15,7 +15,7 @@ the output projection too (its key/value heads are shared within a group; inheri
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -125,9 +125,14 @@ def head_increases(model: nn.Module, position: int, sample: Sample, base: float)
 
 
 def rank_heads(
-    model: nn.Module, sample: Sample, recorded: tuple[float, Recorded] | None = None, bar: tqdm | None = None
+    model: nn.Module,
+    sample: Sample,
+    recorded: tuple[float, Recorded] | None = None,
+    bar: tqdm | None = None,
+    positions: Collection[int] | None = None,
 ) -> Ranking:
-    """Every attention block's heads, most important (largest loss increase when removed) first.
+    """Every attention block's heads (or those of the blocks at ``positions``), most important (largest loss
+    increase when removed) first.
 
     Ties keep the lower head first, so a ranking is a pure function of the weights and the sample. ``recorded``:
     ``record_blocks`` of the model on the sample, when the caller has it; ``bar`` advances by one per head.
@@ -135,7 +140,7 @@ def rank_heads(
     base, blocks = recorded or record_blocks(model, sample)
     ranking: Ranking = {}
     for position, block in enumerate(model.blocks):
-        if block.n_head:  # an attention block (see Block)
+        if block.n_head and (positions is None or position in positions):  # an attention block (see Block)
             with replaying(model, position, blocks):
                 increases = head_increases(model, position, sample, base)
             order = sorted(range(len(increases)), key=lambda h: (-increases[h], h))

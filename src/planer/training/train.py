@@ -63,7 +63,12 @@ def inherited_weights(source: Path, cfg: Config, arch: Arch, corpus: Corpus) -> 
         return from_supernet(net, arch, cfg.model).state_dict()
     model, _, vocab = load_checkpoint(source)
     check_same_vocab(vocab, corpus.vocab, str(source))
-    return inherit(model, arch, rank_heads(model, calibration_sample(cfg, corpus.train)), cfg.model).state_dict()
+    # only blocks that keep fewer heads than their source's need a ranking: all heads are kept in source order
+    reduced = {
+        p for p, (spec, src) in enumerate(zip(arch, model.blocks)) if spec.kind == "attn" and spec.heads < src.n_head
+    }
+    ranking = rank_heads(model, calibration_sample(cfg, corpus.train), positions=reduced) if reduced else {}
+    return inherit(model, arch, ranking, cfg.model).state_dict()
 
 
 def check_teacher(teacher: Teacher, vocab: Vocab, where: Path) -> None:
