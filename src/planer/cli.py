@@ -427,8 +427,10 @@ def _add_run(sub) -> None:
     p.add_argument(
         "--designs",
         default="",
-        help="designs to compare against: dense (the matched-latency rivals; or one of dense-depth, dense-heads, "
-        "dense-width), sandwich, par, iso, sandwich:K (comma-separated; default none)",
+        help="designs to compare against: dense (the matched-latency dense rivals; or one of dense-depth, "
+        "dense-heads, dense-width), prune (the baseline pruned to the found model's latency; or one of drop-layers, "
+        "after ShortGPT, drop-sublayers, after FinerCut), sandwich, par, iso, sandwich:K (comma-separated; default "
+        "none)",
     )
     p.add_argument("--batches", default="1,8,64", help="batch sizes of the end-to-end latency (default 1,8,64)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every search and retraining with this many seeds")

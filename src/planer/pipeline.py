@@ -2,10 +2,11 @@
 
 Baseline training (or an imported baseline), the latency table at the batch the user deploys at, then for every
 target a search and a retraining of the found arch with the phase-2 recipe, the same for the iso-parameter space
-and for every further seed, the matched-latency dense rivals of every found model, the fixed designs (Sandwich
-over a few K, PAR), evaluation of every model on valid and test, end-to-end latency against the baseline, and the
-report. A stage whose output is complete is skipped, and an unfinished training or search continues from its
-newest resume state, so an interrupted run continues where it stopped.
+and for every further seed, the matched-latency rivals of every found model (dense ones shrunk by hand, and the
+trained baseline with the blocks two pruning methods drop), the fixed designs (Sandwich over a few K, PAR),
+evaluation of every model on valid and test, end-to-end latency against the baseline, and the report. A stage
+whose output is complete is skipped, and an unfinished training or search continues from its newest resume state,
+so an interrupted run continues where it stopped.
 
 Every model directory gets a manifest, ``run.json`` (a ``Manifest``: design, target, seed, arch, the search it came
 from, its recipe): the report reads those and never parses a directory name. The knapsack's measured option losses
@@ -22,7 +23,9 @@ from pathlib import Path
 
 from planer.config import Config, phase2_steps, saved_config_matches, with_vocab_size
 from planer.errors import PlanerError
-from planer.evaluation.evaluate import evaluate_run
+from planer.evaluation.evaluate import evaluate_run, score_split
+from planer.evaluation.importance import calibration_sample
+from planer.evaluation.pruning import skipping
 from planer.io.checkpoint import (
     CONFIG,
     WEIGHTS,
@@ -37,14 +40,25 @@ from planer.io.records import Manifest, SearchRecord, TrainingSummary
 from planer.latency.table import LatencyTable, at_batch, bench, load_or_profile
 from planer.models.arch import Arch
 from planer.report.markdown import write_report
-from planer.search.designs import RIVALS, iso_config, named_arch, rivals, sandwich_sweep
+from planer.search.designs import (
+    PRUNE_RIVALS,
+    RIVAL_GROUPS,
+    RIVALS,
+    Calibration,
+    Rival,
+    iso_config,
+    named_arch,
+    rivals,
+    sandwich_sweep,
+)
 from planer.search.methods import SEARCHERS, SearchJob, check_search, limit_table_path
 from planer.search.option_cache import CACHE_FILE
+from planer.training.distributed import resolve_device
 from planer.training.loop import RunOptions
 from planer.training.train import Recipe, phase2_recipe, train
 
 BENCH_BATCHES = (1, 8, 64)
-DESIGNS = ("dense", *RIVALS, "sandwich", "par", "iso")
+DESIGNS = (*RIVAL_GROUPS, *RIVALS, "sandwich", "par", "iso")
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,7 @@ class Plan:
     """What a run holds besides its config: targets, comparisons, repeats and where latency matters."""
 
     targets: tuple[float, ...] = (0.5,)
-    designs: tuple[str, ...] = ()  # dense (every rival) or some of dense-depth/-heads/-width, sandwich, par, iso
+    designs: tuple[str, ...] = ()  # rival groups (dense, prune) or rivals (dense-depth, ...), sandwich, par, iso
     methods: tuple[str, ...] = ()  # search methods besides the config's, each compared with the same rivals
     seeds: int = 1
     batches: tuple[int, ...] = BENCH_BATCHES  # the end-to-end benchmark's batch sizes
@@ -60,8 +74,9 @@ class Plan:
 
     @property
     def rivals(self) -> tuple[str, ...]:
-        """The rivals to train: every one for ``dense``, else those named."""
-        return RIVALS if "dense" in self.designs else tuple(r for r in RIVALS if r in self.designs)
+        """The rivals to train: those named, and every one of a group named (``dense``, ``prune``)."""
+        asked = {r for d in self.designs for r in RIVAL_GROUPS.get(d, (d,))}
+        return tuple(r for r in RIVALS if r in asked)
 
     def check(self, cfg: Config, out: Path) -> None:
         """Refuse a plan that cannot run, before any work: its targets and search methods (with ``cfg``, the
@@ -91,8 +106,8 @@ def target_name(target: float) -> str:
 
 
 def parse_designs(text: str) -> tuple[str, ...]:
-    """``dense,sandwich,par,iso`` (or single rivals, ``dense-depth``) and explicit ``sandwich:K``; an empty string
-    means PLANER alone."""
+    """``dense,prune,sandwich,par,iso`` (or single rivals, ``dense-depth``) and explicit ``sandwich:K``; an empty
+    string means PLANER alone."""
     designs = tuple(d.strip() for d in text.split(",") if d.strip())
     for d in designs:
         if d not in DESIGNS and not d.startswith("sandwich:"):
@@ -178,22 +193,41 @@ class Pipeline:
         return self.trained(name, arch, run_cfg, self.recipe(arch, search=found), manifest), arch
 
     def rival_stage(self, found: Path, arch: Arch, target: float, seed: int) -> None:
-        """The dense rivals of one found model, sized to its estimate, trained with its recipe and seed."""
+        """The rivals of one found model, sized to its estimate, trained with its recipe and seed."""
         sized = self.out / found.name / "rivals.json"
         known = {} if self.force or not sized.exists() else {r["name"]: r for r in json.loads(sized.read_text())}
         missing = tuple(name for name in self.plan.rivals if name not in known)
         if missing:  # a resumed run that asks for more rivals sizes only the new ones
             table = LatencyTable.load(self.out / "lut.json")
-            known |= {r.name: r.to_dict() for r in rivals(arch, table, self.cfg, missing)}
+            calibration = self.calibration() if set(missing) & set(PRUNE_RIVALS) else None
+            new = rivals(arch, table, self.cfg, missing, calibration=calibration)
+            known |= {r.name: self.sizing(r, calibration) for r in new}
             atomic_write_text(sized, json.dumps(list(known.values()), indent=1) + "\n")
         for rival in (known[name] for name in self.plan.rivals):
             name = f"{rival['name']}-{target_name(target)}" + (f"-s{seed + 1}" if seed else "")
             rival_arch = Arch.parse(" ".join(rival["arch"]))
             cfg = self.phase2_cfg(self.cfg.train.seed + seed, rival["model"])
             recipe = self.recipe(rival_arch, rival["model"])
-            manifest = Manifest(design="dense", rival=rival["name"], target=target, repeat=seed + 1,
+            design = "prune" if rival["name"] in PRUNE_RIVALS else "dense"
+            manifest = Manifest(design=design, rival=rival["name"], target=target, repeat=seed + 1,
                                 rival_of=found.name, sizing=rival)  # fmt: skip
             self.trained(name, rival_arch, cfg, recipe, manifest)
+
+    def calibration(self) -> Calibration:
+        """The trained baseline, on the training device, and the calibration sample the pruned rivals measure it on
+        (the knapsack's: ``search.sample_segments`` segments of the training split)."""
+        model = load_checkpoint(self.baseline, resolve_device(self.cfg.train.device))[0]
+        return Calibration(model, calibration_sample(self.cfg, self.corpus.train))
+
+    def sizing(self, rival: Rival, calibration: Calibration | None) -> dict:
+        """A rival's entry of rivals.json; a pruned rival's with its score on valid and test before phase 2
+        (``before_training``: the baseline's weights with its blocks skipped, untrained)."""
+        if rival.name not in PRUNE_RIVALS:
+            return rival.to_dict()
+        model, skipped = calibration.model, [p for p, block in enumerate(rival.arch) if block.kind == "skip"]
+        with skipping(model, skipped):
+            scores = {split: score_split(model, self.cfg, self.corpus, split) for split in ("valid", "test")}
+        return rival.to_dict() | {"before_training": scores}
 
     def fixed_designs(self) -> None:
         designs, n_layer = self.plan.designs, self.cfg.model.n_layer

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from planer.config import Config
 from planer.errors import PlanerError
 from planer.io.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_json_object
-from planer.io.data import Segments, load_corpus, read_text
+from planer.io.data import Corpus, Segments, load_corpus, read_text
 from planer.models.backbone import backbone
 from planer.models.language_model import token_nll
 from planer.training.distributed import resolve_device
@@ -118,6 +119,12 @@ def refuse_run_folder(path: Path) -> None:
         )
 
 
+def score_split(model: nn.Module, cfg: Config, corpus: Corpus, split: str) -> dict:
+    """A model's score on a split of ``corpus``, measured by its backbone's scorer (what eval.json holds)."""
+    score = backbone(cfg.model).scorer(model, cfg, 0)
+    return summarize(score(corpus.split(split)), corpus.vocab.level, corpus.unseen[split])
+
+
 def evaluate_run(
     run_dir: str | Path, split: str = "valid", text_file: str | Path | None = None, device: str = "cpu"
 ) -> dict:
@@ -132,12 +139,7 @@ def evaluate_run(
         return summarize(score(ids), vocab.level, unk)
     path = Path(run_dir) / "eval.json"
     saved = read_json_object(path)
-    corpus = load_corpus(cfg.data, vocab)
-    result = summarize(
-        score(corpus.split(split)),
-        vocab.level,
-        corpus.unseen[split],
-    )
+    result = score_split(model, cfg, load_corpus(cfg.data, vocab), split)
     saved[split] = result
     path.write_text(json.dumps(saved, indent=2) + "\n")
     return result

@@ -131,8 +131,8 @@ class Manifest(Record):
     FILE: ClassVar[str] = "run.json"
     INDENT: ClassVar[int] = 1
 
-    design: str  # baseline, planer, planer-METHOD, iso, dense (a rival), sandwich, par
-    rival: str | None = optional()  # dense-depth, dense-heads or dense-width
+    design: str  # baseline, planer, planer-METHOD, iso, dense or prune (a rival of that group), sandwich, par
+    rival: str | None = optional()  # dense-depth, dense-heads, dense-width, drop-layers or drop-sublayers
     target: float | None = optional()
     repeat: int | None = optional()  # the seed's number, 1 for the first
     rival_of: str | None = optional()

@@ -37,6 +37,12 @@ def _score(result: dict | None, level_char: bool) -> str:
     return f"{result['bpc']:.3f}" if level_char else f"{result['ppl']:.2f}"
 
 
+def _before(row: ModelRow, split: str, level_char: bool) -> str:
+    """A pruned rival's score before phase 2 (the baseline's blocks it keeps, untrained), to follow its score."""
+    before = row.before_training.get(split)
+    return f" ({_score(before, level_char)} before training)" if before else ""
+
+
 def results_table(rows: list[ModelRow], level_char: bool) -> str:
     batches = bench_batches(rows)
     metric = "BPC" if level_char else "PPL"
@@ -58,7 +64,7 @@ def results_table(rows: list[ModelRow], level_char: bool) -> str:
             else f"{r.estimated_ratio:.2f}" + (f" (target {r.target:.2f})" if r.target is not None else "")
         )
         name = r.name + (" (chosen K)" if r.chosen else "")
-        scores = [_score(r.eval.get(split), level_char) for split in ("valid", "test")]
+        scores = [_score(r.eval.get(split), level_char) + _before(r, split, level_char) for split in ("valid", "test")]
         lines.append(table_row([name, f"`{r.arch.short()}`", f"{r.params / 1e6:.2f}M", *scores, est, *speedups]))
     return "\n".join(lines)
 

@@ -80,6 +80,8 @@ DESIGN_STYLE = {
     "dense-depth": ("#8c564b", "v"),
     "dense-heads": ("#ff7f0e", "P"),
     "dense-width": ("#17becf", "X"),
+    "drop-layers": ("#bcbd22", "<"),
+    "drop-sublayers": ("#393b79", ">"),
     "iso": ("#9467bd", "s"),
     "sandwich": ("#1f77b4", "^"),
     "par": ("#2ca02c", "D"),

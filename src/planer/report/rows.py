@@ -15,8 +15,9 @@ from planer.latency.table import LatencyTable
 from planer.models.arch import Arch
 from planer.models.backbone import backbone
 from planer.report.samples import SAMPLE_FILE
+from planer.search.designs import RIVALS
 
-DESIGN_ORDER = ("baseline", "planer", "dense-depth", "dense-heads", "dense-width", "iso", "sandwich", "par")
+DESIGN_ORDER = ("baseline", "planer", *RIVALS, "iso", "sandwich", "par")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,7 @@ class ModelRow:
     bench: dict = field(default_factory=dict)  # bench.json: measured latency beside the baseline
     sample: dict = field(default_factory=dict)  # sample.json: its text after the report's prompt
     export: str = ""  # the command that exports it
+    before_training: dict = field(default_factory=dict)  # a pruned rival's scores per split before phase 2
 
     @property
     def meets_target(self) -> bool:
@@ -120,7 +122,8 @@ def collect(run_dir: Path) -> list[ModelRow]:
                              seed=manifest.repeat or 1, search=manifest.search, chosen=d.name == chosen,
                              params=summary.params, summary=summary, found=found, estimated_ratio=ratio or estimate(arch),
                              eval=read_json_object(d / "eval.json"), bench=read_json_object(d / "bench.json"),
-                             sample=read_json_object(d / SAMPLE_FILE), export=export_hint(d, arch)))  # fmt: skip
+                             sample=read_json_object(d / SAMPLE_FILE), export=export_hint(d, arch),
+                             before_training=(manifest.sizing or {}).get("before_training", {})))  # fmt: skip
     order = {d: i for i, d in enumerate(DESIGN_ORDER)}
     rank = lambda d: order["planer"] + 0.5 if is_found(d) and d != "planer" else order.get(d, len(order))  # noqa: E731
     rows.sort(key=lambda r: (rank(r.design), r.target or 0.0, r.seed, r.name))

@@ -13,8 +13,9 @@ import shlex
 import statistics
 
 from planer.report.rows import ModelRow, is_found
+from planer.search.designs import RIVALS
 
-COMPETITORS = ("iso", "dense-depth", "dense-heads", "dense-width")  # what a found model is compared with
+COMPETITORS = ("iso", *RIVALS)  # what a found model is compared with
 
 
 def metric_name(level_char: bool) -> str:

@@ -7,8 +7,11 @@
   about one attention block in five, feed-forward everywhere else.
 - the iso-parameter search space: every MoE option replaced by a dense feed-forward block with as many
   parameters (E x d_inner hidden units), which tells whether PLANER's gain comes from sparsity or from capacity.
-- the matched-latency dense rivals of a found model (``rivals``): the Transformer-XLs a user would shrink by hand
-  to the found model's latency, with fewer layers, fewer heads everywhere, or a narrower d_model.
+- the matched-latency rivals of a found model (``rivals``): the dense ones (``dense``), the Transformer-XLs a
+  user would shrink by hand to the found model's latency, with fewer layers, fewer heads everywhere, or a narrower
+  d_model; and the pruned ones (``prune``), the trained baseline with the blocks two layer-pruning methods measure
+  as least useful on a calibration sample replaced by ``skip``: whole layers of least block influence (ShortGPT,
+  ``drop-layers``) or attention and feed-forward blocks one at a time, greedily (FinerCut, ``drop-sublayers``).
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from planer.config import Config, ModelConfig, validate_backbone
 from planer.errors import PlanerError
+from planer.evaluation.importance import Sample
+from planer.evaluation.pruning import block_influence, removal_order
 from planer.latency.table import DTYPES, LatencyTable, latency_device, measure_models, private_rng
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_model
@@ -88,9 +94,10 @@ RIVAL_TOLERANCE = 0.05  # a rival matches the found model when its latency is wi
 
 @dataclass(frozen=True)
 class Rival:
-    """A dense model sized to a found model's latency: its arch (always 2 x n_layer blocks, unused layers
-    ``skip``), the model config it changes (``{}`` at the baseline's width), its latency over the found model's,
-    whether that is within ``RIVAL_TOLERANCE``, and how it was sized (``table`` or ``measured``)."""
+    """A model sized to a found model's latency: its arch (always 2 x n_layer blocks, unused ones ``skip``), the
+    model config it changes (``{}`` at the baseline's width), its latency over the found model's, whether that is
+    within ``RIVAL_TOLERANCE``, how it was sized (``table`` or ``measured``), and what a pruned rival measured on
+    the calibration sample to choose its blocks (``{}`` for the dense rivals)."""
 
     name: str
     arch: Arch
@@ -98,6 +105,7 @@ class Rival:
     ratio: float
     within: bool
     sized_by: str
+    measured: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         note = "" if self.within else f"no size on this axis lands within {RIVAL_TOLERANCE:.0%}; the closest"
@@ -192,17 +200,78 @@ def width_rival(found: Arch, cfg: Config, measure: Callable[[dict], dict[str, fl
     return closest("dense-width", candidates, "measured")
 
 
-RIVALS = ("dense-depth", "dense-heads", "dense-width")
+@dataclass(frozen=True)
+class Calibration:
+    """What the pruned rivals measure: the trained baseline (its arch is where they start, its blocks what they
+    keep) and the calibration sample (``importance.calibration_sample``)."""
+
+    model: nn.Module
+    sample: Sample
+
+
+def without(arch: Arch, positions: list[int]) -> Arch:
+    """``arch`` with the blocks at ``positions`` replaced by ``skip``."""
+    return Arch(tuple(BlockSpec("skip") if p in positions else b for p, b in enumerate(arch)))
+
+
+def drop_layers_rival(found_ms: float, table: LatencyTable, calibration: Calibration) -> Rival:
+    """``drop-layers`` (ShortGPT): the baseline without its k layers of least block influence (both of a layer's
+    positions ``skip``), k sized to the latency, at least one layer kept; fewer dropped first among equals.
+
+    Its record holds every layer's block influence and the order they are dropped in (least influence first, the
+    lower layer first among equals)."""
+    influence = block_influence(calibration.model, calibration.sample)
+    order = sorted(range(len(influence)), key=lambda i: (influence[i], i))
+    base = calibration.model.arch
+    archs = [without(base, [p for i in order[:k] for p in (2 * i, 2 * i + 1)]) for k in range(len(order))]
+    rival = closest("drop-layers", [(a, {}, table.estimate(a) / found_ms) for a in archs], "table")
+    return dataclasses.replace(rival, measured={"block_influence": influence, "drop_order": order})
+
+
+def drop_sublayers_rival(found_ms: float, table: LatencyTable, calibration: Calibration) -> Rival:
+    """``drop-sublayers`` (FinerCut): the baseline without the first blocks of its greedy removal order
+    (``pruning.removal_order``), as many as bring the table's estimate closest to the found model's. The order
+    runs until the estimate reaches the found model's, so the last two prefixes hold the closest; fewer removals
+    first among equals.
+
+    Its record holds every removal: the position, its block, the output change after it (1 - mean cosine of the
+    final hidden state against the baseline's) and the latency ratio after it; ``taken``: how many the rival has."""
+    model, base = calibration.model, calibration.model.arch
+    order = removal_order(model, calibration.sample, lambda removed: table.estimate(without(base, removed)) <= found_ms)
+    archs = [without(base, [r.position for r in order[:k]]) for k in range(len(order) + 1)]
+    ratios = [table.estimate(a) / found_ms for a in archs]
+    rival = closest("drop-sublayers", [(a, {}, r) for a, r in zip(archs, ratios)], "table")
+    removals = [
+        {"position": r.position, "block": str(base.blocks[r.position]), "change": r.change, "ratio": ratio}
+        for r, ratio in zip(order, ratios[1:])
+    ]
+    return dataclasses.replace(rival, measured={"removals": removals, "taken": archs.index(rival.arch)})
+
+
+DENSE_RIVALS = ("dense-depth", "dense-heads", "dense-width")
+PRUNE_RIVALS = ("drop-layers", "drop-sublayers")
+RIVALS = (*DENSE_RIVALS, *PRUNE_RIVALS)
+RIVAL_GROUPS = {"dense": DENSE_RIVALS, "prune": PRUNE_RIVALS}  # the names that ask for a group of rivals
 
 
 def rivals(
-    found: Arch, table: LatencyTable, cfg: Config, names: tuple[str, ...] = RIVALS, measure: Callable | None = None
+    found: Arch,
+    table: LatencyTable,
+    cfg: Config,
+    names: tuple[str, ...] = DENSE_RIVALS,
+    measure: Callable | None = None,
+    calibration: Calibration | None = None,
 ) -> list[Rival]:
-    """The dense rivals of a found arch on the axes ``names``, each sized to its latency (see the three sizers)."""
+    """The rivals ``names`` of a found arch, each sized to its latency (see their sizers); the pruned ones
+    (``PRUNE_RIVALS``) measure the baseline on ``calibration``."""
     found_ms = table.estimate(found)
+    if calibration is None and set(names) & set(PRUNE_RIVALS):
+        raise PlanerError(f"the rivals {', '.join(PRUNE_RIVALS)} need the trained baseline and a calibration sample")
     sizers = {
         "dense-depth": lambda: depth_rival(found_ms, table, cfg.model),
         "dense-heads": lambda: heads_rival(found_ms, table, cfg.model),
         "dense-width": lambda: width_rival(found, cfg, measure),
+        "drop-layers": lambda: drop_layers_rival(found_ms, table, calibration),
+        "drop-sublayers": lambda: drop_sublayers_rival(found_ms, table, calibration),
     }
     return [sizers[name]() for name in names]
