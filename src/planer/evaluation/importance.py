@@ -27,10 +27,10 @@ from planer.config import Config
 from planer.evaluation.evaluate import evaluate_ids
 from planer.models.blocks import Block, Skip
 
+# block position -> (head, loss increase in nats), most important first
 Ranking = dict[int, list[tuple[int, float]]]
-Recorded = list[
-    list[tuple[torch.Tensor, torch.Tensor]]
-]  # per position, (input, output) of each call of its block  # block position -> (head, loss increase in nats), most important first
+# per block position, (input, output) of every call of its block on a sample
+Recorded = list[list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
