@@ -347,6 +347,16 @@ CASES = [
         id="config-two-phase2-budgets",
     ),
     pytest.param(
+        train("--set", "phase2.tokens=5000", "--set", "phase2.block_tokens=5000"),
+        "config phase2.block_tokens (5000) must be less than the budget phase2.tokens (5000)",
+        id="config-block-tokens-whole-budget",
+    ),
+    pytest.param(
+        train("--block-tokens", "640"),
+        "--block-tokens distils blocks from a teacher: give --teacher too",
+        id="block-tokens-without-teacher",
+    ),
+    pytest.param(
         train("--set", "search.sample_segments=0"),
         "search.sample_segments must be positive, got 0",
         id="config-empty-calibration-sample",

@@ -96,6 +96,28 @@ def test_killed_distilled_inherited_training_resumes_to_the_same_weights(tiny_te
 
 
 @pytest.mark.slow
+def test_a_training_killed_after_its_block_distillation_resumes_without_redoing_it(tiny_text, tmp_path):
+    """Block-wise distillation ends in the whole training's first resume state: a run killed then resumes from
+    it, and ends with the weights of an uninterrupted run."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  path: {tiny_text}\n")
+    schedule = cli_sets(["train.steps=200", "train.eval_every=100", "train.batch_size=4", *LLAMA_SETTINGS])
+    run(command("train", config, tmp_path / "base", *schedule))
+    base = str(tmp_path / "base")
+    # 4 x 16 tokens a step: 50 of the 200 steps distil the narrowed attention block alone
+    recipe = [*schedule, "--arch", "attn:2 ffl attn:4 ffl", "--teacher", base, "--init-from", base,
+              "--block-tokens", "3200"]  # fmt: skip
+    run(command("train", config, tmp_path / "full", *recipe))
+    kill_after_state(command("train", config, tmp_path / "cut", *recipe), tmp_path / "cut", 0)
+    distilled = json.loads((tmp_path / "cut" / "blocks.json").read_text())
+    run(command("train", config, tmp_path / "cut", *recipe, "--resume"))
+    assert json.loads((tmp_path / "cut" / "blocks.json").read_text()) == distilled  # not distilled again
+    assert same_tensors(tmp_path / "full" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert (summary["steps"], summary["block_distillation"]["steps"]) == (200, 50)
+
+
+@pytest.mark.slow
 def test_killed_search_resumes_to_the_same_weights_and_alpha(tiny_text, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(

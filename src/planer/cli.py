@@ -36,13 +36,18 @@ def _rank() -> int:
 
 
 def cmd_train(args) -> None:
-    from planer.config import load_config
+    from planer.config import load_config, steps_for_tokens
     from planer.training.loop import RunOptions
     from planer.training.train import Recipe, train
 
     cfg = load_config(args.config, args.set)
     arch = _arch(args.arch, cfg)
-    recipe = Recipe(*(Path(p) if p else None for p in (args.teacher, args.init_from)))
+    if args.block_tokens and not args.teacher:
+        raise PlanerError("--block-tokens distils blocks from a teacher: give --teacher too")
+    if args.block_tokens < 0:
+        raise PlanerError(f"--block-tokens must be 0 or more, got {args.block_tokens}")
+    teacher, init_from = (Path(p) if p else None for p in (args.teacher, args.init_from))
+    recipe = Recipe(teacher, init_from, steps_for_tokens(cfg, args.block_tokens))
     summary = train(cfg, args.out, arch, recipe, RunOptions(force=args.force, resume=args.resume))
     if _rank() == 0:
         print(
@@ -366,6 +371,13 @@ def _add_train(sub) -> None:
         "--init-from",
         help="start from a trained model of the same width (its most important heads, "
         "feed-forward blocks, upcycled experts) or from a search folder's supernet options",
+    )
+    p.add_argument(
+        "--block-tokens",
+        type=int,
+        default=0,
+        help="of the training's tokens, how many first train each block that differs from the teacher's alone, "
+        "towards the teacher block's output (block-wise distillation; default 0)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/resume")
 

@@ -127,6 +127,7 @@ class Phase2Config:
     init: str = "baseline"  # baseline: start from its ranked heads, FFL and experts where the arch allows | scratch
     steps: int = 0  # weight steps; 0: train.steps, the baseline's budget
     tokens: int = 0  # the budget in training tokens instead (train.batch_size x model.tgt_len a step, rounded up)
+    block_tokens: int = 0  # of the budget, the tokens that first train each changed block alone (training/blockwise.py)
 
 
 @dataclass
@@ -332,8 +333,13 @@ def phase2_steps(cfg: Config) -> int:
     """The weight steps every phase-2 model trains: ``phase2.tokens`` in whole steps, else ``phase2.steps``, else
     the baseline's ``train.steps``."""
     if cfg.phase2.tokens:
-        return -(-cfg.phase2.tokens // (cfg.train.batch_size * cfg.model.tgt_len))
+        return steps_for_tokens(cfg, cfg.phase2.tokens)
     return cfg.phase2.steps or cfg.train.steps
+
+
+def steps_for_tokens(cfg: Config, tokens: int) -> int:
+    """The whole training steps (``train.batch_size`` x ``model.tgt_len`` tokens each) that hold ``tokens``."""
+    return -(-tokens // (cfg.train.batch_size * cfg.model.tgt_len))
 
 
 def with_vocab_size(cfg: Config, size: int) -> Config:
@@ -437,9 +443,14 @@ def _validate_search_schedule(s: SearchConfig) -> None:
 def _validate_phase2(cfg: Config) -> None:
     if cfg.phase2.init not in ("scratch", "baseline"):
         raise PlanerError(f"config phase2.init must be scratch or baseline, got '{cfg.phase2.init}'")
-    _non_negative(cfg, "phase2", ["steps", "tokens"])
+    _non_negative(cfg, "phase2", ["steps", "tokens", "block_tokens"])
     if cfg.phase2.steps and cfg.phase2.tokens:
         raise PlanerError("config phase2.steps and phase2.tokens both set a budget: set one of them")
+    if cfg.phase2.block_tokens and cfg.phase2.block_tokens >= (cfg.phase2.tokens or math.inf):
+        raise PlanerError(
+            f"config phase2.block_tokens ({cfg.phase2.block_tokens}) must be less than the budget phase2.tokens "
+            f"({cfg.phase2.tokens}): the whole model trains on the rest"
+        )
 
 
 def _validate_search_picks(cfg: Config) -> None:

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from planer.config import Config, phase2_steps, saved_config_matches, with_vocab_size
+from planer.config import Config, phase2_steps, saved_config_matches, steps_for_tokens, with_vocab_size
 from planer.errors import PlanerError
 from planer.evaluation.evaluate import evaluate_run, score_split
 from planer.evaluation.importance import calibration_sample
@@ -148,7 +148,10 @@ class Pipeline:
 
     def recipe(self, arch: Arch, model: dict | None = None, search: Path | None = None) -> Recipe:
         """Phase 2's recipe for ``arch`` (``model``: a rival's changes to the config, such as another width)."""
-        return phase2_recipe(self.cfg.phase2, self.baseline, arch, search, same_width=not model)
+        block_steps = steps_for_tokens(self.cfg, self.cfg.phase2.block_tokens)
+        return phase2_recipe(
+            self.cfg.phase2, self.baseline, arch, search, same_width=not model, block_steps=block_steps
+        )
 
     def phase2_cfg(self, seed: int, model: dict | None = None) -> Config:
         """The config phase-2 models train with: the phase-2 budget, ``seed``, and ``model`` changes (a rival's)."""

@@ -120,6 +120,7 @@ class TrainingSummary(Record):
     params: int
     arch: list[str]
     recipe: dict | None = optional()
+    block_distillation: dict | None = optional()  # blocks.json of a training that first distilled changed blocks
     adopted_from: str | None = optional()
 
 
