@@ -1,4 +1,5 @@
-"""Head importance: how much a trained model's loss rises when one attention head alone is removed.
+"""Head importance: how much a trained model's loss rises when one attention head alone is removed; and the
+importance of a feed-forward block's hidden units (``rank_units``).
 
 Keeping the first h heads of a trained attention block is no choice at all: on the default config the found arch
 filled that way started at 4.38 BPC, against 2.29 for the baseline, and at 2.90 with each block's most important
@@ -105,6 +106,42 @@ def replaying(model: nn.Module, position: int, recorded: Recorded) -> Iterator[N
     finally:
         for p, block in enumerate(saved):
             model.blocks[p] = block
+
+
+@torch.no_grad()
+def rank_units(model: nn.Module, recorded: Recorded, positions: Collection[int] | None = None) -> Ranking:
+    """Every feed-forward block's hidden units (or those of the blocks at ``positions``), most important first.
+
+    A unit's importance is the mean size of what it adds to the block's output on the sample: the mean of its
+    activation's magnitude times the norm of its column of the second layer. That is the activation-based
+    ranking Minitron prunes neurons by, weighed by what the unit writes, and it needs only the block's own inputs,
+    which ``record_blocks`` holds, rather than a loss measured per unit (1,536 of them per SmolLM2 block).
+    Ties keep the lower unit first.
+    """
+    ranking: Ranking = {}
+    for position, block in enumerate(model.blocks):
+        parts = block.feed_forward() if isinstance(block, Block) else None
+        if parts is None or (positions is not None and position not in positions):
+            continue
+        second = parts[1]
+        total = torch.zeros(second.in_features, dtype=torch.float64)
+        count = 0
+
+        def add(_module, args):
+            nonlocal count
+            total.add_(args[0].abs().flatten(0, -2).sum(0).double().cpu())
+            count += args[0].flatten(0, -2).size(0)
+
+        hook = second.register_forward_pre_hook(add)
+        try:
+            for x, _ in recorded[position]:
+                block(x)
+        finally:
+            hook.remove()
+        importance = (total / max(count, 1) * second.weight.double().norm(dim=0).cpu()).tolist()
+        order = sorted(range(len(importance)), key=lambda u: (-importance[u], u))
+        ranking[position] = [(u, importance[u]) for u in order]
+    return ranking
 
 
 @torch.no_grad()

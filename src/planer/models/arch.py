@@ -7,6 +7,7 @@ times, and PLANER replaces each position with one option of its search space. A 
     attn:H         relative-position attention with H heads of d_head = d_model / n_head
     ffl            position-wise feed-forward, d_model -> d_inner -> d_model
     ffl:xM         the same with M * d_inner hidden units (the iso-parameter FFL)
+    ffl:N          the same with N hidden units (a narrowed FFL keeps the N most important of a trained one's)
     moe:topK       mixture of experts of FFL shape, K in {1, 2}, the config's number of experts
     moe:topK:eE    the same with E experts
 """
@@ -27,6 +28,7 @@ class BlockSpec:
     kind: str
     heads: int = 0  # attn
     width: int = 1  # ffl: multiple of d_inner
+    neurons: int = 0  # ffl: hidden units instead of a multiple of d_inner (0: width * d_inner)
     top_k: int = 0  # moe
     experts: int = 0  # moe; 0 means the model config's n_experts
 
@@ -47,6 +49,10 @@ class BlockSpec:
                 spec = BlockSpec("ffl", width=int(args[0][1:]))
                 if spec.width > 0:
                     return spec
+            if kind == "ffl" and len(args) == 1 and args[0].isdigit():
+                spec = BlockSpec("ffl", neurons=int(args[0]))
+                if spec.neurons > 0:
+                    return spec
             if kind == "moe" and 1 <= len(args) <= 2 and args[0] in ("top1", "top2"):
                 experts = 0
                 if len(args) == 2:
@@ -62,17 +68,21 @@ class BlockSpec:
         except ValueError:
             pass
         raise PlanerError(
-            f"unknown block '{text}': expected skip, attn:H, ffl, ffl:xM, moe:top1, moe:top2 or moe:topK:eE"
+            f"unknown block '{text}': expected skip, attn:H, ffl, ffl:xM, ffl:N, moe:top1, moe:top2 or moe:topK:eE"
         )
 
     def __str__(self) -> str:
         if self.kind == "attn":
             return f"attn:{self.heads}"
         if self.kind == "ffl":
-            return "ffl" if self.width == 1 else f"ffl:x{self.width}"
+            return f"ffl:{self.neurons}" if self.neurons else "ffl" if self.width == 1 else f"ffl:x{self.width}"
         if self.kind == "moe":
             return f"moe:top{self.top_k}" + (f":e{self.experts}" if self.experts else "")
         return self.kind
+
+    def hidden(self, d_inner: int) -> int:
+        """A feed-forward block's hidden units in a model whose ``ffl`` has ``d_inner``."""
+        return self.neurons or d_inner * self.width
 
 
 @dataclass(frozen=True)
@@ -127,11 +137,11 @@ class Arch:
         return iter(self.blocks)
 
     def short(self) -> str:
-        """A compact form for tables: s=skip, aH=attention, f=ffl, fxM=wide ffl, m1/m2=moe."""
+        """A compact form for tables: s=skip, aH=attention, f=ffl, fxM=wide ffl, fN=ffl of N units, m1/m2=moe."""
         codes = {
             "skip": lambda b: "s",
             "attn": lambda b: f"a{b.heads}",
-            "ffl": lambda b: "f" if b.width == 1 else f"fx{b.width}",
+            "ffl": lambda b: f"f{b.neurons}" if b.neurons else "f" if b.width == 1 else f"fx{b.width}",
             "moe": lambda b: f"m{b.top_k}" + (f"e{b.experts}" if b.experts else ""),
         }
         return "".join(codes[b.kind](b) for b in self.blocks)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HeadOrder = list[tuple[int, float]]  # a block's heads, most important first, with their importance (loss increase)
+UnitOrder = list[tuple[int, float]]  # a block's heads or hidden units, most important first, with their importance
 # A feed-forward block's first and second linear layers, its activation and whether it is pre-norm: what widening
 # and upcycling read (SwiGLU's first layer stacks the gate's rows, then the up projection's)
 FeedForwardParts = tuple[nn.Linear, nn.Linear, str, bool]
@@ -40,7 +40,7 @@ class Block(nn.Module):
         """This block's parts if it is a feed-forward block, else None."""
         return None
 
-    def inherit_heads(self, src: Block, order: HeadOrder) -> bool:
+    def inherit_heads(self, src: Block, order: UnitOrder) -> bool:
         """Start this attention block from the most important heads (``order``) of the trained ``src`` of its
         own kind; whether it could (False for blocks without heads)."""
         return False

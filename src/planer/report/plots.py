@@ -18,7 +18,8 @@ from matplotlib.transforms import Bbox  # noqa: E402
 from planer.models.arch import BlockSpec  # noqa: E402
 from planer.report.rows import ModelRow, bench_batches  # noqa: E402
 
-KIND_COLORS = {"skip": "#f0f0f0", "ffl": "#4c9f70", "ffl-wide": "#1f5e3a", "moe1": "#e6a23c", "moe2": "#b5651d"}
+KIND_COLORS = {"skip": "#f0f0f0", "ffl": "#4c9f70", "ffl-narrow": "#a1d99b", "ffl-wide": "#1f5e3a", "moe1": "#e6a23c",
+               "moe2": "#b5651d"}  # fmt: skip
 ATTN_COLORS = {1: "#c6dbef", 2: "#6baed6", 4: "#2171b5", 8: "#08306b"}
 
 
@@ -26,7 +27,7 @@ def block_color(spec: BlockSpec) -> str:
     if spec.kind == "attn":
         return ATTN_COLORS.get(spec.heads, "#08519c")
     if spec.kind == "ffl":
-        return KIND_COLORS["ffl" if spec.width == 1 else "ffl-wide"]
+        return KIND_COLORS["ffl-narrow" if spec.neurons else "ffl" if spec.width == 1 else "ffl-wide"]
     if spec.kind == "moe":
         return KIND_COLORS["moe1" if spec.top_k == 1 else "moe2"]
     return KIND_COLORS["skip"]
@@ -39,6 +40,7 @@ def legend_handles() -> list[Patch]:
     labels = {
         "skip": "skip",
         "ffl": "feed-forward",
+        "ffl-narrow": "narrowed feed-forward",
         "ffl-wide": "wide feed-forward",
         "moe1": "MoE top-1",
         "moe2": "MoE top-2",

@@ -19,6 +19,7 @@ import torch
 
 from planer.config import Config
 from planer.errors import PlanerError
+from planer.evaluation.importance import calibration_sample, rank_units, record_blocks
 from planer.io.checkpoint import SUPERNET, load_checkpoint, save_weights
 from planer.io.data import check_same_vocab
 from planer.io.records import Estimate, GumbelDetails, SearchRecord
@@ -122,7 +123,11 @@ class GumbelSearch:
         if init_from is not None:
             baseline, _, vocab = load_checkpoint(init_from)
             check_same_vocab(vocab, loop.corpus.vocab, str(init_from))
-            warm_start(self.net, baseline)
+            ranking = {}
+            if any(BlockSpec.parse(option).neurons for option in sc.space):  # narrowed feed-forward options
+                recorded = record_blocks(baseline, calibration_sample(cfg, loop.corpus.train))
+                ranking = rank_units(baseline, recorded[1])
+            warm_start(self.net, baseline, ranking)
         self.net.use_generator(self.gumbel)
         loop.place(self.net)
         weight_cfg = dataclasses.replace(cfg.train, steps=sc.epochs * sc.steps_per_epoch)

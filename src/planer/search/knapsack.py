@@ -27,12 +27,21 @@ from torch import nn
 from tqdm import tqdm
 
 from planer.errors import PlanerError
-from planer.evaluation.importance import Ranking, Recorded, Sample, rank_heads, record_blocks, replaying, sample_loss
+from planer.evaluation.importance import (
+    Ranking,
+    Recorded,
+    Sample,
+    rank_heads,
+    rank_units,
+    record_blocks,
+    replaying,
+    sample_loss,
+)
 from planer.io.records import Estimate, KnapsackDetails, LimitEstimate, Position, Record, SearchRecord
 from planer.latency.table import LatencyTable
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_block
-from planer.training.inherit import head_order, transfer
+from planer.training.inherit import transfer, unit_order
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ def option_block(spec: BlockSpec, baseline: nn.Module, position: int, ranking: R
         torch.manual_seed(position)
         block = build_block(spec, baseline.cfg)
     block = block.to(device=baseline.embed.weight.device, dtype=baseline.embed.weight.dtype)
-    if spec.kind == "skip" or transfer(block, spec, src, src_spec, head_order(ranking, position, src)) or random_ok:
+    if spec.kind == "skip" or transfer(block, spec, src, src_spec, unit_order(ranking, position, src)) or random_ok:
         return block
     return None
 
@@ -451,6 +460,8 @@ def measure(
     swaps = sum(block.n_head for block in baseline.blocks) + len(baseline.blocks) * len(options)
     with tqdm(total=swaps, desc="knapsack: heads and options", unit="swap", disable=not progress, leave=False) as bar:
         ranking = rank_heads(baseline, sample, recorded, bar)
+        if any(BlockSpec.parse(option).neurons for option in options):
+            ranking |= rank_units(baseline, recorded[1])
         base, increases = option_increases(baseline, options, sample, ranking, distill, recorded, bar)
     return Measured(
         options=options,

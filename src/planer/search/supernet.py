@@ -26,7 +26,7 @@ from planer.evaluation.importance import Ranking
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_block, build_model
 from planer.models.blocks import Block
-from planer.training.inherit import copy_outside_blocks, head_order, transfer
+from planer.training.inherit import copy_outside_blocks, transfer, unit_order
 
 
 class SuperBlock(Block):
@@ -133,8 +133,8 @@ def warm_start(net: SuperNet, baseline: nn.Module, ranking: Ranking | None = Non
     Options trained from scratch inside a short search stay weaker than the baseline's own blocks, and the latency
     loss then wins every comparison: the search drops attention it would have kept. Starting each option from the
     baseline block at its position (``planer.training.inherit.transfer``: attention from its most important heads by
-    ``ranking``, see ``planer.evaluation.importance.rank_heads``, its first heads where there is none; feed-forward as is;
-    MoE experts and wide feed-forward as copies of it) lets the architecture weights compare options that already
+    ``ranking``, see ``planer.evaluation.importance``, its first heads where there is none; feed-forward as is,
+    narrowed to its most important hidden units by ``ranking``, or as copies of it in MoE experts and wide blocks) lets the architecture weights compare options that already
     work, and starts them where phase 2's ``--init-from`` and the knapsack search start them. Everything outside
     the blocks (embedding, positions, final norm, output layer) is copied as it is.
     """
@@ -143,7 +143,7 @@ def warm_start(net: SuperNet, baseline: nn.Module, ranking: Ranking | None = Non
     copy_outside_blocks(net.model, baseline, "the warm-start model")
     done = 0
     for position, (block, spec, source) in enumerate(zip(net.blocks, baseline.arch, baseline.blocks)):
-        heads = head_order(ranking or {}, position, source)
+        order = unit_order(ranking or {}, position, source)
         for option, candidate in zip(block.options, block.candidates):
-            done += transfer(candidate, option, source, spec, heads)
+            done += transfer(candidate, option, source, spec, order)
     return done

@@ -3,7 +3,8 @@
 A block starts from a trained block at the same position when one can become the other without losing what it
 learnt: the same spec is copied; ``attn:h`` keeps the h most important heads of an ``attn:H`` (H >= h, ranked by
 evaluation/importance.py; each backbone's attention block says how it keeps heads, ``Block.inherit_heads``); a
-wider feed-forward block is copies of a narrower one (``widen``); a mixture of experts is experts that are copies
+wider feed-forward block is copies of a narrower one (``widen``), a narrower one keeps the most important hidden
+units of a wider one (``narrow``, ranked by evaluation/importance.py too); a mixture of experts is experts that are copies
 of a feed-forward block (``upcycle``). ``skip`` has nothing to inherit. Phase 1's warm start, phase 2's
 ``--init-from`` and the knapsack search's option measurements all go through ``transfer``, so the three start from
 the same weights. A block only ever starts from a block of its own kind.
@@ -21,7 +22,7 @@ from planer.errors import PlanerError
 from planer.evaluation.importance import Ranking
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_model
-from planer.models.blocks import Block, FeedForwardParts, HeadOrder
+from planer.models.blocks import Block, FeedForwardParts, UnitOrder
 
 if TYPE_CHECKING:
     from planer.search.supernet import SuperNet
@@ -69,6 +70,25 @@ def widen(dst: nn.Module, src: nn.Module) -> None:
     dst.norm.load_state_dict(src.norm.state_dict())
 
 
+def narrow(dst: nn.Module, src: nn.Module, order: UnitOrder) -> None:
+    """Start a feed-forward block of fewer hidden units than a trained one from that one's most important units.
+
+    The units kept stay in source order, so keeping every unit reproduces the source exactly. SwiGLU keeps a unit's
+    gate row and up row together (its first layer stacks the gates, then the ups).
+    """
+    (a, b, act, _), (a_src, b_src, _, _) = ffl_parts(dst), ffl_parts(src)
+    hidden = b_src.in_features
+    kept = torch.tensor(sorted(unit for unit, _ in order[: b.in_features]), device=a_src.weight.device)
+    rows = torch.cat([kept + part * hidden for part in range(2 if act == "swiglu" else 1)])
+    with torch.no_grad():
+        a.weight.copy_(a_src.weight[rows])
+        b.weight.copy_(b_src.weight[:, kept])
+        if a_src.bias is not None:
+            a.bias.copy_(a_src.bias[rows])
+            b.bias.copy_(b_src.bias)
+    dst.norm.load_state_dict(src.norm.state_dict())
+
+
 def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
@@ -87,6 +107,19 @@ def _widens(dst: nn.Module, src: nn.Module) -> bool:
     )
 
 
+def _narrows(dst: nn.Module, src: nn.Module) -> bool:
+    """Whether ``dst`` is a feed-forward block of ``src``'s kind with fewer hidden units."""
+    d, s = ffl_parts(dst), ffl_parts(src)
+    return (
+        d is not None
+        and s is not None
+        and type(dst) is type(src)
+        and d[2] == s[2]
+        and d[0].in_features == s[0].in_features
+        and d[0].out_features < s[0].out_features
+    )
+
+
 def _upcycles(dst: nn.Module, src: nn.Module) -> bool:
     """Whether the MoE block ``dst`` has experts of the feed-forward block ``src``'s shape, activation and norm."""
     s = ffl_parts(src)
@@ -99,17 +132,19 @@ def _upcycles(dst: nn.Module, src: nn.Module) -> bool:
     )
 
 
-def transfer(dst: nn.Module, dst_spec: BlockSpec, src: nn.Module, src_spec: BlockSpec, heads: HeadOrder) -> bool:
+def transfer(dst: nn.Module, dst_spec: BlockSpec, src: nn.Module, src_spec: BlockSpec, order: UnitOrder) -> bool:
     """Fill ``dst`` from the trained ``src`` where one can start as the other; returns whether it did.
 
-    ``heads`` are ``src``'s heads most important first, with their importance (attention only; see head_order).
+    ``order``: ``src``'s heads or hidden units most important first, with their importance (see ``unit_order``).
     """
     if dst_spec == src_spec and type(dst) is type(src) and _same_shapes(dst, src):
         dst.load_state_dict(src.state_dict())
     elif dst_spec.kind == src_spec.kind == "attn" and type(dst) is type(src):
-        return dst.inherit_heads(src, heads)
+        return dst.inherit_heads(src, order)
     elif dst_spec.kind == src_spec.kind == "ffl" and _widens(dst, src):
         widen(dst, src)
+    elif dst_spec.kind == src_spec.kind == "ffl" and _narrows(dst, src):
+        narrow(dst, src, order)
     elif dst_spec.kind == "moe" and src_spec.kind == "ffl" and _upcycles(dst, src):
         upcycle(dst, src)
     else:
@@ -117,12 +152,20 @@ def transfer(dst: nn.Module, dst_spec: BlockSpec, src: nn.Module, src_spec: Bloc
     return True
 
 
-def head_order(ranking: Ranking, position: int, block: nn.Module) -> HeadOrder:
-    """The heads of an attention ``block`` at ``position`` most important first ([] for other blocks); without a
-    ranking there, its heads in order, all of importance 0 (so reduced blocks keep the first heads)."""
-    if not block.n_head:
+def hidden_units(block: nn.Module) -> int:
+    """A feed-forward block's hidden units (0 for any other block)."""
+    parts = ffl_parts(block)
+    return 0 if parts is None else parts[1].in_features
+
+
+def unit_order(ranking: Ranking, position: int, block: nn.Module) -> UnitOrder:
+    """The heads of an attention ``block`` at ``position``, or the hidden units of a feed-forward one, most important
+    first ([] for other blocks); without a ranking there, in order, all of importance 0 (so a reduced block keeps
+    the first ones)."""
+    units = hidden_units(block) or block.n_head
+    if not units:
         return []
-    return list(ranking[position]) if position in ranking else [(h, 0.0) for h in range(block.n_head)]
+    return list(ranking[position]) if position in ranking else [(u, 0.0) for u in range(units)]
 
 
 def copy_outside_blocks(dst: nn.Module, src: nn.Module, what: str = "the source") -> None:
@@ -158,7 +201,7 @@ def inherit(source: nn.Module, arch: Arch, ranking: Ranking, cfg: ModelConfig | 
     model = build_model(cfg, arch).to(source.embed.weight.device)
     copy_outside_blocks(model, source)
     for position, (spec, block, src_spec, src) in enumerate(zip(arch, model.blocks, source.arch, source.blocks)):
-        if spec.kind != "skip" and not transfer(block, spec, src, src_spec, head_order(ranking, position, src)):
+        if spec.kind != "skip" and not transfer(block, spec, src, src_spec, unit_order(ranking, position, src)):
             raise PlanerError(f"block {position} ({spec}) cannot be inherited from the source's {src_spec}")
     return model
 
@@ -194,6 +237,6 @@ def can_inherit(source: nn.Module, arch: Arch, cfg: ModelConfig | None = None) -
     with torch.random.fork_rng(devices=[]):
         trial = build_model(cfg, arch)
     return all(
-        spec.kind == "skip" or transfer(block, spec, src, src_spec, head_order({}, i, src))
+        spec.kind == "skip" or transfer(block, spec, src, src_spec, unit_order({}, i, src))
         for i, (spec, block, src_spec, src) in enumerate(zip(arch, trial.blocks, source.arch, source.blocks))
     )

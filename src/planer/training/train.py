@@ -16,7 +16,7 @@ import torch
 
 from planer.config import Config, Phase2Config
 from planer.errors import PlanerError
-from planer.evaluation.importance import calibration_sample, rank_heads
+from planer.evaluation.importance import calibration_sample, rank_heads, rank_units, record_blocks
 from planer.io.checkpoint import SUPERNET, atomic_write_text, load_checkpoint, load_weights, read_json_object
 from planer.io.data import Corpus, Vocab, check_same_vocab
 from planer.io.records import SearchRecord, TrainingSummary
@@ -24,7 +24,7 @@ from planer.models.arch import Arch
 from planer.models.backbone import build_model
 from planer.search.supernet import SuperNet
 from planer.training.blockwise import BLOCKS_FILE, changed_blocks, distil_blocks
-from planer.training.inherit import can_inherit, from_supernet, inherit
+from planer.training.inherit import can_inherit, from_supernet, hidden_units, inherit
 from planer.training.loop import Fit, Loop, Progress, RunOptions
 from planer.training.step import Teacher, WeightTrainer
 
@@ -77,11 +77,15 @@ def inherited_weights(source: Path, cfg: Config, arch: Arch, corpus: Corpus) -> 
         return from_supernet(net, arch, cfg.model).state_dict()
     model, _, vocab = load_checkpoint(source)
     check_same_vocab(vocab, corpus.vocab, str(source))
-    # only blocks that keep fewer heads than their source's need a ranking: all heads are kept in source order
-    reduced = {
-        p for p, (spec, src) in enumerate(zip(arch, model.blocks)) if spec.kind == "attn" and spec.heads < src.n_head
-    }
-    ranking = rank_heads(model, calibration_sample(cfg, corpus.train), positions=reduced) if reduced else {}
+    # only blocks that keep fewer heads or hidden units than their source's need a ranking: all are kept in order
+    pairs = list(enumerate(zip(arch, model.blocks)))
+    heads = {p for p, (spec, src) in pairs if spec.kind == "attn" and spec.heads < src.n_head}
+    units = {p for p, (spec, src) in pairs if spec.kind == "ffl" and spec.hidden(cfg.model.d_inner) < hidden_units(src)}
+    if not heads and not units:
+        return inherit(model, arch, {}, cfg.model).state_dict()
+    sample = calibration_sample(cfg, corpus.train)
+    recorded = record_blocks(model, sample)
+    ranking = rank_heads(model, sample, recorded, positions=heads) | rank_units(model, recorded[1], units)
     return inherit(model, arch, ranking, cfg.model).state_dict()
 
 

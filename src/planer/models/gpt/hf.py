@@ -344,7 +344,7 @@ def export_layout(cfg: ModelConfig, arch: Arch) -> Layout:
     pairs = list(zip(arch.blocks[0::2], arch.blocks[1::2]))
     if len(arch) % 2 or not all(a.kind == "attn" and f.kind == "ffl" for a, f in pairs):
         raise PlanerError(f"cannot export {arch.short()}: every layer must be attn:H then ffl (no skip, no MoE)")
-    heads, widths = sorted({a.heads for a, _ in pairs}), sorted({f.width for _, f in pairs})
+    heads, widths = sorted({a.heads for a, _ in pairs}), sorted({f.hidden(cfg.d_inner) for _, f in pairs})
     if len(heads) > 1 or len(widths) > 1:
         raise PlanerError(f"cannot export {arch.short()}: layers differ (heads {heads}, ffl widths {widths})")
     H = heads[0]
@@ -359,7 +359,7 @@ def export_layout(cfg: ModelConfig, arch: Arch) -> Layout:
         H,
         kv_heads(cfg, H),
         cfg.d_head,
-        widths[0] * cfg.d_inner,
+        widths[0],
         cfg.vocab_size,
         cfg.context,
         cfg.tie_embeddings,

@@ -22,7 +22,7 @@ from torch import nn
 from planer.config import ModelConfig
 from planer.errors import PlanerError
 from planer.models.arch import Arch, BlockSpec
-from planer.models.blocks import Block, FeedForwardParts, HeadOrder, Skip
+from planer.models.blocks import Block, FeedForwardParts, Skip, UnitOrder
 from planer.models.gpt.cache import CacheDecoder, KVCache, LayerCache, cached_attention
 from planer.models.language_model import LanguageModel, init_weights
 from planer.models.moe import MoEConfig, MoEFeedForward, activate
@@ -83,7 +83,7 @@ class Attention(Block):
         """The query heads, under ``Block``'s name: head importance counts every backbone's heads alike."""
         return self.heads
 
-    def inherit_heads(self, src: Block, order: HeadOrder) -> bool:
+    def inherit_heads(self, src: Block, order: UnitOrder) -> bool:
         """The query heads and key/value groups ``kept_groups`` chooses of ``src`` (see ``copy_grouped_heads``)."""
         return copy_grouped_heads(self, src, order)
 
@@ -137,7 +137,7 @@ class MLP(Block):
         return x + self.drop(self.down(activate(self.up(self.norm(x)), self.act)))
 
 
-def kept_groups(order: HeadOrder, heads: int, kv: int, keep: int, keep_kv: int) -> tuple[list[int], list[int]] | None:
+def kept_groups(order: UnitOrder, heads: int, kv: int, keep: int, keep_kv: int) -> tuple[list[int], list[int]] | None:
     """The query heads and key/value heads an ``attn:keep`` with ``keep_kv`` key/value heads keeps of a block with
     ``heads`` query heads over ``kv`` key/value heads; None when none can.
 
@@ -160,7 +160,7 @@ def kept_groups(order: HeadOrder, heads: int, kv: int, keep: int, keep_kv: int) 
     return [h for g in groups for h in sorted(h for h, _ in best[g])], groups
 
 
-def copy_grouped_heads(dst: Attention, src: Attention, order: HeadOrder) -> bool:
+def copy_grouped_heads(dst: Attention, src: Attention, order: UnitOrder) -> bool:
     """Give a gpt attention block the query heads and key/value heads ``kept_groups`` chooses of a trained one
     (their rows of the fused q/k/v projection, the query heads' output columns, the output bias, the norm)."""
     kept = kept_groups(order, src.heads, src.kv, dst.heads, dst.kv)
@@ -187,7 +187,7 @@ def build_block(spec: BlockSpec, cfg: ModelConfig) -> Block:
     if spec.kind == "attn":
         return Attention(cfg, spec.heads)
     if spec.kind == "ffl":
-        return MLP(cfg, cfg.d_inner * spec.width)
+        return MLP(cfg, spec.hidden(cfg.d_inner))
     if spec.kind == "moe":
         experts = MoEConfig(cfg.d_model, cfg.d_inner, spec.experts or cfg.n_experts, spec.top_k, cfg.moe_dropout,
                             activation=activation(cfg), bias=cfg.flavour == "gpt2")  # fmt: skip

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from planer.errors import PlanerError
-from planer.models.blocks import Block, FeedForwardParts, HeadOrder
+from planer.models.blocks import Block, FeedForwardParts, UnitOrder
 
 
 class FeedForward(Block):
@@ -97,7 +97,7 @@ class RelAttention(Block):
         nn.init.normal_(self.r_w_bias, 0.0, std)
         nn.init.normal_(self.r_r_bias, 0.0, std)
 
-    def inherit_heads(self, src: Block, order: HeadOrder) -> bool:
+    def inherit_heads(self, src: Block, order: UnitOrder) -> bool:
         """The ``n_head`` most important of ``src``'s heads, kept in their order (see ``copy_heads``)."""
         if self.n_head > src.n_head or self.d_head != src.d_head:
             return False

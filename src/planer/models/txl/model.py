@@ -28,7 +28,7 @@ def build_block(spec: BlockSpec, cfg: ModelConfig) -> nn.Module:
     if spec.kind == "attn":
         return RelAttention(cfg.d_model, spec.heads, cfg.d_head, cfg.dropout, cfg.dropatt)
     if spec.kind == "ffl":
-        return FeedForward(cfg.d_model, cfg.d_inner * spec.width, cfg.dropout)
+        return FeedForward(cfg.d_model, spec.hidden(cfg.d_inner), cfg.dropout)
     if spec.kind == "moe":
         from planer.models.moe import MoEConfig, MoEFeedForward
 
