@@ -17,7 +17,9 @@ def test_baseline():
     assert str(Arch.baseline(2, 8)) == "attn:8 ffl attn:8 ffl"
 
 
-@pytest.mark.parametrize("bad", ["attn", "attn:0", "attn:x", "conv", "ffl:y2", "ffl:0", "ffl:-4", "moe:top3", "moe:top2:e1", "skip:1", ""])
+@pytest.mark.parametrize(
+    "bad", ["attn", "attn:0", "attn:x", "conv", "ffl:y2", "ffl:0", "ffl:-4", "moe:top3", "moe:top2:e1", "skip:1", ""]
+)
 def test_unknown_blocks_are_refused(bad):
     with pytest.raises(PlanerError):
         BlockSpec.parse(bad) if bad else Arch.parse(bad)

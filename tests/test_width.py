@@ -111,3 +111,20 @@ def test_phase2_ranks_the_units_of_the_narrowed_blocks_only(trained_tiny, tiny_c
     )
     weights = train.inherited_weights(tmp_path / "base", cfg, Arch.parse("attn:4 ffl attn:4 ffl:16"), corpus)
     assert ranked == [{3}] and weights["blocks.3.fc1.weight"].shape == (16, cfg.model.d_model)
+
+
+def test_the_uniform_width_rival_narrows_every_block_alike_to_the_nearest_latency(tiny_cfg):
+    from conftest import hand_table
+
+    from planer.search.designs import uniform_width_rival
+
+    cfg = tiny_cfg()  # 2 layers, 4 heads, d_inner 64
+    ms = {"skip": 0.0, "attn:2": 1.0, "attn:4": 2.0, "ffl:16": 0.4, "ffl:32": 0.8, "ffl": 1.6}
+    table = hand_table(cfg, ms, fixed=1.0)
+    # found model at 1 + 2 * (2.0 + 0.8) = 6.6 ms: attn:4 with ffl:32 everywhere hits it exactly
+    rival = uniform_width_rival(6.6, table, cfg.model)
+    assert rival.arch == Arch.parse("attn:4 ffl:32 attn:4 ffl:32") and rival.within
+    # 1 + 2 * (1.0 + 0.4) = 3.8 ms: the fewest heads and the narrowest blocks
+    assert uniform_width_rival(3.8, table, cfg.model).arch == Arch.parse("attn:2 ffl:16 attn:2 ffl:16")
+    with pytest.raises(PlanerError, match="ffl:N"):
+        uniform_width_rival(6.6, hand_table(cfg, {"attn:4": 2.0, "ffl": 1.6}), cfg.model)

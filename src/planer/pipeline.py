@@ -38,7 +38,7 @@ from planer.io.checkpoint import (
 from planer.io.data import check_same_vocab, load_corpus
 from planer.io.records import Manifest, SearchRecord, TrainingSummary
 from planer.latency.table import LatencyTable, at_batch, bench, load_or_profile
-from planer.models.arch import Arch
+from planer.models.arch import Arch, BlockSpec
 from planer.report.markdown import write_report
 from planer.search.designs import (
     PRUNE_RIVALS,
@@ -90,6 +90,8 @@ class Plan:
         for d in self.designs:
             if d.startswith("sandwich:"):
                 named_arch(d, cfg.model)  # a bad K stops the run before any work
+        if "uniform-width" in self.rivals and not any(BlockSpec.parse(s).neurons for s in cfg.search.space):
+            raise PlanerError("the uniform-width rival needs narrowed feed-forward options (ffl:N) in search.space")
 
 
 @dataclass(frozen=True)

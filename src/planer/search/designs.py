@@ -248,9 +248,28 @@ def drop_sublayers_rival(found_ms: float, table: LatencyTable, calibration: Cali
     return dataclasses.replace(rival, measured={"removals": removals, "taken": archs.index(rival.arch)})
 
 
+def uniform_width_rival(found_ms: float, table: LatencyTable, cfg: ModelConfig) -> Rival:
+    """``uniform-width`` (Minitron's width pruning): every layer kept, every feed-forward block narrowed alike to
+    one width the table holds and every attention block keeping the same heads, the pair whose estimate is
+    nearest the found model's; the most heads, then the widest, first among equals. Phase 2 starts it from the
+    baseline's most important units and heads, as it starts the found model."""
+    ffl = [BlockSpec.parse(s) for s in table.blocks if s.startswith("ffl")]
+    widths = sorted({spec.neurons for spec in ffl if 0 < spec.neurons < cfg.d_inner}, reverse=True)
+    if not widths:
+        raise PlanerError(
+            "the uniform-width rival narrows feed-forward blocks to widths the latency table holds: add ffl:N "
+            "options to search.space"
+        )
+    heads = sorted({BlockSpec.parse(s).heads for s in table.blocks if s.startswith("attn:")}, reverse=True)
+    layers = [(BlockSpec("attn", heads=h), BlockSpec("ffl", neurons=n)) for h in heads for n in widths]
+    archs = [Arch(layer * cfg.n_layer) for layer in layers]
+    return closest("uniform-width", [(a, {}, table.estimate(a) / found_ms) for a in archs], "table")
+
+
 DENSE_RIVALS = ("dense-depth", "dense-heads", "dense-width")
 PRUNE_RIVALS = ("drop-layers", "drop-sublayers")
-RIVALS = (*DENSE_RIVALS, *PRUNE_RIVALS)
+WIDTH_RIVALS = ("uniform-width",)  # asked for by name: the search space must offer narrowed feed-forward blocks
+RIVALS = (*DENSE_RIVALS, *PRUNE_RIVALS, *WIDTH_RIVALS)
 RIVAL_GROUPS = {"dense": DENSE_RIVALS, "prune": PRUNE_RIVALS}  # the names that ask for a group of rivals
 
 
@@ -273,5 +292,6 @@ def rivals(
         "dense-width": lambda: width_rival(found, cfg, measure),
         "drop-layers": lambda: drop_layers_rival(found_ms, table, calibration),
         "drop-sublayers": lambda: drop_sublayers_rival(found_ms, table, calibration),
+        "uniform-width": lambda: uniform_width_rival(found_ms, table, cfg.model),
     }
     return [sizers[name]() for name in names]
