@@ -71,6 +71,20 @@ def test_saved_configs_match_whatever_the_current_folder(project, monkeypatch, t
     assert not saved_config_matches(saved, load_config(config, ["data.level=word"]))
 
 
+def test_a_config_saved_before_a_key_was_added_still_matches(project, tmp_path):
+    """A run made by an earlier planer continues: the keys added since read as their defaults."""
+    _, config = project
+    saved = tmp_path / "saved.yaml"
+    load_config(config).save(saved)
+    text = saved.read_text()
+    assert "  block_tokens: 0\n" in text
+    saved.write_text(text.replace("  block_tokens: 0\n", ""))
+    assert saved_config_matches(saved, load_config(config))
+    assert not saved_config_matches(saved, load_config(config, ["phase2.block_tokens=64", "phase2.tokens=640"]))
+    saved.write_text(text.replace("  block_tokens: 0\n", "  block_tokens: 0\n  retired_key: 1\n"))
+    assert not saved_config_matches(saved, load_config(config))
+
+
 @pytest.mark.parametrize("text, value", [("3e-4", 3e-4), ("1e5", 1e5), ("+2.5E+3", 2500.0), (".5e-1", 0.05)])
 def test_scientific_notation_is_a_number(tmp_path, text, value):
     config = tmp_path / "c.yaml"

@@ -307,13 +307,19 @@ def saved_config_matches(path: Path, cfg: Config) -> bool:
     """Whether the config a run directory saved (``config.yaml``) is ``cfg``; a damaged one is refused.
 
     Relative paths in it (written by planer before configs held absolute ones) are read from the current folder,
-    as planer then read them.
+    as planer then read them. A key added to planer since it was saved reads as its default, which is what that
+    run computed with, so a run continues after an upgrade; one it holds that planer no longer knows does not match.
     """
     try:
         saved = _yaml(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         raise PlanerError(f"{path} is damaged; use another --out or --force") from None
-    return isinstance(saved, dict) and _absolute_paths(saved, Path.cwd()) == cfg.to_dict()
+    if not isinstance(saved, dict):
+        return False
+    try:
+        return config_from_dict(_absolute_paths(saved, Path.cwd())).to_dict() == cfg.to_dict()
+    except PlanerError:
+        return False
 
 
 def describe(cfg: Config) -> list[tuple[str, str, object, object]]:
