@@ -147,8 +147,14 @@ def test_export_loads_back_into_transformers(folders, flavour, tmp_path):
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
 
 
-def test_export_with_fewer_heads_everywhere(folders, tmp_path):
-    """A uniform found model with fewer heads than the baseline: Llama states its head size, so it exports."""
+@pytest.mark.parametrize(
+    "arch, heads, kv, inner",
+    [("attn:2 ffl:x2 attn:2 ffl:x2", 2, 1, 2), ("attn:4/kv1 ffl:24 attn:4/kv1 ffl:24", 4, 1, None)],
+    ids=["fewer-heads-wider", "shared-kv-narrower"],
+)
+def test_export_of_a_uniform_reduced_model(folders, tmp_path, arch, heads, kv, inner):
+    """A uniform found model with fewer heads, key/value heads or hidden units than the baseline: Llama states
+    its head size, key/value heads and MLP width, so it exports."""
     import planer
     from planer.io.checkpoint import load_checkpoint, save_checkpoint
     from planer.models.arch import Arch
@@ -157,12 +163,13 @@ def test_export_with_fewer_heads_everywhere(folders, tmp_path):
     _, _, out = folders["llama"]
     _, cfg, vocab = load_checkpoint(out)
     torch.manual_seed(0)
-    model = build_model(cfg.model, Arch.parse("attn:2 ffl:x2 attn:2 ffl:x2"))
+    model = build_model(cfg.model, Arch.parse(arch))
     (tmp_path / "found").mkdir()
     save_checkpoint(tmp_path / "found", model, cfg, vocab)
     assert main(["export", "--run", str(tmp_path / "found"), "--hf", str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert hf.config.num_attention_heads == 2 and hf.config.num_key_value_heads == 1
+    assert (hf.config.num_attention_heads, hf.config.num_key_value_heads) == (heads, kv)
+    assert hf.config.intermediate_size == (cfg.model.d_inner * inner if inner else 24)
     logits_close(hf, planer.load(tmp_path / "found")[0], torch.randint(0, V, (1, 20)))
 
 

@@ -128,3 +128,66 @@ def test_the_uniform_width_rival_narrows_every_block_alike_to_the_nearest_latenc
     assert uniform_width_rival(3.8, table, cfg.model).arch == Arch.parse("attn:2 ffl:16 attn:2 ffl:16")
     with pytest.raises(PlanerError, match="ffl:N"):
         uniform_width_rival(6.6, hand_table(cfg, {"attn:4": 2.0, "ffl": 1.6}), cfg.model)
+
+
+def test_key_value_specs_read_back_and_need_a_divisor():
+    spec = BlockSpec.parse("attn:9/kv1")
+    assert (spec.heads, spec.kv, str(spec)) == (9, 1, "attn:9/kv1")
+    assert Arch.parse("attn:9/kv3 ffl").short() == "a9k3f"
+    for bad in ("attn:9/kv2", "attn:9/kv0", "attn:9/k1"):
+        with pytest.raises(PlanerError, match="attn:H/kvK"):
+            BlockSpec.parse(bad)
+
+
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+def test_merging_equal_key_value_heads_reproduces_the_logits(flavour):
+    """Heads that read equal keys and values lose nothing when they share one key/value head."""
+    cfg = tiny_gpt(flavour, n_kv_head=4 if flavour == "gpt2" else 2)
+    torch.manual_seed(0)
+    source = build_model(cfg, Arch.baseline(2, cfg.n_head)).eval()
+    H, K, Dh = cfg.n_head, cfg.n_kv_head, cfg.d_head
+    with torch.no_grad():
+        for block in source.blocks[0::2]:
+            w = block.qkv.weight.view(H + 2 * K, Dh, -1)
+            w[H + 1 : H + K] = w[H]  # every key head equal to the first
+            w[H + K + 1 :] = w[H + K]  # every value head equal to the first
+            if block.qkv.bias is not None:
+                b = block.qkv.bias.view(H + 2 * K, Dh)
+                b[H + 1 : H + K], b[H + K + 1 :] = b[H], b[H + K]
+    merged = inherit(source, Arch.parse(f"attn:{H}/kv1 ffl attn:{H}/kv1 ffl"), {}).eval()
+    assert merged.blocks[0].kv == 1 and merged.blocks[0].qkv.out_features == (H + 2) * Dh
+    ids = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(merged(ids)[0], source(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_block_over_fewer_key_value_heads_decodes_with_a_smaller_cache():
+    from planer.models.gpt.cache import KVCache
+
+    cfg = tiny_gpt("llama")
+    torch.manual_seed(0)
+    model = build_model(cfg, Arch.parse("attn:4/kv1 ffl attn:4 ffl:16")).eval()
+    ids = torch.randint(0, 50, (1, 12))
+    cache = KVCache(model, 1, 16)
+    assert [layer.k.shape[1] for layer in cache.layers if layer is not None] == [1, 2]
+    with torch.no_grad():
+        full, _ = model(ids)
+        first, cache = model(ids[:, :8], cache)
+        rest = [model(ids[:, i : i + 1], cache)[0] for i in range(8, 12)]
+    torch.testing.assert_close(torch.cat([first, *rest], 1), full, atol=1e-5, rtol=0)
+
+
+def test_the_txl_backbone_refuses_key_value_options():
+    with pytest.raises(PlanerError, match="key/value"):
+        build_model(tiny_model(), Arch.parse("attn:4/kv2 ffl attn:4 ffl"))
+
+
+def test_width_and_key_value_options_are_profiled_at_decode(tiny_cfg):
+    """At decode the block over one key/value head reads half the cache of the model's own grouping."""
+    from conftest import LLAMA_SETTINGS
+
+    cfg = tiny_cfg(*LLAMA_SETTINGS, "model.n_positions=48", "latency.context=40", "latency.workload=decode",
+                   "latency.repeats=3", "latency.warmup=1", "latency.batch_size=2",
+                   "search.space=[skip,attn:4,attn:4/kv1,ffl:32,ffl]")  # fmt: skip
+    cfg.model.vocab_size = 40
+    table = profile(cfg)
+    assert {"attn:4/kv1", "ffl:32"} <= set(table.blocks)

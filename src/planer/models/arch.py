@@ -5,6 +5,8 @@ times, and PLANER replaces each position with one option of its search space. A 
 
     skip           identity
     attn:H         relative-position attention with H heads of d_head = d_model / n_head
+    attn:H/kvK     (gpt backbone) the same with K key/value heads, each read by H / K query heads: a trained
+                   block's key/value heads merged group by group, as grouped-query attention is made from heads
     ffl            position-wise feed-forward, d_model -> d_inner -> d_model
     ffl:xM         the same with M * d_inner hidden units (the iso-parameter FFL)
     ffl:N          the same with N hidden units (a narrowed FFL keeps the N most important of a trained one's)
@@ -27,6 +29,7 @@ KINDS = ("skip", "attn", "ffl", "moe")
 class BlockSpec:
     kind: str
     heads: int = 0  # attn
+    kv: int = 0  # attn: key/value heads (0: the model's grouping, see models/gpt/model.py's kv_heads)
     width: int = 1  # ffl: multiple of d_inner
     neurons: int = 0  # ffl: hidden units instead of a multiple of d_inner (0: width * d_inner)
     top_k: int = 0  # moe
@@ -40,8 +43,9 @@ class BlockSpec:
             if kind == "skip" and not args:
                 return BlockSpec("skip")
             if kind == "attn" and len(args) == 1:
-                spec = BlockSpec("attn", heads=int(args[0]))
-                if spec.heads > 0:
+                heads, _, kv = args[0].partition("/kv")
+                spec = BlockSpec("attn", heads=int(heads), kv=int(kv) if kv else 0)
+                if spec.heads > 0 and (not kv or (spec.kv > 0 and spec.heads % spec.kv == 0)):
                     return spec
             if kind == "ffl" and not args:
                 return BlockSpec("ffl")
@@ -68,12 +72,13 @@ class BlockSpec:
         except ValueError:
             pass
         raise PlanerError(
-            f"unknown block '{text}': expected skip, attn:H, ffl, ffl:xM, ffl:N, moe:top1, moe:top2 or moe:topK:eE"
+            f"unknown block '{text}': expected skip, attn:H, attn:H/kvK (K dividing H), ffl, ffl:xM, ffl:N, moe:top1, "
+            "moe:top2 or moe:topK:eE"
         )
 
     def __str__(self) -> str:
         if self.kind == "attn":
-            return f"attn:{self.heads}"
+            return f"attn:{self.heads}" + (f"/kv{self.kv}" if self.kv else "")
         if self.kind == "ffl":
             return f"ffl:{self.neurons}" if self.neurons else "ffl" if self.width == 1 else f"ffl:x{self.width}"
         if self.kind == "moe":
@@ -137,10 +142,11 @@ class Arch:
         return iter(self.blocks)
 
     def short(self) -> str:
-        """A compact form for tables: s=skip, aH=attention, f=ffl, fxM=wide ffl, fN=ffl of N units, m1/m2=moe."""
+        """A compact form for tables: s=skip, aH=attention, aHkK=attention over K key/value heads, f=ffl, fxM=wide
+        ffl, fN=ffl of N units, m1/m2=moe."""
         codes = {
             "skip": lambda b: "s",
-            "attn": lambda b: f"a{b.heads}",
+            "attn": lambda b: f"a{b.heads}" + (f"k{b.kv}" if b.kv else ""),
             "ffl": lambda b: f"f{b.neurons}" if b.neurons else "f" if b.width == 1 else f"fx{b.width}",
             "moe": lambda b: f"m{b.top_k}" + (f"e{b.experts}" if b.experts else ""),
         }

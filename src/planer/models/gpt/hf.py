@@ -344,10 +344,13 @@ def export_layout(cfg: ModelConfig, arch: Arch) -> Layout:
     pairs = list(zip(arch.blocks[0::2], arch.blocks[1::2]))
     if len(arch) % 2 or not all(a.kind == "attn" and f.kind == "ffl" for a, f in pairs):
         raise PlanerError(f"cannot export {arch.short()}: every layer must be attn:H then ffl (no skip, no MoE)")
-    heads, widths = sorted({a.heads for a, _ in pairs}), sorted({f.hidden(cfg.d_inner) for _, f in pairs})
+    heads = sorted({(a.heads, a.kv or kv_heads(cfg, a.heads)) for a, _ in pairs})
+    widths = sorted({f.hidden(cfg.d_inner) for _, f in pairs})
     if len(heads) > 1 or len(widths) > 1:
-        raise PlanerError(f"cannot export {arch.short()}: layers differ (heads {heads}, ffl widths {widths})")
-    H = heads[0]
+        raise PlanerError(
+            f"cannot export {arch.short()}: layers differ (query/key-value heads {heads}, ffl widths {widths})"
+        )
+    H, KV = heads[0]
     if cfg.flavour == "gpt2" and H != cfg.n_head:
         raise PlanerError(f"cannot export {arch.short()}: GPT-2's head size is n_embd / n_head, so {cfg.n_head} heads")
     if cfg.d_model % H:
@@ -357,7 +360,7 @@ def export_layout(cfg: ModelConfig, arch: Arch) -> Layout:
         len(pairs),
         cfg.d_model,
         H,
-        kv_heads(cfg, H),
+        KV,
         cfg.d_head,
         widths[0],
         cfg.vocab_size,

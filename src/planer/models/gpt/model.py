@@ -30,8 +30,13 @@ from planer.models.moe import MoEConfig, MoEFeedForward, activate
 
 def kv_heads(cfg: ModelConfig, heads: int) -> int:
     """Key/value heads of an ``attn:heads`` block: about heads * n_kv_head / n_head, at least 1, dividing heads."""
-    groups = cfg.n_kv_head or cfg.n_head
-    n = max(1, heads * groups // cfg.n_head)
+    return grouped(heads, cfg.n_head, cfg.n_kv_head or cfg.n_head)
+
+
+def grouped(heads: int, n_head: int, n_kv: int) -> int:
+    """The key/value heads ``heads`` query heads keep of a grouping of ``n_head`` over ``n_kv``: about heads *
+    n_kv / n_head, at least 1, dividing heads."""
+    n = max(1, heads * n_kv // n_head)
     while heads % n:
         n -= 1
     return n
@@ -62,14 +67,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(Block):
-    """Causal self-attention with ``heads`` query heads and ``kv_heads(cfg, heads)`` key/value heads.
+    """Causal self-attention with ``heads`` query heads and ``kv`` key/value heads (by default ``kv_heads(cfg, heads)``).
 
     q, k and v come from one fused projection, laid out [q (heads * d_head), k, v], one product instead of three.
     """
 
-    def __init__(self, cfg: ModelConfig, heads: int):
+    def __init__(self, cfg: ModelConfig, heads: int, kv: int = 0):
         super().__init__()
-        self.heads, self.kv, self.d_head, self.dropatt = heads, kv_heads(cfg, heads), cfg.d_head, cfg.dropatt
+        self.heads, self.kv, self.d_head, self.dropatt = heads, kv or kv_heads(cfg, heads), cfg.d_head, cfg.dropatt
         bias = cfg.flavour == "gpt2"
         self.norm = make_norm(cfg)
         self.qkv = nn.Linear(cfg.d_model, (heads + 2 * self.kv) * cfg.d_head, bias=bias)
@@ -162,20 +167,31 @@ def kept_groups(order: UnitOrder, heads: int, kv: int, keep: int, keep_kv: int) 
 
 def copy_grouped_heads(dst: Attention, src: Attention, order: UnitOrder) -> bool:
     """Give a gpt attention block the query heads and key/value heads ``kept_groups`` chooses of a trained one
-    (their rows of the fused q/k/v projection, the query heads' output columns, the output bias, the norm)."""
-    kept = kept_groups(order, src.heads, src.kv, dst.heads, dst.kv)
-    if kept is None or dst.d_head != src.d_head:
+    (their rows of the fused q/k/v projection, the query heads' output columns, the output bias, the norm).
+
+    A block with fewer key/value heads than the source groups it keeps (``attn:H/kvK``) shares one among as many
+    consecutive kept groups: its key and value projections are theirs averaged, as grouped-query attention is
+    made from a multi-head checkpoint (Ainslie et al., 2023). Where those heads are equal it computes what the
+    source does.
+    """
+    H, K, Dh = src.heads, src.kv, src.d_head
+    keep_kv = grouped(dst.heads, H, K)  # the source groups the query heads come from
+    kept = kept_groups(order, H, K, dst.heads, keep_kv)
+    if kept is None or dst.d_head != src.d_head or keep_kv % dst.kv:
         return False
     queries, groups = kept
-    H, K, Dh = src.heads, src.kv, src.d_head
-    rows = [*queries, *(H + g for g in groups), *(H + K + g for g in groups)]  # the kept [q, k, v] row blocks
-    rows = torch.tensor(rows, device=src.qkv.weight.device)
-    D = src.out.out_features
+    q_rows = torch.tensor(queries, device=src.qkv.weight.device)
+    kv_rows = torch.tensor([H + g for g in groups] + [H + K + g for g in groups], device=src.qkv.weight.device)
+    D, share = src.out.out_features, keep_kv // dst.kv
+    w = src.qkv.weight.view(H + 2 * K, Dh, -1)  # the fused projection's row blocks: [q (H), k (K), v (K)]
     with torch.no_grad():
-        dst.qkv.weight.copy_(src.qkv.weight.view(H + 2 * K, Dh, -1)[rows].reshape(-1, src.qkv.in_features))
+        kv = w[kv_rows].view(2 * dst.kv, share, Dh, -1).mean(1)  # every run of `share` kept groups averaged
+        dst.qkv.weight.copy_(torch.cat([w[q_rows], kv]).reshape(-1, src.qkv.in_features))
         dst.out.weight.copy_(src.out.weight.view(D, H, Dh)[:, queries].reshape(D, -1))
         if src.qkv.bias is not None:
-            dst.qkv.bias.copy_(src.qkv.bias.view(H + 2 * K, Dh)[rows].reshape(-1))
+            bias = src.qkv.bias.view(H + 2 * K, Dh)
+            kv = bias[kv_rows].view(2 * dst.kv, share, Dh).mean(1)
+            dst.qkv.bias.copy_(torch.cat([bias[q_rows], kv]).reshape(-1))
             dst.out.bias.copy_(src.out.bias)
     dst.norm.load_state_dict(src.norm.state_dict())
     return True
@@ -185,7 +201,7 @@ def build_block(spec: BlockSpec, cfg: ModelConfig) -> Block:
     if spec.kind == "skip":
         return Skip()
     if spec.kind == "attn":
-        return Attention(cfg, spec.heads)
+        return Attention(cfg, spec.heads, spec.kv)
     if spec.kind == "ffl":
         return MLP(cfg, spec.hidden(cfg.d_inner))
     if spec.kind == "moe":

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from planer.config import ModelConfig
+from planer.errors import PlanerError
 from planer.models.arch import Arch, BlockSpec
 from planer.models.blocks import Skip
 from planer.models.language_model import LanguageModel, init_weights
@@ -26,6 +27,8 @@ def build_block(spec: BlockSpec, cfg: ModelConfig) -> nn.Module:
     if spec.kind == "skip":
         return Skip()
     if spec.kind == "attn":
+        if spec.kv:
+            raise PlanerError(f"block {spec}: the txl backbone's attention has no key/value heads of its own to share")
         return RelAttention(cfg.d_model, spec.heads, cfg.d_head, cfg.dropout, cfg.dropatt)
     if spec.kind == "ffl":
         return FeedForward(cfg.d_model, spec.hidden(cfg.d_inner), cfg.dropout)
