@@ -154,7 +154,8 @@ def draw_samples(rows: list[ModelRow]) -> tuple[list[ModelRow], dict[str, dict],
 
 def architectures(rows: list[ModelRow]) -> list[str]:
     return [
-        "Architectures, block by block (s skip, aH attention with H heads, f feed-forward, m1/m2 MoE top-1/top-2):",
+        "Architectures, block by block (s skip, aH attention with H heads, aHkK the same over K key/value heads, f "
+        "feed-forward, fN feed-forward of N hidden units, m1/m2 MoE top-1/top-2):",
         "",
         *[f"- {r.name}: `{r.arch}`" for r in rows],
     ]
