@@ -230,7 +230,9 @@ def cmd_export(args) -> None:
     from planer.io.checkpoint import export
 
     if args.hf is not None:
-        print(f"wrote {export(args.run, 'hf', args.hf, args.force)}: a Hugging Face folder transformers loads")
+        result = export(args.run, "hf", args.hf, args.force)
+        how = "with planer's modeling code: load it with trust_remote_code=True" if result["remote_code"] else "plain"
+        print(f"wrote {result['path']}: {result['architecture']}, {how}")
         return
     result = export(args.run, "onnx", args.onnx, args.force)
     print(

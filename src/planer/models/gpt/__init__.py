@@ -12,7 +12,7 @@ from planer.errors import PlanerError
 from planer.evaluation.evaluate import evaluate_sliding
 from planer.models.arch import Arch
 from planer.models.backbone import Backbone, Scorer
-from planer.models.gpt.hf import export_layout
+from planer.models.gpt.hf import export_form
 from planer.models.gpt.model import GPT, build_block
 
 FLAVOURS = ("gpt2", "llama")
@@ -43,12 +43,15 @@ def fingerprint(cfg: ModelConfig) -> dict:
 
 
 def export_hint(model_dir: Path, cfg: ModelConfig, arch: Arch) -> str:
-    """A Hugging Face folder for a model whose layers are alike, and otherwise why there is none."""
+    """The Hugging Face folder a model exports to (plain, or with planer's modeling code), or why there is none."""
     try:
-        export_layout(cfg, arch)
+        form = export_form(cfg, arch)
     except PlanerError as e:
         return f"`planer.load({str(model_dir)!r})` loads it in Python; it has no Hugging Face form ({e})."
-    return f"`planer export --run {shlex.quote(str(model_dir))} --hf OUT` writes it as a Hugging Face folder for transformers."
+    command = f"`planer export --run {shlex.quote(str(model_dir))} --hf OUT`"
+    if form == "plain":
+        return f"{command} writes it as a Hugging Face folder for transformers."
+    return f"{command} writes it as a Hugging Face folder with planer's modeling code (trust_remote_code=True)."
 
 
 BACKBONE = Backbone(

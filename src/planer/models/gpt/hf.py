@@ -11,18 +11,23 @@ of planer's baseline arch; weight layouts differ only in packing (facts from tra
   rotary positions are in the rotate-half layout already (gpt.rotate), so no permutation is needed.
 
 Export is the same table read the other way, for models uniform enough for the format: ``attn:H ffl:xM``
-repeated, the same H and M in every layer (H = n_head for GPT-2, whose head size is fixed by it).
+repeated, the same H and M in every layer (H = n_head for GPT-2, whose head size is fixed by it), where layers
+skipped whole (both blocks ``skip``) are left out. Any other model (skipped or narrowed blocks layer by layer,
+mixed heads, MoE, a reordered design) is written with planer's own modeling file, modeling_planer.py, which
+builds it block by block from config.json; its tensors keep planer's names.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from planer.config import Config, ModelConfig, validate
 from planer.errors import PlanerError
@@ -30,12 +35,15 @@ from planer.io.checkpoint import WEIGHTS, copy_tokenizer, load_checkpoint, save_
 from planer.io.data import TokenizerVocab
 from planer.models.arch import Arch, BlockSpec
 from planer.models.backbone import build_model
-from planer.models.gpt.model import kv_heads
+from planer.models.gpt.model import MLP, Attention, kv_heads
+from planer.models.moe import MoEFeedForward
 
 INDEX = "model.safetensors.index.json"
 PREFIX = {"gpt2": "transformer.", "llama": "model."}
 ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # buffers older versions saved
+REMOTE = Path(__file__).with_name("modeling_planer.py")  # the modeling file of an export no plain class holds
+CLASS = "PlanerForCausalLM"  # its model class
 TRAIN_LEN = 128  # model.tgt_len of an import: planer's training segments, at most the model's context
 
 
@@ -339,45 +347,66 @@ def import_hf(folder: str | Path, out: str | Path) -> dict:
     return import_summary(out, layout, model)
 
 
-def export_layout(cfg: ModelConfig, arch: Arch) -> Layout:
-    """The Hugging Face layout of a planer model, or a PlanerError saying why it has none."""
+def kept_layers(arch: Arch) -> list[int] | None:
+    """The layers (blocks 2i and 2i + 1) a plain export keeps: all but those whose two blocks are skipped. None
+    when the arch is not in layers (an odd number of blocks) or some kept layer is not ``attn:H`` then ``ffl``."""
+    if len(arch) % 2:
+        return None
     pairs = list(zip(arch.blocks[0::2], arch.blocks[1::2]))
-    if len(arch) % 2 or not all(a.kind == "attn" and f.kind == "ffl" for a, f in pairs):
-        raise PlanerError(f"cannot export {arch.short()}: every layer must be attn:H then ffl (no skip, no MoE)")
-    heads = sorted({(a.heads, a.kv or kv_heads(cfg, a.heads)) for a, _ in pairs})
-    widths = sorted({f.hidden(cfg.d_inner) for _, f in pairs})
+    kept = [i for i, (a, f) in enumerate(pairs) if (a.kind, f.kind) != ("skip", "skip")]
+    if not all(pairs[i][0].kind == "attn" and pairs[i][1].kind == "ffl" for i in kept):
+        return None
+    return kept
+
+
+def plain_layout(cfg: ModelConfig, arch: Arch) -> tuple[Layout, list[int]] | None:
+    """The Llama or GPT-2 layout of a model and the layers it keeps, or None where that format cannot hold it.
+
+    The format makes every layer alike: the kept layers must have the same query and key/value heads and MLP
+    width, GPT-2 all n_head heads (its head size is n_embd / n_head), Llama a number of heads dividing d_model (as
+    an import reads it back). Layers skipped whole are simply left out.
+    """
+    kept = kept_layers(arch)
+    if not kept:
+        return None
+    pairs = [(arch.blocks[2 * i], arch.blocks[2 * i + 1]) for i in kept]
+    heads = {(a.heads, a.kv or kv_heads(cfg, a.heads)) for a, _ in pairs}
+    widths = {f.hidden(cfg.d_inner) for _, f in pairs}
     if len(heads) > 1 or len(widths) > 1:
-        raise PlanerError(
-            f"cannot export {arch.short()}: layers differ (query/key-value heads {heads}, ffl widths {widths})"
-        )
-    H, KV = heads[0]
-    if cfg.flavour == "gpt2" and H != cfg.n_head:
-        raise PlanerError(f"cannot export {arch.short()}: GPT-2's head size is n_embd / n_head, so {cfg.n_head} heads")
-    if cfg.d_model % H:
-        raise PlanerError(f"cannot export {arch.short()}: Llama needs the number of heads to divide d_model")
-    return Layout(
-        cfg.flavour,
-        len(pairs),
-        cfg.d_model,
-        H,
-        KV,
-        cfg.d_head,
-        widths[0],
-        cfg.vocab_size,
-        cfg.context,
-        cfg.tie_embeddings,
+        return None
+    ((H, KV),), (width,) = heads, widths
+    if (cfg.flavour == "gpt2" and H != cfg.n_head) or cfg.d_model % H:
+        return None
+    layout = Layout(
+        cfg.flavour, len(kept), cfg.d_model, H, KV, cfg.d_head, width, cfg.vocab_size, cfg.context, cfg.tie_embeddings
     )
+    return layout, kept
 
 
-def hf_config(layout: Layout, cfg: ModelConfig) -> dict:
-    """config.json for ``transformers``; only what differs from its defaults or what it needs to build the model."""
-    common = {"architectures": [ARCHITECTURE[layout.flavour]], "model_type": layout.flavour, "dtype": "float32"}
-    common |= {
-        "vocab_size": layout.vocab,
+def export_form(cfg: ModelConfig, arch: Arch) -> str:
+    """How a model exports: "plain" where ``plain_layout`` holds it, else "remote code"; a PlanerError for a model
+    with no attention block (transformers reads the length of a cache from an attention block's keys)."""
+    if not any(b.kind == "attn" for b in arch):
+        raise PlanerError(f"cannot export {arch.short()}: it has no attention block, so no cache for transformers")
+    return "plain" if plain_layout(cfg, arch) else "remote code"
+
+
+def common_config(architecture: str, model_type: str, cfg: ModelConfig) -> dict:
+    """What config.json says of any model planer writes: its class, float32 weights, no special tokens."""
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "dtype": "float32",
+        "vocab_size": cfg.vocab_size,
         "initializer_range": cfg.init_std,
         "bos_token_id": None,
         "eos_token_id": None,
     }
+
+
+def hf_config(layout: Layout, cfg: ModelConfig) -> dict:
+    """config.json for ``transformers``; only what differs from its defaults or what it needs to build the model."""
+    common = common_config(ARCHITECTURE[layout.flavour], layout.flavour, cfg)
     if layout.flavour == "gpt2":
         return common | {
             "n_embd": layout.d_model,
@@ -422,19 +451,72 @@ def to_hf(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Ten
     return tensors
 
 
-def export_hf(run_dir: str | Path, out: str | Path, force: bool = False) -> Path:
-    """A Hugging Face folder (config.json, model.safetensors, tokenizer.json if any) from a planer checkpoint."""
+def kept_state(state: dict[str, torch.Tensor], kept: list[int]) -> dict[str, torch.Tensor]:
+    """planer's state dict with the kept layers' blocks numbered as the plain format's layers 0, 1, ... (a skipped
+    block has no tensors, so every block tensor is a kept layer's)."""
+    block = {2 * i + b: 2 * j + b for j, i in enumerate(kept) for b in (0, 1)}
+    renamed = {}
+    for name, value in state.items():
+        if name.startswith("blocks."):
+            _, index, rest = name.split(".", 2)
+            name = f"blocks.{block[int(index)]}.{rest}"
+        renamed[name] = value
+    return renamed
+
+
+def block_record(block: nn.Module) -> dict:
+    """One entry of the remote-code config's ``blocks`` (see modeling_planer.py), read off the built block."""
+    if isinstance(block, Attention):
+        return {"kind": "attn", "heads": block.heads, "kv": block.kv}
+    if isinstance(block, MLP):
+        return {"kind": "mlp", "hidden": block.down.in_features}
+    if isinstance(block, MoEFeedForward):
+        return {"kind": "moe", "experts": block.n_experts, "top_k": block.top_k, "hidden": block.w2.size(-1)}
+    return {"kind": "skip"}
+
+
+def remote_config(model: nn.Module, cfg: ModelConfig) -> dict:
+    """config.json for planer's own modeling file: every block's sizes and the flavour's settings."""
+    blocks = [block_record(b) for b in model.blocks]
+    config = common_config(CLASS, "planer", cfg) | {
+        "auto_map": {"AutoConfig": f"{REMOTE.stem}.PlanerConfig", "AutoModelForCausalLM": f"{REMOTE.stem}.{CLASS}"},
+        "flavour": cfg.flavour,
+        "blocks": blocks,
+        "num_hidden_layers": sum(b["kind"] == "attn" for b in blocks),  # the cache's layers
+        "hidden_size": cfg.d_model,
+        "head_dim": cfg.d_head,
+        "max_position_embeddings": cfg.context,
+        "norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+    return config | ({"rope_theta": cfg.rope_theta} if cfg.flavour == "llama" else {})
+
+
+def export_hf(run_dir: str | Path, out: str | Path, force: bool = False) -> dict:
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer.json if any) from a planer checkpoint.
+
+    A plain ``LlamaForCausalLM`` or ``GPT2LMHeadModel`` where the format holds the model (``plain_layout``), else
+    planer's own modeling file beside planer's tensors as they are, which transformers loads with
+    ``trust_remote_code=True``. Returns the folder's path, its model class and whether it needs remote code.
+    """
     out = Path(out)
     model, cfg, vocab = load_checkpoint(run_dir)
     if cfg.model.backbone != "gpt":
         raise PlanerError(f"cannot export {run_dir}: a Transformer-XL has no Hugging Face format (use backbone gpt)")
-    layout = export_layout(cfg.model, model.arch)
+    remote = export_form(cfg.model, model.arch) != "plain"
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
         raise PlanerError(f"{out} exists and is not an empty folder; choose another --hf or add --force")
-    tensors = to_hf(model.state_dict(), layout)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if remote:
+        tensors, config = state, remote_config(model, cfg.model)
+    else:
+        layout, kept = plain_layout(cfg.model, model.arch)
+        tensors, config = to_hf(kept_state(state, kept), layout), hf_config(layout, cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(layout, cfg.model), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if remote:
+        shutil.copyfile(REMOTE, out / REMOTE.name)
     if isinstance(vocab, TokenizerVocab):
         copy_tokenizer(vocab, out)
-    return out
+    return {"path": out, "architecture": config["architectures"][0], "remote_code": remote}
