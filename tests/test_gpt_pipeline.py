@@ -181,8 +181,9 @@ def test_the_shipped_gpt_config_builds_a_llama_with_grouped_queries():
 
 
 def test_the_report_names_the_export_each_model_allows(tiny_cfg, tmp_path):
-    """A gpt model whose layers are alike goes out as a Hugging Face folder, a mixed one says why it cannot, and a
-    Transformer-XL goes to ONNX: the report's commands must work for the model they name."""
+    """A gpt model whose layers are alike goes out as a plain Hugging Face folder, a mixed one with planer's
+    modeling code, one without attention says why it cannot, and a Transformer-XL goes to ONNX: the report's
+    commands must work for the model they name."""
     from planer.io.checkpoint import save_checkpoint
     from planer.io.data import load_corpus
     from planer.report.rows import export_hint
@@ -195,7 +196,8 @@ def test_the_report_names_the_export_each_model_allows(tiny_cfg, tmp_path):
         save_checkpoint(tmp_path / name, build_model(cfg.model, Arch.parse(arch)), cfg, corpus.vocab)
         return export_hint(tmp_path / name, Arch.parse(arch))
 
-    assert "--hf OUT" in hint("uniform", "attn:2 ffl attn:2 ffl", *LLAMA_SETTINGS)
-    mixed = hint("mixed", "attn:2 ffl skip ffl", *LLAMA_SETTINGS)
-    assert "no Hugging Face form" in mixed and "every layer must be attn:H then ffl" in mixed
+    uniform = hint("uniform", "attn:2 ffl attn:2 ffl", *LLAMA_SETTINGS)
+    assert "--hf OUT" in uniform and "trust_remote_code" not in uniform
+    assert "trust_remote_code=True" in hint("mixed", "attn:2 ffl skip ffl", *LLAMA_SETTINGS)
+    assert "no attention block" in hint("no-attention", "skip ffl skip ffl", *LLAMA_SETTINGS)
     assert "--onnx model.onnx" in hint("txl", "attn:2 ffl skip ffl")
