@@ -5,8 +5,8 @@ narrower feed-forward blocks and mixtures of experts. ``LlamaForCausalLM`` and `
 alike, so they cannot hold it; this file builds it block by block, keeps planer's own tensor names (the export
 writes planer's state dict as it is), and plugs into transformers as any causal LM does:
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``, ``generate`` with transformers' own
-``DynamicCache``. It needs torch and transformers only (written against transformers 5.25) and is for inference:
-no dropout, no loss, no padding.
+``DynamicCache``. It needs torch and transformers only (written against transformers 5.25, whose models take the
+cache as ``cache``, no longer ``past_key_values``) and is for inference: no dropout, no loss, no padding.
 
 config.json's ``blocks`` lists the blocks in order, each one of
 
@@ -29,6 +29,7 @@ outputs, and a SwiGLU ``up`` stacks the gate's rows, then the up projection's.
 
 The cache has one layer per attention block, numbered over attention blocks only (``num_hidden_layers`` counts
 them): transformers reads the cache's length from its layer 0, which must therefore be an attention block's.
+A sequence holds at most ``max_position_embeddings`` positions (planer's own decoder slides its window beyond them).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
 
 
 class Skip(nn.Module):
+    """A block the search left out: the input passes unchanged (and keeps no cache layer)."""
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
         return x
 
@@ -115,6 +118,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The feed-forward block of ``hidden`` units: GELU (gpt2), or SwiGLU (llama: ``up`` stacks gate, then up rows)."""
+
     def __init__(self, config: PlanerConfig, hidden: int):
         super().__init__()
         self.flavour, bias = config.flavour, config.flavour == "gpt2"
