@@ -46,16 +46,15 @@ def distil_blocks(
     positions: list[int],
     batches: Iterable[tuple[torch.Tensor, bool]],
     tc: TrainConfig,
-    steps: int,
     bar=None,
     share: float = 1.0,
     env: Env = Env(),
 ) -> dict:
-    """Train ``model``'s blocks at ``positions`` for ``steps`` steps, each towards the ``teacher``'s block there
+    """Train ``model``'s blocks at ``positions``, each towards the ``teacher``'s block there, one step a batch
     (under data parallelism, this rank's ``share`` of the batch, the gradients summed over the ranks of ``env``).
 
-    ``batches``: (token ids (B, T), whether the segment starts the stream afresh). LAMB at ``tc.lr`` with its
-    warm-up and cosine schedule over these steps, clipped as phase 2 is. Returns the mean loss per block over
+    ``batches``: ``tc.steps`` of (token ids (B, T), whether the segment starts the stream afresh). LAMB at
+    ``tc.lr`` with its warm-up and cosine schedule over ``tc.steps``, clipped as phase 2 is. Returns the mean loss per block over
     the first and the last tenth of the steps, and the seconds taken.
     """
     blocks = [model.blocks[p] for p in positions]
@@ -69,9 +68,9 @@ def distil_blocks(
     losses, tic = [], time.perf_counter()
     model.train()
     try:
-        for step, (x, reset) in zip(range(steps), batches):
+        for step, (x, reset) in enumerate(batches):
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc.lr, tc.warmup, steps, tc.eta_min)
+                group["lr"] = lr_at(step, tc.lr, tc.warmup, tc.steps, tc.eta_min)
             teacher.logits(x, reset)  # fills ``calls``
             loss = torch.stack([block_loss(b(*calls[p][0]), calls[p][1], calls[p][0][0]) for p, b in zip(positions, blocks)])  # fmt: skip
             opt.zero_grad(set_to_none=True)

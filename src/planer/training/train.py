@@ -99,9 +99,8 @@ def distil_changed_blocks(loop: Loop, model: torch.nn.Module, trainer: WeightTra
     segments = ((seg.x.to(loop.device), seg.reset) for seg in loop.segments.walk(loop.cfg.train.steps, steps))
     bar = loop.bar(f"distil {len(positions)} changed blocks", 0, steps)
     try:
-        record = distil_blocks(
-            model, trainer.teacher, positions, segments, loop.cfg.train, steps, bar, trainer.share, loop.env
-        )
+        tc = dataclasses.replace(loop.cfg.train, steps=steps)
+        record = distil_blocks(model, trainer.teacher, positions, segments, tc, bar, trainer.share, loop.env)
     finally:
         bar.close()
     if loop.env.main:
