@@ -207,21 +207,32 @@ LAYER = {
 LAYER_PREFIX = {"gpt2": "transformer.h.{}.", "llama": "model.layers.{}."}
 
 
+def top_links(flavour: str, tied: bool) -> list[Link]:
+    """The planer tensors outside the blocks (embeddings, final norm, output layer unless tied) and their names."""
+    p = PREFIX[flavour]
+    if flavour == "gpt2":
+        top = [Link("embed.weight", (p + "wte.weight",)), Link("pos.weight", (p + "wpe.weight",))]
+        return top + [Link("norm.weight", (p + "ln_f.weight",)), Link("norm.bias", (p + "ln_f.bias",))]
+    top = [Link("embed.weight", (p + "embed_tokens.weight",)), Link("norm.weight", (p + "norm.weight",))]
+    return top + ([] if tied else [Link("head.weight", ("lm_head.weight",))])
+
+
+def layer_links(flavour: str, layer: int, kinds: tuple[int, ...] = (0, 1)) -> list[Link]:
+    """The tensors of Hugging Face layer ``layer``, planer's blocks 2 * layer (attention, kind 0) and 2 * layer + 1
+    (MLP, kind 1), of the ``kinds`` it holds (DeciLM leaves out a skipped block's)."""
+    h = LAYER_PREFIX[flavour].format(layer)
+    return [
+        Link(f"blocks.{2 * layer + b}.{p}", tuple(h + n for n in names), t)
+        for b, p, names, t in LAYER[flavour]
+        if b in kinds
+    ]
+
+
 def links(layout: Layout) -> list[Link]:
     """Every planer tensor of the baseline arch and where it lives in the Hugging Face state dict."""
-    p = PREFIX[layout.flavour]
-    if layout.flavour == "gpt2":
-        top = [Link("embed.weight", (p + "wte.weight",)), Link("pos.weight", (p + "wpe.weight",))]
-        top += [Link("norm.weight", (p + "ln_f.weight",)), Link("norm.bias", (p + "ln_f.bias",))]
-    else:
-        top = [Link("embed.weight", (p + "embed_tokens.weight",)), Link("norm.weight", (p + "norm.weight",))]
-        if not layout.tied:
-            top.append(Link("head.weight", ("lm_head.weight",)))
+    top = top_links(layout.flavour, layout.tied)
     for i in range(layout.layers):
-        h = LAYER_PREFIX[layout.flavour].format(i)
-        top += [
-            Link(f"blocks.{2 * i + b}.{p}", tuple(h + n for n in names), t) for b, p, names, t in LAYER[layout.flavour]
-        ]
+        top += layer_links(layout.flavour, i)
     return top
 
 
@@ -385,10 +396,15 @@ def plain_layout(cfg: ModelConfig, arch: Arch) -> tuple[Layout, list[int]] | Non
 
 def export_form(cfg: ModelConfig, arch: Arch) -> str:
     """How a model exports: "plain" where ``plain_layout`` holds it, else "remote code"; a PlanerError for a model
-    with no attention block (transformers reads the length of a cache from an attention block's keys)."""
+    with no attention block (``require_attention``)."""
+    require_attention(arch)
+    return "plain" if plain_layout(cfg, arch) else "remote code"
+
+
+def require_attention(arch: Arch) -> None:
+    """A PlanerError for a model with no attention block: transformers reads a cache's length from one's keys."""
     if not any(b.kind == "attn" for b in arch):
         raise PlanerError(f"cannot export {arch.short()}: it has no attention block, so no cache for transformers")
-    return "plain" if plain_layout(cfg, arch) else "remote code"
 
 
 def common_config(architecture: str, model_type: str, cfg: ModelConfig) -> dict:
@@ -439,14 +455,18 @@ def hf_config(layout: Layout, cfg: ModelConfig) -> dict:
     }
 
 
-def to_hf(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
-    shapes, tensors = hf_shapes(layout), {}
-    for link in links(layout):
+def to_hf(state: dict[str, torch.Tensor], linked: list[Link], rows: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The Hugging Face tensors of ``linked``: each planer tensor transposed, or split along dim 0 into its parts
+    of ``rows`` rows each (Hugging Face name -> rows; needed only for tensors of several parts)."""
+    tensors = {}
+    for link in linked:
         value = state[link.planer].detach().cpu()
         if link.transpose:
             tensors[link.hf[0]] = value.t().contiguous()
+        elif len(link.hf) == 1:
+            tensors[link.hf[0]] = value.contiguous()
         else:
-            parts = value.split([shapes[n][0] for n in link.hf])
+            parts = value.split([rows[n] for n in link.hf])
             tensors |= {n: p.contiguous() for n, p in zip(link.hf, parts)}
     return tensors
 
@@ -504,19 +524,31 @@ def export_hf(run_dir: str | Path, out: str | Path, force: bool = False) -> dict
     if cfg.model.backbone != "gpt":
         raise PlanerError(f"cannot export {run_dir}: a Transformer-XL has no Hugging Face format (use backbone gpt)")
     remote = export_form(cfg.model, model.arch) != "plain"
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
-        raise PlanerError(f"{out} exists and is not an empty folder; choose another --hf or add --force")
+    check_out(out, force)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if remote:
         tensors, config = state, remote_config(model, cfg.model)
     else:
         layout, kept = plain_layout(cfg.model, model.arch)
-        tensors, config = to_hf(kept_state(state, kept), layout), hf_config(layout, cfg.model)
+        rows = {name: shape[0] for name, shape in hf_shapes(layout).items()}
+        tensors, config = to_hf(kept_state(state, kept), links(layout), rows), hf_config(layout, cfg.model)
+    write_folder(out, tensors, config, [REMOTE] if remote else [], vocab)
+    return {"path": out, "architecture": config["architectures"][0], "remote_code": remote}
+
+
+def check_out(out: Path, force: bool) -> None:
+    """An export writes into a new or empty folder, or over an old one with ``force``; checked before any work."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
+        raise PlanerError(f"{out} exists and is not an empty folder; choose another --hf or add --force")
+
+
+def write_folder(out: Path, tensors: dict[str, torch.Tensor], config: dict, code: list[Path], vocab) -> None:
+    """The Hugging Face folder: model.safetensors, config.json, the modeling files ``code`` the config names, and
+    the checkpoint's tokenizer files where it has a tokenizer (not a character vocabulary)."""
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if remote:
-        shutil.copyfile(REMOTE, out / REMOTE.name)
+    for path in code:
+        shutil.copyfile(path, out / path.name)
     if isinstance(vocab, TokenizerVocab):
         copy_tokenizer(vocab, out)
-    return {"path": out, "architecture": config["architectures"][0], "remote_code": remote}

@@ -95,26 +95,39 @@ class Attention(nn.Module):
     def __init__(self, config: PlanerConfig, heads: int, kv: int, index: int):
         super().__init__()
         self.heads, self.kv, self.d_head, self.index = heads, kv, config.head_dim, index
-        self.rotary, self.theta = config.flavour == "llama", config.rope_theta
+        self.theta = config.rope_theta if config.flavour == "llama" else None  # rotary positions, llama only
         bias = config.flavour == "gpt2"
         self.norm = make_norm(config)
         self.qkv = nn.Linear(config.hidden_size, (heads + 2 * kv) * self.d_head, bias=bias)
         self.out = nn.Linear(heads * self.d_head, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
-        B, T, _ = x.shape
         H, K, Dh = self.heads, self.kv, self.d_head
-        q, k, v = self.qkv(self.norm(x)).split([H * Dh, K * Dh, K * Dh], dim=-1)
-        q = q.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
-        k = k.view(B, T, K, Dh).transpose(1, 2)  # (B, K, T, Dh)
-        v = v.view(B, T, K, Dh).transpose(1, 2)  # (B, K, T, Dh)
-        if self.rotary:
-            q, k = rotate(q, positions, self.theta), rotate(k, positions, self.theta)
-        if cache is not None:
-            k, v = cache.update(k, v, self.index)  # every position's so far, (B, K, L, Dh) each
-        seen = torch.arange(k.size(2), device=x.device) <= positions[:, None]  # (T, L): causal over the cache
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=K != H)  # (B, H, T, Dh)
-        return x + self.out(y.transpose(1, 2).reshape(B, T, H * Dh))
+        q, k, v = (to_heads(t, Dh) for t in self.qkv(self.norm(x)).split([H * Dh, K * Dh, K * Dh], dim=-1))
+        return x + self.out(attend(q, k, v, positions, cache, self.index, self.theta))
+
+
+def to_heads(x: torch.Tensor, d_head: int) -> torch.Tensor:
+    """(B, T, heads * d_head) -> (B, heads, T, d_head)."""
+    B, T, _ = x.shape
+    return x.view(B, T, -1, d_head).transpose(1, 2)
+
+
+def attend(q, k, v, positions: torch.Tensor, cache: DynamicCache | None, index: int, theta: float | None):
+    """Causal attention of the new positions over every position so far, merged back to (B, T, H * Dh).
+
+    q is (B, H, T, Dh), k and v (B, K, T, Dh): query head i reads key/value head i // (H / K). Rotary positions
+    (``theta``, None for none) turn q and k first; k and v join cache layer ``index``. Shared with
+    modeling_decilm.py, whose projections are Llama's separate ones.
+    """
+    if theta is not None:
+        q, k = rotate(q, positions, theta), rotate(k, positions, theta)
+    if cache is not None:
+        k, v = cache.update(k, v, index)  # every position's so far, (B, K, L, Dh) each
+    seen = torch.arange(k.size(2), device=q.device) <= positions[:, None]  # (T, L): causal over the cache
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=k.size(1) != q.size(1))  # (B, H, T, Dh)
+    B, H, T, Dh = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * Dh)
 
 
 class MLP(nn.Module):
@@ -175,6 +188,17 @@ def build_blocks(config: PlanerConfig) -> nn.ModuleList:
     return nn.ModuleList(blocks)
 
 
+def cache_and_positions(config: PreTrainedConfig, input_ids, attention_mask, cache, use_cache):
+    """The cache the ids (B, T) join (a new one where none is given and the config uses one) and their positions
+    (T,) after those it holds; shared with modeling_decilm.py. Unpadded batches only: no mask but all ones."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("this model reads unpadded batches only: the attention mask must be all ones")
+    if cache is None and (use_cache if use_cache is not None else config.use_cache):
+        cache = DynamicCache(config=config)
+    start = cache.get_seq_length() if cache is not None else 0
+    return cache, torch.arange(start, start + input_ids.size(1), device=input_ids.device)
+
+
 class PlanerForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = PlanerConfig
     base_model_prefix = "planer"
@@ -201,12 +225,7 @@ class PlanerForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, vocab) of the ids (B, T), which follow the positions ``cache`` holds (and join them)."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("this model reads unpadded batches only: the attention mask must be all ones")
-        if cache is None and (use_cache if use_cache is not None else self.config.use_cache):
-            cache = DynamicCache(config=self.config)
-        start = cache.get_seq_length() if cache is not None else 0
-        positions = torch.arange(start, start + input_ids.size(1), device=input_ids.device)  # (T,)
+        cache, positions = cache_and_positions(self.config, input_ids, attention_mask, cache, use_cache)
         h = self.embed(input_ids)  # (B, T, d)
         if self.pos is not None:
             h = h + self.pos(positions)
