@@ -42,10 +42,11 @@ def tokenizer(tmp_path_factory) -> TokenizerVocab:
     return TokenizerVocab(path)
 
 
-def found_model(folder, flavour: str, arch: str, tokenizer: TokenizerVocab):
-    """A tiny random planer model of ``arch`` saved in ``folder`` with the tokenizer, its weights spread far
-    enough from the initialisation's that greedy decoding does not repeat one token."""
-    cfg = Config(model=tiny_gpt(flavour, vocab_size=V, n_positions=32))
+def found_model(folder, flavour: str, arch: str, tokenizer: TokenizerVocab, **sizes):
+    """A tiny random planer model of ``arch`` (and model ``sizes`` other than the tiny ones) saved in ``folder``
+    with the tokenizer, its weights spread far enough from the initialisation's that greedy decoding does not
+    repeat one token."""
+    cfg = Config(model=tiny_gpt(flavour, vocab_size=V, n_positions=32, **sizes))
     torch.manual_seed(0)
     model = build_model(cfg.model, Arch.parse(arch)).eval()
     with torch.no_grad():

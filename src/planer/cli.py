@@ -229,8 +229,10 @@ def cmd_config(args) -> None:
 def cmd_export(args) -> None:
     from planer.io.checkpoint import export
 
+    if args.format and args.hf is None:
+        raise PlanerError("--format chooses the form of an --hf folder; --onnx has none")
     if args.hf is not None:
-        result = export(args.run, "hf", args.hf, args.force)
+        result = export(args.run, args.format or "hf", args.hf, args.force)
         how = "with planer's modeling code: load it with trust_remote_code=True" if result["remote_code"] else "plain"
         print(f"wrote {result['path']}: {result['architecture']}, {how}")
         return
@@ -514,6 +516,12 @@ def _add_export(sub) -> None:
         help="an ONNX file (e.g. model.onnx): token ids and memories in, logits and memories out",
     )
     form.add_argument("--hf", metavar="OUT", help="a Hugging Face model folder")
+    p.add_argument(
+        "--format",
+        choices=["decilm"],
+        help="with --hf: decilm writes a Llama as DeciLMForCausalLM (block_configs: vLLM, TensorRT-LLM, llama.cpp's "
+        "converter); default: plain Llama/GPT-2 where every layer is alike, else planer's modeling code",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=cmd_export)
 

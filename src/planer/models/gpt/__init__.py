@@ -61,6 +61,6 @@ BACKBONE = Backbone(
     check=check,
     scorer=scorer,
     fingerprint=fingerprint,
-    exporters={"hf": "planer.models.gpt.hf:export_hf"},
+    exporters={"hf": "planer.models.gpt.hf:export_hf", "decilm": "planer.models.gpt.decilm:export_decilm"},
     export_hint=export_hint,
 )
