@@ -61,6 +61,6 @@ BACKBONE = Backbone(
     check=check,
     scorer=scorer,
     fingerprint=fingerprint,
-    exporters={"hf": "planer.models.gpt.hf:export_hf"},
+    exporters={"hf": "planer.models.gpt.hf:export_hf", "onnx": "planer.models.gpt.onnx:export_onnx"},
     export_hint=export_hint,
 )
