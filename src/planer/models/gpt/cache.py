@@ -82,7 +82,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H)
     seen = torch.arange(L, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]  # (T, L)
-    stacked = q.reshape(B, K, H // K * T, Dh)  # query head i = j * g + r's position t: row r * T + t of group j
+    stacked = q.reshape(B, K, H // K * T, Dh)  # head j * g + r at position t: row r * T + t of group j
     y = F.scaled_dot_product_attention(stacked, k, v, attn_mask=seen.repeat(H // K, 1))  # (B, K, g * T, Dh)
     return y.view(B, H, T, Dh)
 
