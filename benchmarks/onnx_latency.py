@@ -24,10 +24,11 @@ import torch
 
 from planer.config import load_config
 from planer.io.checkpoint import load_checkpoint
+from planer.io.onnx import session
 from planer.latency.table import known_vocab_size, private_rng, summarize, time_interleaved
 from planer.models.arch import Arch
 from planer.models.txl.model import TransformerXL
-from planer.models.txl.onnx import io_names, session, write_onnx
+from planer.models.txl.onnx import io_names, write_onnx
 
 
 def models(args) -> dict[str, TransformerXL]:

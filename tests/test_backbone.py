@@ -59,16 +59,16 @@ def test_the_registry_and_its_refusals(tiny_cfg):
     }
     with pytest.raises(PlanerError, match="model.backbone must be 'txl' or 'gpt', got 'bert'"):
         tiny_cfg("model.backbone=bert")
-    with pytest.raises(PlanerError, match="a gpt model has no onnx export; it exports as hf"):
-        backbone(tiny_cfg(*LLAMA_SETTINGS).model).exporter("onnx")
+    with pytest.raises(PlanerError, match="a Transformer-XL model has no hf export; it exports as onnx"):
+        backbone(tiny_cfg().model).exporter("hf")
 
 
 def test_export_refuses_a_format_the_backbone_lacks_in_one_line(tiny_cfg, tmp_path, capsys):
-    cfg = tiny_cfg(*LLAMA_SETTINGS, "train.steps=2", "train.eval_every=2")
+    cfg = tiny_cfg("train.steps=2", "train.eval_every=2")
     train(cfg, tmp_path / "m", Arch.baseline(2, 4), options=RunOptions(quiet=True))
-    assert main(["export", "--run", str(tmp_path / "m"), "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert main(["export", "--run", str(tmp_path / "m"), "--hf", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "no onnx export" in err and not (tmp_path / "m.onnx").exists()
+    assert err.count("\n") == 0 and "no hf export" in err and not (tmp_path / "hf").exists()
 
 
 def test_gpt_validation_is_the_loss_planer_evaluate_reports(tiny_cfg, tmp_path):

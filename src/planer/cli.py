@@ -513,7 +513,8 @@ def _add_export(sub) -> None:
     form.add_argument(
         "--onnx",
         metavar="OUT",
-        help="an ONNX file (e.g. model.onnx): token ids and memories in, logits and memories out",
+        help="an ONNX file (e.g. model.onnx): token ids and the memory or key/value cache in, logits and the next "
+        "one out",
     )
     form.add_argument("--hf", metavar="OUT", help="a Hugging Face model folder")
     p.add_argument(

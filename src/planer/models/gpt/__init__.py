@@ -61,6 +61,10 @@ BACKBONE = Backbone(
     check=check,
     scorer=scorer,
     fingerprint=fingerprint,
-    exporters={"hf": "planer.models.gpt.hf:export_hf", "decilm": "planer.models.gpt.decilm:export_decilm"},
+    exporters={
+        "hf": "planer.models.gpt.hf:export_hf",
+        "decilm": "planer.models.gpt.decilm:export_decilm",
+        "onnx": "planer.models.gpt.onnx:export_onnx",
+    },
     export_hint=export_hint,
 )

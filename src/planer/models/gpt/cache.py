@@ -70,8 +70,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     """Causal attention of T new queries (B, H, T, Dh) at positions start .. start+T-1 over every cached position's
     keys and values (B, K, L, Dh); (B, H, T, Dh).
 
-    Query head i reads key/value head i // g. One new token sees every cached position, so its g query heads of a
-    group are stacked as g queries of that group's key/value head: no copy of the keys per query head and no mask.
+    Query head i reads key/value head i // g. The g query heads of a group are stacked as g * T queries of that
+    group's key/value head: no copy of the keys per query head, and no grouped-query attention, which ONNX's
+    exporter lacks (``planer export --onnx`` traces the masked path, models/gpt/onnx.py). One new token sees every
+    cached position, so it needs no mask; an empty cache takes the causal mask of the new positions alone.
     """
     B, H, T, Dh = q.shape
     K, L = k.size(1), k.size(2)
@@ -80,7 +82,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H)
     seen = torch.arange(L, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]  # (T, L)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=K != H)
+    stacked = q.reshape(B, K, H // K * T, Dh)  # head j * g + r at position t: row r * T + t of group j
+    y = F.scaled_dot_product_attention(stacked, k, v, attn_mask=seen.repeat(H // K, 1))  # (B, K, g * T, Dh)
+    return y.view(B, H, T, Dh)
 
 
 class CacheDecoder:

@@ -11,19 +11,12 @@ Batch, segment length and memory length are all dynamic: the first segment takes
 next one the ``new_mem.B`` the last returned (at most mem_len long), exactly as ``TransformerXL.forward`` threads
 them. Blocks without memory (feed-forward, skip, MoE) have no memory tensor, and a model with mem_len 0 has none.
 
-The graph is traced by torch's TorchScript-based exporter (``dynamo=False``: the dynamo one needs onnxscript and
-specialises sizes 0 and 1, which the first segment's empty memory has). MoE blocks are traced with their dense
-path (``impl="dense"``, see models/moe.py): the sorted dispatch reads expert sizes back to Python, which a trace would
-freeze at the sizes of its example. The model planer trains and evaluates is never changed: export works on a copy.
+How the graph is traced, and when the file is kept: see io/onnx.py.
 """
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import json
-import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +25,8 @@ from torch import nn
 
 from planer.errors import PlanerError
 from planer.io.checkpoint import load_checkpoint
-from planer.models.moe import MoEFeedForward
+from planer.io.onnx import annotate, check_target, require_onnx, session, trace, traceable_copy, write_checked
 from planer.models.txl.model import TransformerXL
-
-OPSET = 17
 
 
 def memory_blocks(model: TransformerXL) -> list[int]:
@@ -62,23 +53,13 @@ class SegmentGraph(nn.Module):
 
 
 def traceable(model: TransformerXL) -> SegmentGraph:
-    """A copy of ``model`` in eval mode whose MoE blocks run their dense, trace-friendly path."""
-    model = copy.deepcopy(model).eval()
-    for module in model.modules():
-        if isinstance(module, MoEFeedForward):
-            module.impl = "dense"
-    return SegmentGraph(model).eval()
+    """A copy of ``model`` to trace (see io/onnx.py's traceable_copy), with its memory as flat tensors."""
+    return SegmentGraph(traceable_copy(model)).eval()
 
 
 def io_names(model: TransformerXL) -> tuple[list[str], list[str]]:
     memory = memory_blocks(model)
     return ["idx", *(f"mem.{b}" for b in memory)], ["logits", *(f"new_mem.{b}" for b in memory)]
-
-
-def _require_onnx() -> None:
-    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise PlanerError(f"ONNX export needs {' and '.join(missing)}: pip install 'planer[onnx]'")
 
 
 def write_onnx(model: TransformerXL, path: Path) -> None:
@@ -91,46 +72,20 @@ def write_onnx(model: TransformerXL, path: Path) -> None:
     axes = {"idx": {0: "batch", 1: "tgt"}, "logits": {0: "batch", 1: "tgt"}}
     axes |= {name: {0: "batch", 1: "mem"} for name in inputs[1:]}
     axes |= {name: {0: "batch", 1: "new_mem"} for name in outputs[1:]}
-    with warnings.catch_warnings():  # the exporter's notes on tracing and its own deprecation; parity is checked
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            graph,
-            (idx, *mems),
-            str(path),
-            dynamo=False,
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_axes=axes,
-            opset_version=OPSET,
-        )
-    _annotate(path, model)
+    trace(graph, (idx, *mems), path, (inputs, outputs), axes)
+    annotate(path, metadata(model))
 
 
-def _annotate(path: Path, model: TransformerXL) -> None:
-    """Record in the file what a user of the graph needs to know to feed it."""
-    import onnx
-
+def metadata(model: TransformerXL) -> dict[str, str]:
+    """What a user of the graph needs to know to feed it."""
     cfg = model.cfg
-    proto = onnx.load(str(path))
-    meta = {
+    return {
         "planer.arch": " ".join(model.arch.specs()),
         "planer.memory_blocks": json.dumps(memory_blocks(model)),
         "planer.mem_len": str(model.mem_len),
         "planer.tgt_len": str(cfg.tgt_len),
         "planer.vocab_size": str(cfg.vocab_size),
     }
-    onnx.helper.set_model_props(proto, meta)
-    onnx.save(proto, str(path))
-
-
-def session(path: str | Path, threads: int = 1):
-    """An onnxruntime CPU session on ``path`` with a fixed thread count, as planer's latency measurements use."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def empty_memories(model: TransformerXL, batch: int) -> dict[str, np.ndarray]:
@@ -159,13 +114,6 @@ def parity(model: TransformerXL, path: str | Path, segments: int = 2, batch: int
     return worst
 
 
-def _check_target(out: Path, force: bool) -> None:
-    if out.is_dir():
-        raise PlanerError(f"{out} is a directory; --onnx takes a file name, e.g. {out / 'model.onnx'}")
-    if out.exists() and not force:
-        raise PlanerError(f"{out} exists; pass --force to overwrite it")
-
-
 def export_onnx(run_dir: str | Path, out: str | Path, force: bool = False, tolerance: float = 1e-4) -> dict:
     """``planer export --onnx``: the checkpoint in ``run_dir`` as an ONNX file at ``out``, checked in onnxruntime.
 
@@ -173,20 +121,12 @@ def export_onnx(run_dir: str | Path, out: str | Path, force: bool = False, toler
     over two segments, so a failed export leaves nothing behind.
     """
     out = Path(out)
-    _require_onnx()
+    require_onnx()
     model, cfg, _ = load_checkpoint(run_dir)
     if not isinstance(model, TransformerXL):
         raise PlanerError(f"ONNX export supports the Transformer-XL backbone, not '{cfg.model.backbone}'")
-    _check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        write_onnx(model, tmp)
-        diff = parity(model, tmp)
-        if not diff <= tolerance:
-            raise PlanerError(f"the exported graph's logits differ from planer's by {diff:.2e}; nothing written")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    check_target(out, force)
+    diff = write_checked(out, lambda tmp: write_onnx(model, tmp), lambda tmp: parity(model, tmp), tolerance,
+                         "two segments")  # fmt: skip
     inputs, outputs = io_names(model)
     return {"path": str(out), "arch": model.arch.short(), "inputs": inputs, "outputs": outputs, "max_diff": diff}
