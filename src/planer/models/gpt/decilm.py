@@ -23,6 +23,7 @@ So a model fits when every layer's attention is ``skip`` or keeps all n_head que
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -107,20 +108,38 @@ def kv_of(cfg: ModelConfig, spec: BlockSpec) -> int:
     return spec.kv or kv_heads(cfg, spec.heads)
 
 
-def layer_entry(cfg: ModelConfig, attn: BlockSpec, mlp: BlockSpec) -> dict:
+@dataclass(frozen=True)
+class LayerSizes:
+    """One Llama layer of a per-layer different model, as DeciLM's block_configs and llama.cpp's ``deci`` GGUF
+    both describe it: 0 for a part the layer does not have."""
+
+    heads: int  # query heads
+    kv: int  # key/value heads
+    width: int  # MLP hidden units
+
+
+def layer_sizes(cfg: ModelConfig, attn: BlockSpec, mlp: BlockSpec) -> LayerSizes:
+    """The sizes of the layer made of the blocks ``attn`` (attn or skip) and ``mlp`` (ffl or skip)."""
+    has_attn, has_mlp = attn.kind == "attn", mlp.kind == "ffl"
+    return LayerSizes(
+        attn.heads if has_attn else 0, kv_of(cfg, attn) if has_attn else 0, mlp.hidden(cfg.d_inner) if has_mlp else 0
+    )
+
+
+def layer_entry(cfg: ModelConfig, sizes: LayerSizes) -> dict:
     """One ``block_configs`` entry, with the fields both loaders read (a no_op part's sizes null)."""
-    attention = {"no_op": attn.kind == "skip", "replace_with_linear": False, "n_heads_in_group": None}
-    if attn.kind == "attn":
-        attention["n_heads_in_group"] = cfg.n_head // kv_of(cfg, attn)
-    ffn = {"no_op": mlp.kind == "skip", "replace_with_linear": False, "ffn_mult": None}
-    if mlp.kind == "ffl":
-        ffn["ffn_mult"] = ffn_mult(mlp.hidden(cfg.d_inner), cfg.d_model)
+    attention = {"no_op": not sizes.heads, "replace_with_linear": False, "n_heads_in_group": None}
+    if sizes.heads:
+        attention["n_heads_in_group"] = cfg.n_head // sizes.kv
+    ffn = {"no_op": not sizes.width, "replace_with_linear": False, "ffn_mult": None}
+    if sizes.width:
+        ffn["ffn_mult"] = ffn_mult(sizes.width, cfg.d_model)
     return {"attention": attention, "ffn": ffn}
 
 
 def decilm_config(cfg: ModelConfig, arch: Arch) -> dict:
     """config.json: Llama's settings, ``block_configs``, and ``auto_map`` naming modeling_decilm.py."""
-    entries = [layer_entry(cfg, a, f) for a, f in layers(arch)]
+    entries = [layer_entry(cfg, layer_sizes(cfg, a, f)) for a, f in layers(arch)]
     return common_config(CLASS, "nemotron-nas", cfg) | {
         "auto_map": {"AutoConfig": f"{CODE.stem}.DeciLMConfig", "AutoModelForCausalLM": f"{CODE.stem}.{CLASS}"},
         "hidden_size": cfg.d_model,
@@ -139,25 +158,25 @@ def decilm_config(cfg: ModelConfig, arch: Arch) -> dict:
     }
 
 
-def layer_rows(cfg: ModelConfig, layer: int, attn: BlockSpec, mlp: BlockSpec) -> dict[str, int]:
+def layer_rows(cfg: ModelConfig, layer: int, sizes: LayerSizes) -> dict[str, int]:
     """The rows of the Llama tensors a layer's fused planer tensors split into: qkv's [q, k, v], up's [gate, up]."""
     h, rows = LAYER_PREFIX["llama"].format(layer), {}
-    if attn.kind == "attn":
-        kv = kv_of(cfg, attn) * cfg.d_head
-        rows |= {h + "self_attn.q_proj.weight": cfg.n_head * cfg.d_head}
+    if sizes.heads:
+        kv = sizes.kv * cfg.d_head
+        rows |= {h + "self_attn.q_proj.weight": sizes.heads * cfg.d_head}
         rows |= {h + "self_attn.k_proj.weight": kv, h + "self_attn.v_proj.weight": kv}
-    if mlp.kind == "ffl":
-        width = mlp.hidden(cfg.d_inner)
-        rows |= {h + "mlp.gate_proj.weight": width, h + "mlp.up_proj.weight": width}
+    if sizes.width:
+        rows |= {h + "mlp.gate_proj.weight": sizes.width, h + "mlp.up_proj.weight": sizes.width}
     return rows
 
 
-def decilm_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: Arch) -> dict[str, torch.Tensor]:
-    """Llama-named tensors from planer's state dict (hf.py's table), none for a skipped block."""
+def llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: Arch) -> dict[str, torch.Tensor]:
+    """Llama-named tensors from planer's state dict of a model in layers (hf.py's table), none for a skipped
+    block: what DeciLM's folder and llama.cpp's GGUF both hold."""
     linked, rows = top_links("llama", cfg.tie_embeddings), {}
     for i, (attn, mlp) in enumerate(layers(arch)):
         linked += layer_links("llama", i, tuple(b for b, s in enumerate((attn, mlp)) if s.kind != "skip"))
-        rows |= layer_rows(cfg, i, attn, mlp)
+        rows |= layer_rows(cfg, i, layer_sizes(cfg, attn, mlp))
     return to_hf(state, linked, rows)
 
 
@@ -170,6 +189,6 @@ def export_decilm(run_dir: str | Path, out: str | Path, force: bool = False) -> 
     check_fits(cfg.model, model.arch)
     check_out(out, force)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tensors = decilm_tensors(state, cfg.model, model.arch)
+    tensors = llama_tensors(state, cfg.model, model.arch)
     write_folder(out, tensors, decilm_config(cfg.model, model.arch), [REMOTE, CODE], vocab)
     return {"path": out, "architecture": CLASS, "remote_code": True}

@@ -27,7 +27,6 @@ from planer.errors import PlanerError
 from planer.io.checkpoint import atomic_write_text, save_checkpoint
 from planer.io.data import TokenizerVocab
 from planer.models.gpt.hf import (
-    LAYER_PREFIX,
     Layout,
     check_new_out,
     hf_shapes,
@@ -49,6 +48,9 @@ LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+HF_NAMES = {hf: name for name, hf in LAYER_NAMES.items()}
+TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+TOP_NAMES["lm_head.weight"] = "output.weight"  # absent where tied: llama.cpp then reads the embedding
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 # tokenizer.ggml.pre values planer can split text for (llama.cpp's llama-vocab.cpp names them)
 PRE_TOKENIZERS = ("gpt-2", "smollm")
@@ -113,15 +115,18 @@ def gguf_layout(meta: dict, tensors: dict, path: Path) -> tuple[Layout, dict]:
     return layout, extra
 
 
+def gguf_name(hf: str) -> str:
+    """llama.cpp's name of a Llama tensor's Hugging Face name (model.layers.N.self_attn.q_proj.weight ->
+    blk.N.attn_q.weight)."""
+    if hf in TOP_NAMES:
+        return TOP_NAMES[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    return f"blk.{layer}.{HF_NAMES[rest.removesuffix('.weight')]}.weight"
+
+
 def gguf_names(layout: Layout) -> dict[str, str]:
     """Every Hugging Face tensor of the layout and the GGUF tensor that holds it."""
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    if not layout.tied:
-        names["lm_head.weight"] = "output.weight"
-    for i in range(layout.layers):
-        prefix = LAYER_PREFIX[ARCHITECTURE].format(i)
-        names |= {f"{prefix}{hf}.weight": f"blk.{i}.{name}.weight" for name, hf in LAYER_NAMES.items()}
-    return names
+    return {hf: gguf_name(hf) for hf in hf_shapes(layout)}
 
 
 def rotate_half_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -132,6 +137,12 @@ def rotate_half_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     and swapping the same two axes back is its inverse.
     """
     return weight.reshape(heads, weight.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(weight.shape)
+
+
+def interleaved_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """A q or k projection in llama.cpp's interleaved rotary order: the converter's ``LlamaModel.permute``, which
+    ``rotate_half_rows`` undoes (an export redoes it)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).transpose(1, 2).reshape(weight.shape)
 
 
 def dequantize(tensor, path: Path) -> torch.Tensor:
