@@ -230,7 +230,17 @@ def cmd_export(args) -> None:
     from planer.io.checkpoint import export
 
     if args.format and args.hf is None:
-        raise PlanerError("--format chooses the form of an --hf folder; --onnx has none")
+        raise PlanerError("--format chooses the form of an --hf folder; --onnx and --gguf have none")
+    if args.gguf_type and args.gguf is None:
+        raise PlanerError("--gguf-type chooses the tensor type of a --gguf file")
+    if args.gguf is not None:
+        result = export(args.run, "gguf", args.gguf, args.force, kind=args.gguf_type or "f32")
+        pads = result["padded"]
+        padded = f" ({pads} with a zero feed-forward after an attention that had none)" if pads else ""
+        print(
+            f"wrote {result['path']}: llama.cpp {result['architecture']}, {result['layers']} layers{padded}, {result['type']}"
+        )
+        return
     if args.hf is not None:
         result = export(args.run, args.format or "hf", args.hf, args.force)
         how = "with planer's modeling code: load it with trust_remote_code=True" if result["remote_code"] else "plain"
@@ -517,11 +527,21 @@ def _add_export(sub) -> None:
         "one out",
     )
     form.add_argument("--hf", metavar="OUT", help="a Hugging Face model folder")
+    form.add_argument(
+        "--gguf",
+        metavar="OUT",
+        help="a llama.cpp GGUF file of a Llama-flavour model: llama where every layer is alike, else deci",
+    )
     p.add_argument(
         "--format",
         choices=["decilm"],
         help="with --hf: decilm writes a Llama as DeciLMForCausalLM (block_configs: vLLM, TensorRT-LLM, llama.cpp's "
         "converter); default: plain Llama/GPT-2 where every layer is alike, else planer's modeling code",
+    )
+    p.add_argument(
+        "--gguf-type",
+        choices=["f32", "f16", "q8_0"],
+        help="with --gguf: the type of its matrices (default f32; norms stay f32, q8_0 rows not in 32s f16)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=cmd_export)

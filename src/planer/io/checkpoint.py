@@ -198,7 +198,7 @@ def load_checkpoint(
     return model.to(device), cfg, vocab
 
 
-def export(run_dir: str | Path, fmt: str, out: str | Path, force: bool = False):
-    """``planer export``: the checkpoint in ``run_dir`` written as ``fmt`` by its backbone's exporter; a PlanerError
-    naming the formats it has where its backbone has no such exporter."""
-    return backbone(saved_config(run_dir).model).exporter(fmt)(run_dir, out, force=force)
+def export(run_dir: str | Path, fmt: str, out: str | Path, force: bool = False, **options):
+    """``planer export``: the checkpoint in ``run_dir`` written as ``fmt`` by its backbone's exporter (given the
+    format's own ``options``); a PlanerError naming the formats it has where its backbone has no such exporter."""
+    return backbone(saved_config(run_dir).model).exporter(fmt)(run_dir, out, force=force, **options)

@@ -65,6 +65,7 @@ BACKBONE = Backbone(
         "hf": "planer.models.gpt.hf:export_hf",
         "decilm": "planer.models.gpt.decilm:export_decilm",
         "onnx": "planer.models.gpt.onnx:export_onnx",
+        "gguf": "planer.models.gpt.gguf_export:export_gguf",
     },
     export_hint=export_hint,
 )

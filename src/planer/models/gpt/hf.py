@@ -474,7 +474,12 @@ def to_hf(state: dict[str, torch.Tensor], linked: list[Link], rows: dict[str, in
 def kept_state(state: dict[str, torch.Tensor], kept: list[int]) -> dict[str, torch.Tensor]:
     """planer's state dict with the kept layers' blocks numbered as the plain format's layers 0, 1, ... (a skipped
     block has no tensors, so every block tensor is a kept layer's)."""
-    block = {2 * i + b: 2 * j + b for j, i in enumerate(kept) for b in (0, 1)}
+    return renumbered(state, {2 * i + b: 2 * j + b for j, i in enumerate(kept) for b in (0, 1)})
+
+
+def renumbered(state: dict[str, torch.Tensor], block: dict[int, int]) -> dict[str, torch.Tensor]:
+    """planer's state dict with block ``i``'s tensors named as block ``block[i]``'s (every block with tensors is
+    in ``block``)."""
     renamed = {}
     for name, value in state.items():
         if name.startswith("blocks."):
