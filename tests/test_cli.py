@@ -118,7 +118,7 @@ def test_no_command_prints_usage_and_one_line_error():
     [
         (["train", "--out", "x"], "usage: planer train --config CONFIG --out OUT [options]; see 'planer train --help'"),
         (["frobnicate"], "usage: planer COMMAND [options]"),
-        (["export", "--run", "x"], "usage: planer export --run RUN (--onnx OUT | --hf OUT) [options]"),
+        (["export", "--run", "x"], "usage: planer export --run RUN (--onnx OUT | --hf OUT | --gguf OUT) [options]"),
     ],
 )
 def test_argparse_errors_end_with_a_usage_hint(argv, fragment):
