@@ -144,10 +144,11 @@ def test_planer_run_trains_the_pruned_rivals_from_the_baseline(tiny_cfg, tiny_te
     assert len(sized["drop-layers"]["measured"]["block_influence"]) == 3 and sized["drop-sublayers"]["measured"]
     for name, rival in sized.items():
         assert {"valid", "test"} <= rival["before_training"].keys() and rival["before_training"]["test"]["loss"] > 0
+        assert rival["seconds"] > 0  # the sizing's own wall time, a stage of the report
         manifest = json.loads((out / f"{name}-t0.60" / "run.json").read_text())
         assert (manifest["design"], manifest["rival"], manifest["sizing"]) == ("prune", name, rival)
         assert manifest["recipe"]["init_from"] == str(out / "baseline")
         assert all(s in ("skip", b) for s, b in zip(rival["arch"], Arch.baseline(3, 4).specs()))
     report = (out / "report.md").read_text()
     assert "| drop-layers-t0.60 |" in report and "| drop-sublayers-t0.60 |" in report
-    assert "before training)" in report and "drop-sublayers" in report.split("Against the rivals")[1].split("\n")[0]
+    assert "| size drop-sublayers-t0.60 |" in report and "before training)" in report and "drop-sublayers" in report.split("Against the rivals")[1].split("\n")[0]

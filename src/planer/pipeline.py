@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,8 +206,10 @@ class Pipeline:
         if missing:  # a resumed run that asks for more rivals sizes only the new ones
             table = LatencyTable.load(self.out / "lut.json")
             calibration = self.calibration() if set(missing) & set(PRUNE_RIVALS) else None
-            new = rivals(arch, table, self.cfg, missing, calibration=calibration)
-            known |= {r.name: self.sizing(r, calibration) for r in new}
+            for name in missing:  # each timed: FinerCut's greedy order alone can take longer than a training
+                tic = time.perf_counter()
+                rival = rivals(arch, table, self.cfg, (name,), calibration=calibration)[0]
+                known[name] = self.sizing(rival, calibration) | {"seconds": round(time.perf_counter() - tic, 1)}
             atomic_write_text(sized, json.dumps(list(known.values()), indent=1) + "\n")
         for rival in (known[name] for name in self.plan.rivals):
             name = f"{rival['name']}-{target_name(target)}" + (f"-s{seed + 1}" if seed else "")

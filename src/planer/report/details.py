@@ -133,6 +133,8 @@ def wall_times(rows: list[ModelRow], found: dict[str, Search], lut: dict) -> lis
         if r.search in found and r.search not in listed:
             listed.add(r.search)
             stages.append(searched(r.search))
+        if r.sizing_seconds is not None:
+            stages.append((f"size {r.name}", r.sizing_seconds, "its blocks chosen, scored before training"))
         if r.design != "baseline":
             training(r)
     stages += [searched(n) for n in found if n not in listed]

@@ -41,6 +41,7 @@ class ModelRow:
     sample: dict = field(default_factory=dict)  # sample.json: its text after the report's prompt
     export: str = ""  # the command that exports it
     before_training: dict = field(default_factory=dict)  # a pruned rival's scores per split before phase 2
+    sizing_seconds: float | None = None  # a rival's: choosing its blocks (and scoring them untrained), if recorded
 
     @property
     def meets_target(self) -> bool:
@@ -123,7 +124,8 @@ def collect(run_dir: Path) -> list[ModelRow]:
                              params=summary.params, summary=summary, found=found, estimated_ratio=ratio or estimate(arch),
                              eval=read_json_object(d / "eval.json"), bench=read_json_object(d / "bench.json"),
                              sample=read_json_object(d / SAMPLE_FILE), export=export_hint(d, arch),
-                             before_training=(manifest.sizing or {}).get("before_training", {})))  # fmt: skip
+                             before_training=(manifest.sizing or {}).get("before_training", {}),
+                             sizing_seconds=(manifest.sizing or {}).get("seconds")))  # fmt: skip
     order = {d: i for i, d in enumerate(DESIGN_ORDER)}
     rank = lambda d: order["planer"] + 0.5 if is_found(d) and d != "planer" else order.get(d, len(order))  # noqa: E731
     rows.sort(key=lambda r: (rank(r.design), r.target or 0.0, r.seed, r.name))
