@@ -151,4 +151,8 @@ def test_planer_run_trains_the_pruned_rivals_from_the_baseline(tiny_cfg, tiny_te
         assert all(s in ("skip", b) for s, b in zip(rival["arch"], Arch.baseline(3, 4).specs()))
     report = (out / "report.md").read_text()
     assert "| drop-layers-t0.60 |" in report and "| drop-sublayers-t0.60 |" in report
-    assert "| size drop-sublayers-t0.60 |" in report and "before training)" in report and "drop-sublayers" in report.split("Against the rivals")[1].split("\n")[0]
+    assert (
+        "| size drop-sublayers-t0.60 |" in report
+        and "before training)" in report
+        and "drop-sublayers" in report.split("Against the rivals")[1].split("\n")[0]
+    )
