@@ -198,6 +198,8 @@ def test_the_report_names_the_export_each_model_allows(tiny_cfg, tmp_path):
 
     uniform = hint("uniform", "attn:2 ffl attn:2 ffl", *LLAMA_SETTINGS)
     assert "--hf OUT" in uniform and "trust_remote_code" not in uniform
-    assert "trust_remote_code=True" in hint("mixed", "attn:2 ffl skip ffl", *LLAMA_SETTINGS)
+    assert "--gguf OUT` as GGUF" in uniform and "--onnx OUT.onnx" in uniform
+    mixed = hint("mixed", "attn:2 ffl skip ffl", *LLAMA_SETTINGS)
+    assert "trust_remote_code=True" in mixed and "no DeciLM form (cannot write DeciLM: block 0 (attn:2)" in mixed
     assert "no attention block" in hint("no-attention", "skip ffl skip ffl", *LLAMA_SETTINGS)
     assert "--onnx model.onnx" in hint("txl", "attn:2 ffl skip ffl")

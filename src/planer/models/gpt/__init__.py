@@ -12,6 +12,8 @@ from planer.errors import PlanerError
 from planer.evaluation.evaluate import evaluate_sliding
 from planer.models.arch import Arch
 from planer.models.backbone import Backbone, Scorer
+from planer.models.gpt.decilm import check_fits
+from planer.models.gpt.gguf_export import llama_layers
 from planer.models.gpt.hf import export_form
 from planer.models.gpt.model import GPT, build_block
 
@@ -43,15 +45,22 @@ def fingerprint(cfg: ModelConfig) -> dict:
 
 
 def export_hint(model_dir: Path, cfg: ModelConfig, arch: Arch) -> str:
-    """The Hugging Face folder a model exports to (plain, or with planer's modeling code), or why there is none."""
+    """Every format the model leaves planer in, each with its command, or in one line why it has none: the report
+    says it per model, so a user sees which engines can run the found model before exporting anything."""
+    run = f"`planer export --run {shlex.quote(str(model_dir))}"
     try:
         form = export_form(cfg, arch)
     except PlanerError as e:
         return f"`planer.load({str(model_dir)!r})` loads it in Python; it has no Hugging Face form ({e})."
-    command = f"`planer export --run {shlex.quote(str(model_dir))} --hf OUT`"
-    if form == "plain":
-        return f"{command} writes it as a Hugging Face folder for transformers."
-    return f"{command} writes it as a Hugging Face folder with planer's modeling code (trust_remote_code=True)."
+    hf = " with planer's modeling code (trust_remote_code=True)" if form != "plain" else " for transformers"
+    forms = [f"{run} --hf OUT` writes it as a Hugging Face folder{hf}", f"{run} --onnx OUT.onnx` for onnxruntime"]
+    for name, fits, args in (("DeciLM", check_fits, "--hf OUT --format decilm"), ("GGUF", llama_layers, "--gguf OUT")):
+        try:
+            fits(cfg, arch)
+            forms.append(f"{run} {args}` as {name}")
+        except PlanerError as e:
+            forms.append(f"no {name} form ({e})")
+    return "; ".join(forms) + "."
 
 
 BACKBONE = Backbone(
