@@ -137,21 +137,33 @@ def test_whole_skipped_layers_and_merges_give_plain_llama(tmp_path, tokenizer, c
     assert "llama.cpp llama, 2 layers, f32" in export(tmp_path / "found", tmp_path / "p.gguf", capsys)
 
 
-@pytest.mark.parametrize("kind", ["f16", "q8_0"])
-def test_types_are_the_converters(tmp_path, tokenizer, capsys, kind):
-    """Matrices in the type asked for (q8_0: rows of 32s only, else f16), norms in f32, values close."""
+@pytest.mark.parametrize(("kind", "tolerance"), [("f16", 0.02), ("q8_0", 0.02), ("q5_1", 0.1), ("q4_1", 0.2)])
+def test_types_are_the_converters(tmp_path, tokenizer, capsys, kind, tolerance):
+    """Matrices in the type asked for (rows of 32s only, else f16; a 4- or 5-bit file's embedding q8_0), norms in
+    f32, the file type stated, values close."""
     from gguf import GGMLQuantizationType as Q
 
     found_model(tmp_path / "found", "attn:4 ffl:48 attn:2 ffl", tokenizer)
     export(tmp_path / "found", tmp_path / "t.gguf", capsys, "--gguf-type", kind)
-    _, tensors = read_gguf(tmp_path / "t.gguf")
-    matrix = Q.Q8_0 if kind == "q8_0" else Q.F16
+    meta, tensors = read_gguf(tmp_path / "t.gguf")
+    assert meta["general.file_type"] == {"f16": 1, "q8_0": 7, "q5_1": 9, "q4_1": 3}[kind]
     assert tensors["blk.0.attn_norm.weight"].tensor_type == Q.F32
-    assert tensors["blk.0.attn_q.weight"].tensor_type == matrix
+    assert tensors["blk.0.attn_q.weight"].tensor_type == Q[kind.upper()]
     assert tensors["blk.0.ffn_down.weight"].tensor_type == Q.F16  # rows of 48 values
+    assert tensors["token_embd.weight"].tensor_type == (Q.F16 if kind == "f16" else Q.Q8_0)
     exact = read_back_f32(tmp_path, tokenizer, capsys)
     for name, tensor in tensors.items():
-        torch.testing.assert_close(dequantize(tensor, tmp_path), exact[name], atol=0.02, rtol=0.02)
+        torch.testing.assert_close(dequantize(tensor, tmp_path), exact[name], atol=tolerance, rtol=tolerance)
+
+
+def test_an_unknown_type_is_one_line(tmp_path, tokenizer, capsys):
+    found_model(tmp_path / "found", "attn:4 ffl", tokenizer)
+    capsys.readouterr()
+    assert (
+        main(["export", "--run", str(tmp_path / "found"), "--gguf", str(tmp_path / "x.gguf"), "--gguf-type", "q3"]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "--gguf-type must be one of f32, f16, q8_0" in err and "\n" not in err and not (tmp_path / "x.gguf").exists()
 
 
 def read_back_f32(tmp_path, tokenizer, capsys) -> dict[str, torch.Tensor]:

@@ -540,8 +540,8 @@ def _add_export(sub) -> None:
     )
     p.add_argument(
         "--gguf-type",
-        choices=["f32", "f16", "q8_0"],
-        help="with --gguf: the type of its matrices (default f32; norms stay f32, q8_0 rows not in 32s f16)",
+        help="with --gguf: the type of its matrices, f32 (default), f16, q8_0, q5_1, q5_0, q4_1 or q4_0 (norms stay "
+        "f32; rows not in 32s f16; a 4- or 5-bit file's embedding q8_0)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=cmd_export)

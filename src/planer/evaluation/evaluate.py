@@ -56,6 +56,21 @@ def evaluate_ids(
 
 
 @torch.no_grad()
+def sliding_windows(n: int, window: int, stride: int) -> tuple[int, list[int], list[int]]:
+    """How ``evaluate_sliding`` cuts ``n`` tokens: the window length L, each window's start (it reads
+    ``ids[start : start + L + 1]``, inputs and targets) and the first of its L predictions not scored before.
+    Shared with any runtime that must score exactly planer's tokens (benchmarks/llamacpp_bench.py)."""
+    if n < 2:
+        raise PlanerError(f"{n} tokens are too few to evaluate")
+    if not 0 < stride <= window:
+        raise PlanerError(f"the evaluation stride must be in [1, window {window}], got {stride}")
+    L = min(window, n - 1)
+    ends = [*range(L, n - 1, stride), n - 1]  # each window reads ids[end - L : end] and predicts up to ids[end]
+    starts = [e - L for e in ends]
+    first = [0] + [prev - b for prev, b in zip(ends, starts[1:])]
+    return L, starts, first
+
+
 def evaluate_sliding(
     model: nn.Module, ids: torch.Tensor, window: int, stride: int, batch_size: int, max_batches: int = 0
 ) -> dict:
@@ -69,21 +84,13 @@ def evaluate_sliding(
     default is half the window. Windows are scored ``batch_size`` at a time; ``max_batches`` > 0 scores only the
     first that many batches of windows (a quick validation), the mean then over the tokens they score.
     """
-    n = len(ids)
-    if n < 2:
-        raise PlanerError(f"{n} tokens are too few to evaluate")
-    if not 0 < stride <= window:
-        raise PlanerError(f"the evaluation stride must be in [1, window {window}], got {stride}")
-    L = min(window, n - 1)
-    ends = [*range(L, n - 1, stride), n - 1]  # each window reads ids[end - L : end] and predicts up to ids[end]
-    starts = [e - L for e in ends]
-    first = [0] + [prev - b for prev, b in zip(ends, starts[1:])]  # the window's first position not yet scored
+    L, starts, first = sliding_windows(len(ids), window, stride)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     try:
-        for k in range(0, min(len(ends), max_batches * batch_size or len(ends)), batch_size):
+        for k in range(0, min(len(starts), max_batches * batch_size or len(starts)), batch_size):
             rows = torch.tensor(starts[k : k + batch_size])[:, None] + torch.arange(L + 1)
             chunk = ids[rows].to(device)  # (windows, L + 1)
             logits, _ = model(chunk[:, :-1])

