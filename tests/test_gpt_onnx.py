@@ -17,6 +17,7 @@ from planer.cli import main
 from planer.config import Config
 from planer.io.checkpoint import save_checkpoint
 from planer.io.data import Vocab
+from planer.io.onnx import logit_gap
 from planer.models.arch import Arch
 from planer.models.backbone import build_model
 from planer.models.gpt.cache import KVCache
@@ -121,3 +122,10 @@ def test_a_failed_check_or_a_model_without_attention_writes_nothing(tmp_path, ca
     status, _, err = export(run, tmp_path / "out" / "model.onnx", capsys)
     assert status == 2 and err.count("\n") == 1 and "differ from planer's by 1.00e+00" in err
     assert list((tmp_path / "out").iterdir()) == [] and not (tmp_path / "none.onnx").exists()
+
+
+def test_the_logit_check_is_relative_to_the_logits_scale_above_one():
+    ours = torch.tensor([[0.5, -0.25], [0.125, 0.0]])
+    assert logit_gap(ours.numpy() + 1e-3, ours) == pytest.approx(1e-3, rel=1e-3)  # small logits: the absolute gap
+    ours = ours * 80  # a real model's scale: rounding grows with it
+    assert logit_gap(ours.numpy() + 4e-3, ours) == pytest.approx(1e-4, rel=1e-3)

@@ -249,7 +249,7 @@ def cmd_export(args) -> None:
     result = export(args.run, "onnx", args.onnx, args.force)
     print(
         f"wrote {result['path']}: {result['arch']}, inputs {', '.join(result['inputs'])}; outputs "
-        f"{', '.join(result['outputs'])}; onnxruntime's logits within {result['max_diff']:.1e} of planer's"
+        f"{', '.join(result['outputs'])}; onnxruntime's logits within {result['max_diff']:.1e} of planer's (relative to their scale)"
     )
 
 

@@ -29,13 +29,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from planer.errors import PlanerError
 from planer.io.checkpoint import load_checkpoint
-from planer.io.onnx import annotate, check_target, require_onnx, session, trace, traceable_copy, write_checked
+from planer.io.onnx import (
+    annotate,
+    check_target,
+    logit_gap,
+    require_onnx,
+    session,
+    trace,
+    traceable_copy,
+    write_checked,
+)
 from planer.models.gpt.cache import KVCache
 from planer.models.gpt.model import GPT
 
@@ -159,7 +167,7 @@ def parity(model: GPT, path: str | Path, batch: int = 2, seed: int = 0) -> float
             idx = torch.randint(0, model.cfg.vocab_size, (batch, n), generator=gen)
             logits, _ = model(idx.to(device), cache)
             out = sess.run(None, {"input_ids": idx.numpy(), **pasts})
-            worst = max(worst, float(np.abs(out[0] - logits.float().cpu().numpy()).max()))
+            worst = max(worst, logit_gap(out[0], logits))
             pasts = dict(zip(inputs[1:], out[1:]))
     return worst
 
