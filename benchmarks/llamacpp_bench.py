@@ -1,9 +1,9 @@
 """Speed of GGUF files (``planer export --gguf``: found models or rivals, and their baseline) in llama.cpp, and
 whether llama.cpp computes what planer does.
 
-    pip install llama-cpp-python   # not a planer dependency
+    pip install 'planer[llamacpp]'   # llama-cpp-python, an optional extra
     PYTHONPATH=src python benchmarks/llamacpp_bench.py --found found.gguf [rival.gguf ...] --baseline base.gguf \\
-        [--prompt 512] [--decode 64] [--rounds 20] [--threads 2]
+        [--prompt 512] [--decode 64] [--rounds 20] [--threads 2] [--record runs/smol]
     PYTHONPATH=src python benchmarks/llamacpp_bench.py --check-logits --run runs/smol/planer-t0.50 --gguf found.gguf
     PYTHONPATH=src python benchmarks/llamacpp_bench.py --perplexity --run runs/smol/planer-t0.50 --gguf found.gguf
 
@@ -11,7 +11,9 @@ Timing: each file loaded once (``llama_cpp.Llama``, ``--threads`` threads, a con
 tokens). Every round runs them all, in a new random order: the cache cleared, a prefill of the same ``--prompt``
 random token ids, then ``--decode`` steps of one given random token each. After one warm-up round the
 table gives the medians over ``--rounds`` rounds of milliseconds per token and tokens per second, for prefill and
-decode, and each model's speed-up over the baseline (named by their file names).
+decode, and each model's speed-up over the baseline (named by their file names; see planer.latency.llamacpp).
+``--record RUN_DIR`` keeps them in RUN_DIR/llamacpp.json, where ``planer report RUN_DIR`` shows them beside
+PyTorch's speed-ups of the run's models of the same names (export each as ``RUN_DIR/NAME`` -> ``NAME.gguf``).
 
 ``--check-logits``: llama.cpp's logits for every position of a prompt (``logits_all=True``) against planer's
 for the checkpoint the file was exported from (the largest absolute difference), and 16 greedy tokens of each
@@ -25,75 +27,34 @@ beside planer's own figure for the checkpoint (its eval.json), so a quantized fi
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from planer.errors import PlanerError
+from planer.latency.llamacpp import load, record, time_files
+
 GREEDY = 16  # tokens each side decodes for --check-logits
 
 
-def load(path: Path, ctx: int, threads: int, logits_all: bool = False):
-    """A ``llama_cpp.Llama`` for ``path``; one clear line and exit 2 where llama-cpp-python is not installed."""
-    try:
-        import llama_cpp
-    except ImportError:
-        sys.exit("llamacpp_bench.py needs llama-cpp-python: pip install llama-cpp-python")
-    return llama_cpp.Llama(str(path), n_threads=threads, n_ctx=ctx, logits_all=logits_all, verbose=False)
-
-
-def one_round(llm, prompt: list[int], steps: list[int]) -> tuple[float, float]:
-    """Milliseconds per token of a prefill of ``prompt`` and of decoding ``steps`` one token at a time after it
-    (given tokens, not sampled ones: without logits_all, llama-cpp-python 0.3.36 keeps no logits to sample from,
-    and a step's cost does not depend on its token)."""
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(prompt)
-    prefill = (time.perf_counter() - start) * 1000 / len(prompt)
-    start = time.perf_counter()
-    for token in steps:
-        llm.eval([token])
-    return prefill, (time.perf_counter() - start) * 1000 / len(steps)
-
-
-def timed(files: dict[str, Path], args) -> dict[str, np.ndarray]:
-    """Per round and file, (prefill, decode) milliseconds per token; rounds interleaved in random order."""
-    models = {name: load(path, args.prompt + args.decode, args.threads) for name, path in files.items()}
-    rng = random.Random(0)
-    vocab = min(m.n_vocab() for m in models.values())
-    prompt = [rng.randrange(vocab) for _ in range(args.prompt)]
-    steps = [rng.randrange(vocab) for _ in range(args.decode)]
-    ms = {name: [] for name in files}
-    for r in range(args.rounds + 1):  # round 0 warms up
-        for name in rng.sample(list(files), len(files)):
-            result = one_round(models[name], prompt, steps)
-            if r:
-                ms[name].append(result)
-    return {name: np.array(rows) for name, rows in ms.items()}  # (rounds, 2)
-
-
-def report(ms: dict[str, np.ndarray], baseline: str, args) -> None:
-    """A Markdown table of medians as ms per token and tokens per second, and speed-ups over ``baseline``."""
-    import llama_cpp
-
-    medians = {name: np.median(rows, axis=0) for name, rows in ms.items()}
+def report(result: dict) -> None:
+    """A Markdown table of medians as ms per token and tokens per second, and speed-ups over the baseline."""
     print(
-        f"llama.cpp (llama-cpp-python {llama_cpp.__version__}), {args.threads} threads, batch 1: prefill of "
-        f"{args.prompt} tokens, then {args.decode} decode steps; medians of {args.rounds} interleaved rounds\n"
+        f"{result['runtime']}, {result['threads']} threads, batch 1: prefill of {result['prompt']} tokens, then "
+        f"{result['decode']} decode steps; medians of {result['rounds']} interleaved rounds\n"
     )
     print(
         "| model | prefill ms/token | prefill tokens/s | decode ms/token | decode tokens/s | prefill speed-up | "
         "decode speed-up |\n|---|---|---|---|---|---|---|"
     )
-    for name, (prefill, decode) in medians.items():
-        up = medians[baseline] / medians[name]
+    for name, m in result["models"].items():
+        pre, dec = m["prefill_ms"], m["decode_ms"]
         print(
-            f"| {name} | {prefill:.3f} | {1000 / prefill:.1f} | {decode:.3f} | {1000 / decode:.1f} | {up[0]:.2f}x | "
-            f"{up[1]:.2f}x |"
+            f"| {name} | {pre:.3f} | {1000 / pre:.1f} | {dec:.3f} | {1000 / dec:.1f} | {m['prefill_speedup']:.2f}x | "
+            f"{m['decode_speedup']:.2f}x |"
         )
 
 
@@ -156,6 +117,7 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=64, help="decode steps per round (default 64)")
     p.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    p.add_argument("--record", type=Path, help="a run directory: keep the timings in its llamacpp.json for its report")
     p.add_argument("--check-logits", action="store_true", help="compare --gguf's logits with --run's")
     p.add_argument("--perplexity", action="store_true", help="--gguf's perplexity on --run's data in llama.cpp")
     p.add_argument("--split", default="test", choices=["valid", "test"], help="with --perplexity (default test)")
@@ -177,8 +139,14 @@ def main() -> None:
     files = {path.stem: path for path in [*args.found, args.baseline]}
     if len(files) < len(args.found) + 1:
         p.error("the files need different names: the table names each model by its file's")
-    report(timed(files, args), args.baseline.stem, args)
+    result = time_files(files, args.baseline.stem, args.prompt, args.decode, args.rounds, args.threads)
+    report(result)
+    if args.record:
+        print(f"wrote {record(args.record, result)}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PlanerError as e:
+        sys.exit(f"llamacpp_bench.py: {e}")

@@ -16,6 +16,7 @@ from conftest import ROOT, TINY_RUN, tiny_overrides
 
 from planer.cli import main
 from planer.config import load_config
+from planer.errors import PlanerError
 from planer.pipeline import Plan, run_pipeline
 from planer.report import plots, samples
 from planer.report.details import duration
@@ -182,3 +183,19 @@ def test_evaluate_on_a_run_folder_names_the_models_inside(tiny_run, capsys):
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1 and "is a run folder, not a checkpoint" in err
     assert "baseline, planer-t0.50" in err and f"--run {tiny_run / 'baseline'}" in err
+
+
+@pytest.mark.slow
+def test_llama_cpp_timings_show_beside_pytorchs_speed_up(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    timing = {"file": "x.gguf", "bytes": 2e6, "prefill_ms": 1.0, "decode_ms": 2.0, "prefill_speedup": 1.5}
+    record = {"runtime": "llama.cpp (llama-cpp-python 0.3.36)", "threads": 2, "prompt": 16, "decode": 8, "rounds": 3,
+              "baseline": "baseline", "models": {"planer-t0.50": {**timing, "decode_speedup": 1.75},
+                                                 "baseline": {**timing, "decode_speedup": 1.0}}}  # fmt: skip
+    (run / "llamacpp.json").write_text(json.dumps(record))
+    rows = table_after(write_report(run).read_text().splitlines(), "| model | file | MB |")
+    torch_up = next(b["speedup"] for b in bench(run, "planer-t0.50")["batches"] if b["batch"] == 1)
+    assert rows["planer-t0.50"][-2:] == ["1.75x", f"{torch_up:.2f}x"] and rows["baseline"][-1] == "–"
+    (run / "llamacpp.json").write_text(json.dumps({**record, "models": {"planer-t0.50": {}}}))
+    with pytest.raises(PlanerError, match="llamacpp.json is damaged"):
+        write_report(run)

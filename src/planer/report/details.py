@@ -16,6 +16,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from planer.errors import PlanerError
 from planer.io.records import KnapsackDetails, SearchRecord, arch_of
 from planer.models.arch import Arch, BlockSpec
 from planer.report.rows import ModelRow, bench_batches
@@ -79,6 +80,48 @@ def latency_ms(rows: list[ModelRow]) -> list[str]:
             ms = [per[b]["model"]["median"] if b in per else None for b in batches]
             speed = [f"{tokens_per_second(bench, b, m):.0f}" if m else "–" for b, m in zip(batches, ms)]
             lines.append(table_row([r.name, *[f"{m:.2f}" if m else "–" for m in ms], *speed]))
+    return lines
+
+
+def in_llamacpp(record: dict, rows: list[ModelRow]) -> list[str]:
+    """llamacpp.json's timings (``benchmarks/llamacpp_bench.py --record``) beside each model's PyTorch speed-up at
+    batch 1: the two runtimes price blocks differently, and a CPU user runs the first."""
+    if not record:
+        return []
+    try:
+        pytorch = {r.name: r.by_batch[1]["speedup"] for r in rows if 1 in r.by_batch}
+        lines = [
+            "## In llama.cpp",
+            "",
+            f"{record['runtime']}, {record['threads']} threads, batch 1: a {record['prompt']}-token prompt, then "
+            f"{record['decode']} decode steps; medians of {record['rounds']} interleaved rounds, every file beside "
+            f"the baseline's (`{record['baseline']}`). PyTorch's speed-up is this run's own at batch 1.",
+            "",
+            "| model | file | MB | prefill ms / token | decode ms / token | decode tokens / s | prefill speed-up "
+            "| decode speed-up | PyTorch speed-up |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, m in record["models"].items():
+            torch_up = f"{pytorch[name]:.2f}x" if name in pytorch else "–"
+            lines.append(
+                table_row(
+                    [
+                        name,
+                        f"`{m['file']}`",
+                        f"{m['bytes'] / 1e6:.1f}",
+                        f"{m['prefill_ms']:.3f}",
+                        f"{m['decode_ms']:.3f}",
+                        f"{1000 / m['decode_ms']:.1f}",
+                        f"{m['prefill_speedup']:.2f}x",
+                        f"{m['decode_speedup']:.2f}x",
+                        torch_up,
+                    ]
+                )  # fmt: skip
+            )
+    except (KeyError, TypeError, AttributeError, ZeroDivisionError):
+        raise PlanerError(
+            "llamacpp.json is damaged (not what llamacpp_bench.py --record writes); move it away"
+        ) from None
     return lines
 
 

@@ -15,9 +15,11 @@ import torch
 
 from planer.errors import PlanerError
 from planer.io.checkpoint import read_json_object
+from planer.latency.llamacpp import RECORD as LLAMACPP_RECORD
 from planer.report import plots
 from planer.report.details import (
     Search,
+    in_llamacpp,
     latency_ms,
     samples_section,
     search_confidence,
@@ -125,6 +127,7 @@ def write_report(run_dir: str | Path) -> Path:
         repeatability(rows, level_char),
         sandwich_sweep(read_json_object(run_dir / "sandwich.json").get("valid_loss", {})),
         latency_ms(rows),
+        in_llamacpp(read_json_object(run_dir / LLAMACPP_RECORD), rows),
         wall_times(rows, found, lut),
         search_confidence(found),
         samples_section(rows, sampled, missing),
