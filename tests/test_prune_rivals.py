@@ -117,9 +117,19 @@ def test_drop_sublayers_removes_first_the_sublayer_that_changes_nothing():
 def test_pruned_rivals_need_the_baseline_and_are_asked_for_by_name_or_group():
     with pytest.raises(PlanerError, match="calibration sample"):
         rivals(FOUND, hand_table(), None, ("drop-layers",))
-    assert Plan(designs=parse_designs("prune")).rivals == PRUNE_RIVALS
-    assert Plan(designs=parse_designs("dense")).rivals == DENSE_RIVALS
-    assert Plan(designs=parse_designs("dense-depth,drop-sublayers,par")).rivals == ("dense-depth", "drop-sublayers")
+    space = ["skip", "attn:1", "ffl"]
+    assert Plan(designs=parse_designs("prune")).rivals(space) == PRUNE_RIVALS
+    assert Plan(designs=parse_designs("dense")).rivals(space) == DENSE_RIVALS
+    assert Plan(designs=parse_designs("dense-depth,drop-sublayers,par")).rivals(space) == (
+        "dense-depth",
+        "drop-sublayers",
+    )
+
+
+def test_dense_brings_the_uniform_width_rival_where_the_space_narrows_feed_forward_blocks():
+    narrowing = ["skip", "attn:1", "ffl:16", "ffl"]
+    assert Plan(designs=parse_designs("dense")).rivals(narrowing) == (*DENSE_RIVALS, "uniform-width")
+    assert Plan(designs=parse_designs("prune")).rivals(narrowing) == PRUNE_RIVALS
 
 
 def test_planer_run_trains_the_pruned_rivals_from_the_baseline(tiny_cfg, tiny_text, tmp_path):

@@ -52,6 +52,15 @@ def test_a_tie_within_the_spread_and_a_slower_rival():
     assert "seed spread: it beats none of them, not dense-depth." in text
 
 
+def test_one_seed_claims_no_win_however_large_the_difference():
+    rows = [BASE, row("planer", 2.30, 2.44, 2.0), row("uniform-width", 2.60, 2.70, 1.98)]
+    text = verdicts(rows, level_char=True, batch=8)[0]
+    assert "(one seed each, so no seed spread to weigh the differences against)" in text
+    assert "better on valid by 0.300 and better on test by 0.260" in text
+    assert "With one seed no win over a rival within 5% of its latency (uniform-width) is claimed" in text
+    assert "beats none of them" not in text
+
+
 def test_two_search_methods_share_the_rivals_and_are_compared():
     """A second method's found model gets its own paragraph against the same rivals, then the methods compared."""
     rows = [BASE] + seeds("planer", 2.30, 2.44, 2.0, 0.002)

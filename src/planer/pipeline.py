@@ -45,6 +45,7 @@ from planer.search.designs import (
     PRUNE_RIVALS,
     RIVAL_GROUPS,
     RIVALS,
+    WIDTH_RIVALS,
     Calibration,
     Rival,
     iso_config,
@@ -73,10 +74,13 @@ class Plan:
     batches: tuple[int, ...] = BENCH_BATCHES  # the end-to-end benchmark's batch sizes
     baseline: Path | None = None  # a trained (or imported) baseline to use instead of training one
 
-    @property
-    def rivals(self) -> tuple[str, ...]:
-        """The rivals to train: those named, and every one of a group named (``dense``, ``prune``)."""
+    def rivals(self, space: list[str]) -> tuple[str, ...]:
+        """The rivals to train: those named, and every one of a group named (``dense``, ``prune``). A search
+        ``space`` that offers narrowed feed-forward blocks adds the uniform-width rival to ``dense``: a found model
+        that narrows them is judged against the same widths applied alike."""
         asked = {r for d in self.designs for r in RIVAL_GROUPS.get(d, (d,))}
+        if "dense" in self.designs and any(BlockSpec.parse(s).neurons for s in space):
+            asked.update(WIDTH_RIVALS)
         return tuple(r for r in RIVALS if r in asked)
 
     def check(self, cfg: Config, out: Path) -> None:
@@ -91,7 +95,7 @@ class Plan:
         for d in self.designs:
             if d.startswith("sandwich:"):
                 named_arch(d, cfg.model)  # a bad K stops the run before any work
-        if "uniform-width" in self.rivals and not any(BlockSpec.parse(s).neurons for s in cfg.search.space):
+        if "uniform-width" in self.designs and not any(BlockSpec.parse(s).neurons for s in cfg.search.space):
             raise PlanerError("the uniform-width rival needs narrowed feed-forward options (ffl:N) in search.space")
 
 
@@ -202,7 +206,7 @@ class Pipeline:
         """The rivals of one found model, sized to its estimate, trained with its recipe and seed."""
         sized = self.out / found.name / "rivals.json"
         known = {} if self.force or not sized.exists() else {r["name"]: r for r in json.loads(sized.read_text())}
-        missing = tuple(name for name in self.plan.rivals if name not in known)
+        missing = tuple(name for name in self.plan.rivals(self.cfg.search.space) if name not in known)
         if missing:  # a resumed run that asks for more rivals sizes only the new ones
             table = LatencyTable.load(self.out / "lut.json")
             calibration = self.calibration() if set(missing) & set(PRUNE_RIVALS) else None
@@ -211,7 +215,7 @@ class Pipeline:
                 rival = rivals(arch, table, self.cfg, (name,), calibration=calibration)[0]
                 known[name] = self.sizing(rival, calibration) | {"seconds": round(time.perf_counter() - tic, 1)}
             atomic_write_text(sized, json.dumps(list(known.values()), indent=1) + "\n")
-        for rival in (known[name] for name in self.plan.rivals):
+        for rival in (known[name] for name in self.plan.rivals(self.cfg.search.space)):
             name = f"{rival['name']}-{target_name(target)}" + (f"-s{seed + 1}" if seed else "")
             rival_arch = Arch.parse(" ".join(rival["arch"]))
             cfg = self.phase2_cfg(self.cfg.train.seed + seed, rival["model"])
@@ -319,7 +323,7 @@ def run_pipeline(cfg: Config, out: str | Path, plan: Plan = Plan(), force: bool 
         for design, design_cfg in searched:
             for t in plan.targets:
                 found, arch = run.searched(design, design_cfg, t, seed)
-                if design == "planer" and plan.rivals:
+                if design == "planer" and plan.rivals(cfg.search.space):
                     run.rival_stage(found, arch, t, seed)
     run.fixed_designs()
     run.measure()

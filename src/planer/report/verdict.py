@@ -92,7 +92,10 @@ def rivals_sentence(
     text = f"Against the rivals (latency at batch {batch}){one_seed}: " + "; ".join(parts) + "."
     if matched:
         won, lost = [d for d in matched if d in beaten], [d for d in matched if d not in beaten]
-        if not lost:
+        if len(found) < 2 or any(len(groups[d]) < 2 for d in matched):
+            text += (f" With one seed no win over a rival within {MATCHED:.0%} of its latency ({', '.join(matched)}) "
+                     "is claimed: the differences above have no spread to be weighed against.")  # fmt: skip
+        elif not lost:
             text += (f" It beats every rival within {MATCHED:.0%} of its latency ({', '.join(matched)}) on both "
                      "splits by more than twice the seed spread.")  # fmt: skip
         else:
