@@ -63,6 +63,11 @@ BENCH_BATCHES = (1, 8, 64)
 DESIGNS = (*RIVAL_GROUPS, *RIVALS, "sandwich", "par", "iso")
 
 
+def narrows_feed_forward(space: list[str]) -> bool:
+    """Whether a search space offers narrowed feed-forward blocks (``ffl:N``), which the uniform-width rival needs."""
+    return any(BlockSpec.parse(s).neurons for s in space)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a run holds besides its config: targets, comparisons, repeats and where latency matters."""
@@ -79,7 +84,7 @@ class Plan:
         ``space`` that offers narrowed feed-forward blocks adds the uniform-width rival to ``dense``: a found model
         that narrows them is judged against the same widths applied alike."""
         asked = {r for d in self.designs for r in RIVAL_GROUPS.get(d, (d,))}
-        if "dense" in self.designs and any(BlockSpec.parse(s).neurons for s in space):
+        if "dense" in self.designs and narrows_feed_forward(space):
             asked.update(WIDTH_RIVALS)
         return tuple(r for r in RIVALS if r in asked)
 
@@ -95,7 +100,7 @@ class Plan:
         for d in self.designs:
             if d.startswith("sandwich:"):
                 named_arch(d, cfg.model)  # a bad K stops the run before any work
-        if "uniform-width" in self.designs and not any(BlockSpec.parse(s).neurons for s in cfg.search.space):
+        if "uniform-width" in self.designs and not narrows_feed_forward(cfg.search.space):
             raise PlanerError("the uniform-width rival needs narrowed feed-forward options (ffl:N) in search.space")
 
 
