@@ -455,8 +455,9 @@ def _add_run(sub) -> None:
         default="",
         help="designs to compare against: dense (the matched-latency dense rivals, uniform-width too where the "
         "space offers ffl:N; or one of dense-depth, dense-heads, dense-width), prune (the baseline pruned to the "
-        "found model's latency; or one of drop-layers, after ShortGPT, drop-sublayers, after FinerCut), uniform-width (every feed-forward block narrowed alike, "
-        "after Minitron; the space must offer ffl:N), sandwich, par, iso, sandwich:K (comma-separated; default none)",
+        "found model's latency; or one of drop-layers, after ShortGPT, drop-sublayers, after FinerCut), "
+        "uniform-width (every feed-forward block narrowed alike, after Minitron; the space must offer ffl:N), "
+        "sandwich, par, iso, sandwich:K (comma-separated; default none)",
     )
     p.add_argument("--batches", default="1,8,64", help="batch sizes of the end-to-end latency (default 1,8,64)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every search and retraining with this many seeds")
